@@ -1,0 +1,24 @@
+"""lrkit: personalized text-to-image generation (concept training + Layout-and-Retouch)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["Concept", "load_base", "train_concept", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import lrkit` stays cheap; torch/diffusers load on first use.
+    if name == "Concept":
+        from lrkit.concept import Concept
+
+        return Concept
+    if name == "load_base":
+        from lrkit.models import load_base
+
+        return load_base
+    if name == "train_concept":
+        from lrkit.training import train_concept
+
+        return train_concept
+    raise AttributeError(f"module 'lrkit' has no attribute {name!r}")

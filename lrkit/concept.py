@@ -1,0 +1,267 @@
+"""The concept bundle: the ONLY contract between training and inference (DESIGN.md §3).
+
+A concept is a folder::
+
+    concept.json                       manifest, schema "lrkit.concept/1"
+    pytorch_lora_weights.safetensors   LoRA, diffusers layout   -> pipe.load_lora_weights(dir)
+    learned_embeds.safetensors         Textual-Inversion tokens -> pipe.load_textual_inversion(file)
+    unet/, text_encoder/               full weights (DreamBooth), safetensors
+    <name>.kohya.safetensors           the LoRA in kohya / A1111 / ComfyUI layout
+    refs/                              the reference photos
+    masks/                             subject masks of the refs (PNG)
+
+Training writes bundles with `write_bundle`; inference reads them with `Concept.load` and
+`Concept.apply`. Neither side needs the other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lrkit.io import atomic_dir, atomic_write_json
+from lrkit.models import BaseFingerprint, fingerprint
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "lrkit.concept/1"
+MANIFEST = "concept.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+EMBEDDINGS = "learned_embeds.safetensors"
+METHODS = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em")
+
+
+class ConceptError(ValueError):
+    """A concept bundle is malformed or does not fit the pipeline; the message says why."""
+
+
+@dataclass
+class TokenSpec:
+    """A word that stands for the concept in prompts.
+
+    `learned=True` marks a new Textual-Inversion token with `num_vectors` embedding rows (prompts
+    use the token once; diffusers expands it to `token token_1 ... token_{n-1}`). `learned=False` is
+    an existing rare word (DreamBooth/LoRA identifiers such as `sks`).
+    """
+
+    token: str
+    learned: bool = False
+    num_vectors: int = 1
+    initializer: str | None = None
+    mask: str | None = None  # per-token mask for multi-concept bundles (relative path)
+
+
+@dataclass
+class LoraSpec:
+    """How the LoRA was built; alpha is the true alpha (scale = alpha / rank)."""
+
+    rank: int
+    alpha: float
+    unet_targets: list[str]
+    text_encoder_targets: list[str] | None = None
+    dropout: float = 0.0
+    dora: bool = False
+
+
+@dataclass
+class Concept:
+    """A loaded (or about to be written) concept bundle."""
+
+    name: str
+    method: str
+    tokens: list[TokenSpec]
+    class_word: str
+    base: BaseFingerprint
+    resolution: int
+    files: dict[str, str] = field(default_factory=dict)
+    refs: list[str] = field(default_factory=list)
+    masks: dict[str, str] = field(default_factory=dict)
+    lora: LoraSpec | None = None
+    training: dict = field(default_factory=dict)
+    lrkit_version: str = ""
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ convenience
+
+    @property
+    def token(self) -> str:
+        """The primary concept token (the first one)."""
+        return self.tokens[0].token
+
+    def subject_phrase(self) -> str:
+        """`<token> <class>`, the phrase prompts use for the subject."""
+        return f"{self.token} {self.class_word}".strip()
+
+    def file(self, key: str) -> Path:
+        if self.path is None:
+            raise ConceptError(f"concept {self.name!r} has not been written to disk yet")
+        if key not in self.files:
+            raise ConceptError(f"concept {self.name!r} ({self.method}) has no {key!r} file")
+        return self.path / self.files[key]
+
+    def ref_paths(self) -> list[Path]:
+        assert self.path is not None
+        return [self.path / r for r in self.refs]
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    def to_manifest(self) -> dict:
+        data = {
+            "schema": SCHEMA,
+            "name": self.name,
+            "method": self.method,
+            "tokens": [asdict(t) for t in self.tokens],
+            "class_word": self.class_word,
+            "base": self.base.to_dict(),
+            "resolution": self.resolution,
+            "files": dict(self.files),
+            "refs": list(self.refs),
+            "masks": dict(self.masks),
+            "lora": asdict(self.lora) if self.lora is not None else None,
+            "training": self.training,
+            "lrkit_version": self.lrkit_version,
+        }
+        return data
+
+    @classmethod
+    def from_manifest(cls, data: dict, path: Path | None = None) -> "Concept":
+        where = f"{path / MANIFEST}" if path is not None else "manifest"
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise ConceptError(f"{where}: schema {schema!r} is not supported (expected {SCHEMA!r})")
+        missing = [k for k in ("name", "method", "tokens", "class_word", "base", "resolution") if k not in data]
+        if missing:
+            raise ConceptError(f"{where}: missing field(s) {missing}")
+        if data["method"] not in METHODS:
+            raise ConceptError(f"{where}: method {data['method']!r} is not one of {list(METHODS)}")
+        if not data["tokens"]:
+            raise ConceptError(f"{where}: 'tokens' is empty; a concept needs at least one token")
+        try:
+            tokens = [TokenSpec(**t) for t in data["tokens"]]
+            lora = LoraSpec(**data["lora"]) if data.get("lora") else None
+            base = BaseFingerprint.from_dict(data["base"])
+        except (TypeError, KeyError) as err:
+            raise ConceptError(f"{where}: malformed field ({err})") from err
+        return cls(
+            name=data["name"], method=data["method"], tokens=tokens, class_word=data["class_word"],
+            base=base, resolution=int(data["resolution"]), files=dict(data.get("files", {})),
+            refs=list(data.get("refs", [])), masks=dict(data.get("masks", {})), lora=lora,
+            training=dict(data.get("training", {})), lrkit_version=data.get("lrkit_version", ""),
+            path=path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Concept":
+        """Read and validate a bundle: schema, files present, every path inside the folder."""
+        root = Path(path).expanduser()
+        manifest = root / MANIFEST
+        if not root.is_dir():
+            raise ConceptError(f"concept folder {str(root)!r} does not exist")
+        if not manifest.is_file():
+            raise ConceptError(f"{str(root)!r} is not a concept bundle: {MANIFEST} is missing")
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConceptError(f"{manifest}: not valid JSON ({err})") from err
+        concept = cls.from_manifest(data, root.resolve())
+        concept._validate_paths()
+        return concept
+
+    def _validate_paths(self) -> None:
+        assert self.path is not None
+        root = self.path.resolve()
+        rels = list(self.files.values()) + list(self.refs) + list(self.masks.values())
+        rels += [t.mask for t in self.tokens if t.mask]
+        for rel in rels:
+            p = Path(rel)
+            if p.is_absolute():
+                raise ConceptError(f"{root / MANIFEST}: path {rel!r} must be relative to the bundle")
+            full = (root / p).resolve()
+            if full != root and root not in full.parents:
+                raise ConceptError(f"{root / MANIFEST}: path {rel!r} points outside the bundle folder")
+            if not full.exists():
+                raise ConceptError(f"concept {self.name!r}: file {rel!r} listed in {MANIFEST} is missing")
+
+    # ------------------------------------------------------------------ apply
+
+    def check_base(self, pipe, *, force: bool = False) -> None:
+        """Raise unless `pipe` is the base model this concept was trained on (or `force`)."""
+        current = fingerprint(pipe)
+        if self.base.matches(current):
+            return
+        msg = (
+            f"concept {self.name!r} was trained on base model {self.base.id!r}, but this pipeline's "
+            f"base is {current.id!r} (fingerprints differ). Load the matching base model, or pass "
+            f"force=True (CLI: --force) to apply it anyway."
+        )
+        if not force:
+            raise ConceptError(msg)
+        logger.warning("%s Applying anyway (force=True).", msg)
+
+    def apply(self, pipe, *, force: bool = False, adapter_name: str | None = None, lora_scale: float = 1.0):
+        """Load this concept into a stock diffusers pipeline (in place); returns the pipeline.
+
+        LoRA goes through `pipe.load_lora_weights`, tokens through `pipe.load_textual_inversion`,
+        DreamBooth weights replace `pipe.unet` / `pipe.text_encoder`.
+        """
+        self.check_base(pipe, force=force)
+        if self.path is None:
+            raise ConceptError(f"concept {self.name!r} has no folder; load it with Concept.load(path)")
+        adapter = adapter_name or self.name
+        if "unet" in self.files or "text_encoder" in self.files:
+            self._apply_full_weights(pipe)
+        if "embeddings" in self.files:
+            self._apply_embeddings(pipe)
+        if "lora" in self.files:
+            existing = set(pipe.get_list_adapters().get("unet", [])) if hasattr(pipe, "get_list_adapters") else set()
+            if adapter in existing:
+                raise ConceptError(f"adapter {adapter!r} is already loaded in this pipeline; pass another adapter_name")
+            pipe.load_lora_weights(str(self.path), weight_name=self.files["lora"], adapter_name=adapter)
+            if lora_scale != 1.0:
+                pipe.set_adapters([adapter], adapter_weights=[lora_scale])
+        return pipe
+
+    def _apply_embeddings(self, pipe) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.file("embeddings")))
+        learned = [t for t in self.tokens if t.learned]
+        vocab = pipe.tokenizer.get_vocab()
+        for spec in learned:
+            if spec.token not in state:
+                raise ConceptError(f"concept {self.name!r}: {self.files['embeddings']} has no entry for {spec.token!r}")
+            if spec.token in vocab:
+                raise ConceptError(
+                    f"token {spec.token!r} is already in this pipeline's tokenizer (concept applied twice?)"
+                )
+            pipe.load_textual_inversion({spec.token: state[spec.token]}, token=spec.token)
+
+    def _apply_full_weights(self, pipe) -> None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        if "unet" in self.files:
+            unet = UNet2DConditionModel.from_pretrained(str(self.file("unet")), torch_dtype=dtype, use_safetensors=True)
+            pipe.register_modules(unet=unet.to(device))
+        if "text_encoder" in self.files:
+            te = CLIPTextModel.from_pretrained(str(self.file("text_encoder")), torch_dtype=pipe.text_encoder.dtype,
+                                               use_safetensors=True)
+            pipe.register_modules(text_encoder=te.to(device))
+
+
+def write_bundle(concept: Concept, out_dir: str | os.PathLike, write_files: Callable[[Path], None], *,
+                 overwrite: bool = False) -> Concept:
+    """Write a bundle atomically: `write_files(tmp)` fills a temp folder, the manifest goes last,
+    then one rename publishes it. On any error nothing is left under `out_dir`."""
+    out = Path(out_dir)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_files(tmp)
+        written = Concept.from_manifest(concept.to_manifest(), tmp)
+        written._validate_paths()
+        atomic_write_json(tmp / MANIFEST, concept.to_manifest())
+    return Concept.load(out)

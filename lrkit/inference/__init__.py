@@ -1,0 +1,1 @@
+"""Inference: Layout-and-Retouch (never imports lrkit.training)."""

@@ -1,0 +1,347 @@
+"""Loading base models: hub ids, local diffusers folders, single-file checkpoints, built-ins.
+
+`load_base` is the one entry point. It returns a stock diffusers `StableDiffusionPipeline` and
+records the base model's fingerprint (UNet config + a dtype-robust probe of its weights), computed
+once per UNet, which concept bundles use to refuse being applied to a different base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import weakref
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_BASES = ("tiny-random", "toy")
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class BaseModelError(ValueError):
+    """A base model could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """Identity of a base model: where it came from, its UNet config hash, and a weight probe.
+
+    The probe is a fixed sample of UNet weights (in float32). It is compared with a tolerance, so the
+    same base loaded in fp16/bf16 matches, while a different base model does not.
+    """
+
+    id: str
+    unet_config_sha256: str
+    weight_probe: list[float] = field(default_factory=list)
+
+    def matches(self, other: "BaseFingerprint", rtol: float = 1e-2, atol: float = 1e-3) -> bool:
+        if self.unet_config_sha256 != other.unet_config_sha256:
+            return False
+        if len(self.weight_probe) != len(other.weight_probe):
+            return False
+        a = torch.tensor(self.weight_probe, dtype=torch.float64)
+        b = torch.tensor(other.weight_probe, dtype=torch.float64)
+        return bool(torch.allclose(a, b, rtol=rtol, atol=atol))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BaseFingerprint":
+        return cls(
+            id=str(data["id"]),
+            unet_config_sha256=str(data["unet_config_sha256"]),
+            weight_probe=[float(v) for v in data.get("weight_probe", [])],
+        )
+
+
+# One fingerprint per UNet object, computed once (the UNet is the key; adapters do not change it).
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, BaseFingerprint]" = weakref.WeakKeyDictionary()
+
+_PROBE_TENSORS = 32
+_PROBE_VALUES = 4
+
+
+def _base_state_items(unet: torch.nn.Module):
+    """(name, tensor) of the base weights, with peft wrappers' names normalised and adapters skipped."""
+    for name, tensor in unet.state_dict().items():
+        if "lora_" in name or "lora_magnitude_vector" in name:
+            continue
+        yield name.replace(".base_layer.", "."), tensor
+
+
+def _unet_config_sha(unet: torch.nn.Module) -> str:
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    payload = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def compute_fingerprint(unet: torch.nn.Module, base_id: str) -> BaseFingerprint:
+    """Fingerprint a UNet: config hash plus `_PROBE_VALUES` values from `_PROBE_TENSORS` tensors."""
+    items = sorted(_base_state_items(unet), key=lambda kv: kv[0])
+    items = [(n, t) for n, t in items if t.is_floating_point() and t.numel() >= _PROBE_VALUES]
+    if not items:
+        raise BaseModelError("cannot fingerprint a UNet without floating-point weights")
+    stride = max(1, len(items) // _PROBE_TENSORS)
+    probe: list[float] = []
+    for name, tensor in items[::stride][:_PROBE_TENSORS]:
+        flat = tensor.detach().reshape(-1)
+        # Evenly spaced positions, the same for every dtype the weights may be loaded in.
+        idx = torch.linspace(0, flat.numel() - 1, _PROBE_VALUES).round().long()
+        probe.extend(float(v) for v in flat[idx.to(flat.device)].float().cpu())
+    return BaseFingerprint(id=base_id, unet_config_sha256=_unet_config_sha(unet), weight_probe=probe)
+
+
+def fingerprint(pipe_or_unet, base_id: str | None = None) -> BaseFingerprint:
+    """The base model's fingerprint, computed once per UNet and then cached."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    cached = _FINGERPRINTS.get(unet)
+    if cached is None:
+        cached = compute_fingerprint(unet, base_id or getattr(unet, "_lrkit_base_id", "unknown"))
+        _FINGERPRINTS[unet] = cached
+    return cached
+
+
+# --------------------------------------------------------------------------- tiny-random
+
+
+def clip_tokenizer_dir() -> Path:
+    """The CLIP BPE tokenizer files shipped inside the package (real CLIP ids, no download)."""
+    return Path(str(resources.files("lrkit") / "assets" / "clip_tokenizer"))
+
+
+def load_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
+
+
+# The tiny model mirrors SD's layout at a small scale: cross-attention at the two highest UNet
+# resolutions (so the decoder swap layers of Layout-and-Retouch exist), a 4x VAE, a 2-layer CLIP.
+TINY_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=16,
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=16,
+    sample_size=64,
+)
+TINY_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+TINY_RESOLUTION = 64
+
+
+def build_tiny_random(seed: int = 0, *, unet_overrides: dict | None = None):
+    """A seeded, randomly initialised tiny Stable Diffusion pipeline, built from config offline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, **(unet_overrides or {})})
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe
+
+
+# --------------------------------------------------------------------------- load_base
+
+
+def _parse_builtin(name: str) -> tuple[str, int] | None:
+    """`tiny-random` or `tiny-random:SEED` -> ("tiny-random", seed)."""
+    head, _, tail = name.partition(":")
+    if head not in BUILTIN_BASES:
+        return None
+    if tail and not tail.isdigit():
+        raise BaseModelError(f"base model {name!r}: the seed after ':' must be an integer, e.g. 'tiny-random:1'")
+    return head, int(tail or 0)
+
+
+def _offline_message(name: str, err: Exception) -> str:
+    return (
+        f"could not load base model {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+        f"If this machine is offline, download it elsewhere (`hf download {name} "
+        f"--local-dir ./{name.split('/')[-1]}`) and pass the local folder as the base model, "
+        f"or pass a single-file .safetensors checkpoint."
+    )
+
+
+def _single_file_config_message(name: str, err: Exception) -> str:
+    return (
+        f"could not load the single-file checkpoint {name!r}: diffusers needs the pipeline configs "
+        f"(UNet/VAE/text-encoder/scheduler/tokenizer) that match it, and fetching the default ones from "
+        f"the Hugging Face Hub failed ({type(err).__name__}: {err}). Offline, pass a local diffusers "
+        f"folder of the same architecture as config=DIR (e.g. a saved copy of "
+        f"stable-diffusion-v1-5/stable-diffusion-v1-5; its weights are not used)."
+    )
+
+
+def _require_pipeline_folder(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise BaseModelError(f"{what} {str(path)!r} does not exist or is not a folder")
+    if not (path / "model_index.json").is_file():
+        raise BaseModelError(
+            f"{what} {str(path)!r} has no model_index.json: it is not a diffusers "
+            "pipeline folder (save one with pipe.save_pretrained(DIR))"
+        )
+
+
+def load_base(
+    name_or_path: str | os.PathLike = "tiny-random",
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    config: str | os.PathLike | None = None,
+):
+    """Load a base model as a diffusers `StableDiffusionPipeline`.
+
+    `name_or_path` is one of: `tiny-random[:seed]` (built-in test model), `toy` (the embedded toy
+    model), a local diffusers folder, a single-file `.safetensors` checkpoint, or a hub id.
+    `config` (single-file checkpoints only): a local diffusers pipeline folder whose component
+    configs (and tokenizer/scheduler) describe the checkpoint, passed to diffusers'
+    `from_single_file(..., config=...)`; its weights are not used. Without it diffusers fetches
+    the default configs from the Hub, which fails offline.
+    The base fingerprint is computed here, once, and cached for the pipeline's UNet.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    name = str(name_or_path)
+    torch_dtype = _resolve_dtype(dtype)
+    builtin = _parse_builtin(name)
+    is_single_file = builtin is None and Path(name).suffix.lower() in SINGLE_FILE_SUFFIXES
+    if config is not None and not is_single_file:
+        raise BaseModelError(
+            f"config= applies only to single-file .safetensors checkpoints, not to base model {name!r}"
+        )
+    if builtin is not None:
+        kind, seed = builtin
+        if kind == "toy":
+            pipe = _load_toy()
+        else:
+            pipe = build_tiny_random(seed)
+        base_id = name if kind != "tiny-random" or seed else "tiny-random"
+    else:
+        path = Path(name).expanduser()
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise BaseModelError(
+                f"base model {name!r} is a pickle checkpoint; lrkit loads only safetensors. "
+                "Convert it (e.g. diffusers' convert_original_stable_diffusion_to_diffusers.py) "
+                "or pass a .safetensors file."
+            )
+        if is_single_file:
+            if not path.is_file():
+                raise BaseModelError(f"base model file {name!r} does not exist")
+            config_dir = None
+            if config is not None:
+                config_dir = Path(config).expanduser()
+                _require_pipeline_folder(config_dir, "config folder")
+            try:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(path), config=str(config_dir) if config_dir is not None else None,
+                    torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+                )
+            except (OSError, ConnectionError) as err:
+                if config_dir is not None:
+                    raise
+                raise BaseModelError(_single_file_config_message(name, err)) from err
+            base_id = path.name
+        elif path.is_dir():
+            _require_pipeline_folder(path, "base model folder")
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+                use_safetensors=True,
+            )
+            base_id = str(path.resolve())
+        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise BaseModelError(f"base model path {name!r} does not exist")
+        else:
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    name, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+                    use_safetensors=True,
+                )
+            except (OSError, ValueError, ConnectionError) as err:
+                raise BaseModelError(_offline_message(name, err)) from err
+            base_id = name
+    if torch_dtype is not None and builtin is not None:
+        pipe.to(dtype=torch_dtype)
+    if device is not None:
+        pipe.to(device)
+    pipe.unet._lrkit_base_id = base_id
+    fingerprint(pipe, base_id)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_toy():
+    raise BaseModelError(
+        "the embedded toy base model is not built yet in this version of lrkit; use 'tiny-random' "
+        "or a diffusers model (hub id, local folder or .safetensors file)"
+    )
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise BaseModelError(f"dtype {dtype!r} is not one of {sorted(names)}")
+    return names[dtype]

@@ -1,0 +1,372 @@
+"""Typed training configuration. YAML files under configs/train/ are nothing but saved `TrainConfig`s.
+
+Every field has a docstring (shown by `lrkit train --help`); `__post_init__` validates and names the
+offending option. `load_config` is the one way to build a config from YAML, dicts and overrides; the
+CLI, the scripts and `lrkit.train_concept` all use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+METHOD_NAMES = ("dreambooth", "lora", "textual_inversion", "pivotal")
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message names it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class DataConfig:
+    """Where the subject photos come from and how they become training samples."""
+
+    photos: str = ""
+    """Folder of subject photos (jpg/png/webp), a `datasets` save_to_disk folder, or a dataset id."""
+    class_word: str = ""
+    """The subject's class, e.g. `vase`, `dog` (used in captions and by the vanilla model at inference)."""
+    token: Optional[str] = None
+    """The concept's token in prompts. Default: `sks` (LoRA, DreamBooth), `<sks>` (Textual Inversion, pivotal)."""
+    caption_template: str = "a photo of {token} {class}"
+    """Caption for photos without a same-name .txt file; must contain `{token}`."""
+    resolution: int = 512
+    """Training resolution in pixels (square)."""
+    center_crop: bool = True
+    """Center crop after resizing (False: random crop). Required for `cache_latents`."""
+    random_flip: float = 0.5
+    """Probability of a horizontal flip."""
+    repeats: int = 10
+    """How many times each photo is seen per epoch (an epoch ends with a checkpoint)."""
+    batch_size: int = 1
+    """Photos per step and process."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    min_size: Optional[int] = None
+    """Reject photos whose short side is smaller than this (default: resolution / 2)."""
+    image_column: Optional[str] = None
+    """For `datasets` sources: the image column (default: the first Image column)."""
+    caption_column: Optional[str] = None
+    """For `datasets` sources: an optional caption column."""
+
+    def __post_init__(self) -> None:
+        _check(self.resolution >= 8 and self.resolution % 8 == 0,
+               f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        _check(0.0 <= self.random_flip <= 1.0, f"data.random_flip must be in [0, 1], got {self.random_flip}")
+        _check(self.repeats >= 1, f"data.repeats must be >= 1, got {self.repeats}")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check("{token}" in self.caption_template,
+               f"data.caption_template {self.caption_template!r} must contain {{token}} (e.g. 'a photo of {{token}} {{class}}')")
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters (peft) on the UNet attention and optionally the text encoder."""
+
+    rank: int = 4
+    """LoRA rank r."""
+    alpha: Optional[float] = None
+    """LoRA alpha (scale = alpha / rank). Default: equal to rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names to adapt."""
+    train_text_encoder: bool = False
+    """Also put LoRA on the text encoder."""
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Text-encoder module names to adapt (when train_text_encoder)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(bool(self.unet_targets), "lora.unet_targets must name at least one module")
+
+    @property
+    def true_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass
+class TextualInversionOptions:
+    """New token embeddings (Textual Inversion)."""
+
+    num_vectors: int = 1
+    """Embedding vectors per token."""
+    initializer: Optional[str] = None
+    """Word whose embedding initialises the new vectors (default: the class word)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_vectors >= 1, f"textual_inversion.num_vectors must be >= 1, got {self.num_vectors}")
+
+
+@dataclass
+class DreamBoothOptions:
+    """Full fine-tuning with prior preservation."""
+
+    train_text_encoder: bool = False
+    """Also fine-tune the text encoder."""
+    prior_preservation: bool = True
+    """Add the class-image loss (class images generated by the base model when missing)."""
+    prior_loss_weight: float = 1.0
+    """Weight of the prior-preservation loss."""
+    class_dir: Optional[str] = None
+    """Folder of class images (default: OUTPUT_DIR/class_images)."""
+    class_prompt: Optional[str] = None
+    """Prompt of the class images (default: `a photo of {class}`)."""
+    num_class_images: int = 100
+    """How many class images to use (missing ones are generated)."""
+    class_inference_steps: int = 25
+    """Denoising steps when generating class images."""
+
+    def __post_init__(self) -> None:
+        _check(self.prior_loss_weight >= 0, f"dreambooth.prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+        _check(self.num_class_images >= 1, f"dreambooth.num_class_images must be >= 1, got {self.num_class_images}")
+
+
+@dataclass
+class PivotalOptions:
+    """Pivotal tuning: Textual Inversion first, then tokens and LoRA together."""
+
+    ti_fraction: float = 0.3
+    """Fraction of max_steps during which only the tokens train."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.ti_fraction < 1.0, f"pivotal.ti_fraction must be in [0, 1), got {self.ti_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    lr: Optional[float] = None
+    """Learning rate of UNet/text-encoder weights or adapters (default per method: lora 1e-4, dreambooth 5e-6)."""
+    embedding_lr: float = 5e-3
+    """Learning rate of new token embeddings (textual_inversion, pivotal)."""
+    optimizer: str = "adamw"
+    """`adamw` (torch; fused on CUDA) or `adamw8bit` (bitsandbytes)."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay (never applied to token embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    lr_scheduler: str = "constant"
+    """`constant`, `cosine` or `linear` (decay to 0 at max_steps)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: Optional[float] = 1.0
+    """Gradient clipping norm (None: off)."""
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in OPTIMIZERS, f"optim.optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        _check(self.lr_scheduler in LR_SCHEDULERS,
+               f"optim.lr_scheduler {self.lr_scheduler!r} is not one of {list(LR_SCHEDULERS)}")
+        _check(self.lr is None or self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class ValidationConfig:
+    """Validation images during training."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Prompts ({token} and {class} are filled in). Empty: no validation images."""
+    every_n_steps: int = 0
+    """Generate every N optimizer steps (0: only at the end)."""
+    num_inference_steps: int = 25
+    """Denoising steps of validation images."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of validation images."""
+    seed: int = 0
+    """Seed of validation images (same images each time, to compare steps)."""
+
+
+@dataclass
+class TrainConfig:
+    """Train a personalization concept and export it as a concept bundle."""
+
+    base: str = "tiny-random"
+    """Base model: `tiny-random`, `toy`, a hub id, a local diffusers folder, or a .safetensors file."""
+    method: str = "lora"
+    """One of dreambooth, lora, textual_inversion, pivotal."""
+    name: Optional[str] = None
+    """Concept name (default: the output folder's name)."""
+    output_dir: str = "outputs/concept"
+    """Where checkpoints, logs, validation images and the bundle (OUTPUT_DIR/concept) go."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data options."""
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    """LoRA options (lora, pivotal)."""
+    textual_inversion: TextualInversionOptions = field(default_factory=TextualInversionOptions)
+    """Textual-Inversion options (textual_inversion, pivotal)."""
+    dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
+    """DreamBooth options."""
+    pivotal: PivotalOptions = field(default_factory=PivotalOptions)
+    """Pivotal-tuning options."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer options."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Validation images."""
+    max_steps: int = 400
+    """Optimizer steps."""
+    seed: int = 0
+    """Seed of everything (initialisation, noise, timesteps, data order, augmentation)."""
+    precision: str = "32"
+    """32, 16-mixed or bf16-mixed (trainable parameters always stay float32)."""
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu, ..."""
+    devices: str = "auto"
+    """Lightning devices: auto, a count, or a list. Under torchrun/accelerate launch: from the environment."""
+    num_nodes: int = 1
+    """Number of nodes."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, ..."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the UNet (and the text encoder when it trains)."""
+    cache_latents: bool = False
+    """Encode each photo (and its flip) once with the VAE instead of every step."""
+    cache_text_embeddings: bool = False
+    """Encode each caption once (only when the text encoder and embeddings are frozen)."""
+    min_snr_gamma: Optional[float] = None
+    """Min-SNR loss weighting gamma (e.g. 5.0); None: plain MSE."""
+    noise_offset: float = 0.0
+    """Noise offset (e.g. 0.05) for darker/brighter images."""
+    checkpoint_every_n_epochs: int = 1
+    """Write OUTPUT_DIR/checkpoints/last.ckpt (adapter-only) every N epochs."""
+    resume: Optional[str] = "auto"
+    """`auto`: resume from OUTPUT_DIR/checkpoints/last.ckpt if present; a path; or None to start fresh."""
+    overwrite: bool = False
+    """Replace an existing bundle at OUTPUT_DIR/concept."""
+    log_every_n_steps: int = 10
+    """Logging interval."""
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHOD_NAMES, f"method {self.method!r} is not one of {list(METHOD_NAMES)}")
+        _check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        _check(self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        _check(self.checkpoint_every_n_epochs >= 1,
+               f"checkpoint_every_n_epochs must be >= 1, got {self.checkpoint_every_n_epochs}")
+        _check(self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        if self.cache_latents:
+            _check(self.data.center_crop, "cache_latents needs data.center_crop=true (random crops cannot be cached)")
+
+    # -------------------------------------------------------------- derived values
+
+    @property
+    def token(self) -> str:
+        if self.data.token:
+            return self.data.token
+        return "<sks>" if self.method in ("textual_inversion", "pivotal") else "sks"
+
+    @property
+    def concept_name(self) -> str:
+        return self.name or Path(self.output_dir).name
+
+    @property
+    def bundle_dir(self) -> Path:
+        return Path(self.output_dir) / "concept"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["optim"]["betas"] = list(data["optim"]["betas"])
+        return data
+
+
+# ------------------------------------------------------------------ parsing (one way)
+
+
+def build_parser(prog: str = "lrkit train", *, exit_on_error: bool = False):
+    """The jsonargparse parser for `TrainConfig`: `--config FILE`, dotted overrides, `--print_config`."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=TrainConfig.__doc__, exit_on_error=exit_on_error,
+                            default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/train/<method>.yaml)")
+    parser.add_class_arguments(TrainConfig, None, as_group=False)
+    return parser
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _dotted_to_nested(overrides: dict) -> dict:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.replace("__", ".").split(".")
+        cur = nested
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+    return nested
+
+
+def load_config(source: "TrainConfig | dict | str | os.PathLike | None" = None, **overrides) -> TrainConfig:
+    """Build a validated `TrainConfig` from a config, a dict or a YAML file, plus overrides.
+
+    Overrides are keyword arguments; nested options as dicts (`data={"photos": "x"}`) or with
+    `__` for dots (`data__photos="x"`).
+    """
+    import yaml
+
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, TrainConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of options")
+    data = _merge(data, _dotted_to_nested(overrides))
+    return config_from_dict(data)
+
+
+def config_from_namespace(namespace) -> TrainConfig:
+    """The `TrainConfig` of a parsed (and instantiated) jsonargparse namespace."""
+    return TrainConfig(**{f.name: getattr(namespace, f.name) for f in fields(TrainConfig)})
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    parser = build_parser()
+    try:
+        return config_from_namespace(parser.instantiate(parser.parse_object(data)))
+    except ConfigError:
+        raise
+    except Exception as err:  # jsonargparse wraps type errors and __post_init__ errors
+        cause = err
+        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from err
+        raise ConfigError(f"invalid training config: {err}") from err

@@ -1,0 +1,71 @@
+"""`lora`: peft LoRA on the UNet attention, optionally on the text encoder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from peft import LoraConfig
+
+from lrkit.concept import LORA_WEIGHTS, LoraSpec
+from lrkit.lora_io import save_diffusers_lora, save_kohya_lora
+from lrkit.training.methods.base import Method, trainable
+
+logger = logging.getLogger(__name__)
+
+
+def add_lora(model, options, *, text_encoder: bool) -> None:
+    """Attach the LoRA adapters described by `options` (a `LoraOptions`)."""
+    common = dict(r=options.rank, lora_alpha=options.true_alpha, lora_dropout=options.dropout,
+                  init_lora_weights="gaussian", use_dora=options.dora)
+    model.unet.add_adapter(LoraConfig(target_modules=list(options.unet_targets), **common))
+    if text_encoder:
+        model.text_encoder.add_adapter(LoraConfig(target_modules=list(options.text_encoder_targets), **common))
+
+
+def write_lora_files(model, root: Path, name: str, *, text_encoder: bool, dora: bool = False) -> dict[str, str]:
+    """The diffusers-layout LoRA, plus the kohya-layout copy (not for DoRA: no loader keeps it)."""
+    te = model.text_encoder if text_encoder else None
+    save_diffusers_lora(root, model.unet, te)
+    if dora:
+        logger.warning("DoRA concept: no kohya-layout file is written (diffusers' kohya loader drops DoRA weights)")
+        return {"lora": LORA_WEIGHTS}
+    kohya = f"{name}.kohya.safetensors"
+    save_kohya_lora(root / kohya, model.unet, te)
+    return {"lora": LORA_WEIGHTS, "kohya": kohya}
+
+
+def lora_spec_of(options, *, text_encoder: bool) -> LoraSpec:
+    return LoraSpec(rank=options.rank, alpha=options.true_alpha, unet_targets=list(options.unet_targets),
+                    text_encoder_targets=list(options.text_encoder_targets) if text_encoder else None,
+                    dropout=options.dropout, dora=options.dora)
+
+
+class LoraMethod(Method):
+    name = "lora"
+    default_lr = 1e-4
+
+    @property
+    def _te(self) -> bool:
+        return self.config.lora.train_text_encoder
+
+    def configure(self, model) -> None:
+        add_lora(model, self.config.lora, text_encoder=self._te)
+
+    def param_groups(self, model) -> list[dict]:
+        lr = self.config.optim.lr or self.default_lr
+        wd = self.config.optim.weight_decay
+        groups = [dict(name="unet_lora", params=trainable(model.unet), lr=lr, weight_decay=wd)]
+        if self._te:
+            groups.append(dict(name="text_encoder_lora", params=trainable(model.text_encoder), lr=lr, weight_decay=wd))
+        return groups
+
+    def text_encoder_frozen(self) -> bool:
+        return not self._te
+
+    def lora_spec(self) -> LoraSpec:
+        return lora_spec_of(self.config.lora, text_encoder=self._te)
+
+    def write_files(self, model, root: Path) -> dict[str, str]:
+        return write_lora_files(model, root, self.config.concept_name, text_encoder=self._te,
+                                dora=self.config.lora.dora)

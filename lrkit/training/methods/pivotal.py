@@ -1,0 +1,60 @@
+"""`pivotal`: Textual Inversion first, then the tokens and LoRA together (pivotal tuning)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lrkit.concept import LoraSpec
+from lrkit.training.methods.base import trainable
+from lrkit.training.methods.lora import add_lora, lora_spec_of, write_lora_files
+from lrkit.training.methods.textual_inversion import TextualInversionMethod
+
+
+class PivotalMethod(TextualInversionMethod):
+    name = "pivotal"
+    default_lr = 1e-4
+
+    @property
+    def _te(self) -> bool:
+        return self.config.lora.train_text_encoder
+
+    @property
+    def ti_steps(self) -> int:
+        return math.ceil(self.config.pivotal.ti_fraction * self.config.max_steps)
+
+    def configure(self, model) -> None:
+        # LoRA first: peft's add_adapter freezes every non-LoRA parameter, new token rows included.
+        add_lora(model, self.config.lora, text_encoder=self._te)
+        super().configure(model)
+
+    def param_groups(self, model) -> list[dict]:
+        lr = self.config.optim.lr or self.default_lr
+        wd = self.config.optim.weight_decay
+        groups = [self.embedding_group(model),
+                  dict(name="unet_lora", params=trainable(model.unet), lr=lr, weight_decay=wd)]
+        if self._te:
+            embedding_rows = {id(p) for p in groups[0]["params"]}
+            te_lora = [p for p in trainable(model.text_encoder) if id(p) not in embedding_rows]
+            groups.append(dict(name="text_encoder_lora", params=te_lora, lr=lr, weight_decay=wd))
+        return groups
+
+    def before_optimizer_step(self, model, step: int) -> None:
+        # Phase 1 (tokens only): drop the LoRA gradients, so the optimizer neither moves the LoRA
+        # weights nor accumulates moments for them. LoRA B starts at zero, so the adapters are
+        # exactly inactive until phase 2.
+        if step >= self.ti_steps:
+            return
+        rows = model.text_encoder.get_input_embeddings().new_rows
+        for p in trainable(model.unet) + trainable(model.text_encoder):
+            if p is not rows:
+                p.grad = None
+
+    def lora_spec(self) -> LoraSpec:
+        return lora_spec_of(self.config.lora, text_encoder=self._te)
+
+    def write_files(self, model, root: Path) -> dict[str, str]:
+        files = self.write_embeddings(model, root)
+        files.update(write_lora_files(model, root, self.config.concept_name, text_encoder=self._te,
+                                      dora=self.config.lora.dora))
+        return files

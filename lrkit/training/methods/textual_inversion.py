@@ -1,0 +1,50 @@
+"""`textual_inversion`: new token vectors; only their embedding rows change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save
+
+from lrkit.concept import EMBEDDINGS, TokenSpec
+from lrkit.io import atomic_write_bytes
+from lrkit.training.methods.base import Method
+from lrkit.training.tokens import add_new_tokens, learned_embeddings
+
+
+class TextualInversionMethod(Method):
+    name = "textual_inversion"
+
+    @property
+    def _initializer(self) -> str:
+        return self.config.textual_inversion.initializer or self.config.data.class_word
+
+    def _token_entries(self) -> list[tuple[str, int, str]]:
+        if not self._initializer:
+            raise ValueError("textual_inversion.initializer is empty and data.class_word is not set; set one of them")
+        return [(self.config.token, self.config.textual_inversion.num_vectors, self._initializer)]
+
+    def configure(self, model) -> None:
+        add_new_tokens(model.tokenizer, model.text_encoder, self._token_entries())
+
+    def embedding_group(self, model) -> dict:
+        rows = model.text_encoder.get_input_embeddings().new_rows
+        return dict(name="embeddings", params=[rows], lr=self.config.optim.embedding_lr, weight_decay=0.0)
+
+    def param_groups(self, model) -> list[dict]:
+        return [self.embedding_group(model)]
+
+    def text_encoder_frozen(self) -> bool:
+        return False  # gradients flow through the text encoder into the new rows
+
+    def concept_tokens(self) -> list[TokenSpec]:
+        return [TokenSpec(token=t, learned=True, num_vectors=n, initializer=i) for t, n, i in self._token_entries()]
+
+    def write_embeddings(self, model, root: Path) -> dict[str, str]:
+        entries = [(t, n) for t, n, _ in self._token_entries()]
+        tensors = learned_embeddings(model.tokenizer, model.text_encoder, entries)
+        atomic_write_bytes(root / EMBEDDINGS, save(tensors, metadata={"format": "pt"}))
+        return {"embeddings": EMBEDDINGS}
+
+    def write_files(self, model, root: Path) -> dict[str, str]:
+        return self.write_embeddings(model, root)

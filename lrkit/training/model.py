@@ -1,0 +1,198 @@
+"""`ConceptModel`: the frozen base model plus what a method trains, and the diffusion loss.
+
+It works without Lightning (the benchmark and tests drive it directly); `PersonalizationModule` in
+`module.py` is a thin owner of the training loop around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrkit.models import fingerprint, load_base
+from lrkit.training.config import TrainConfig
+from lrkit.training.methods import get_method
+from lrkit.training.tokens import expand_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed for (run seed, optimizer step, rank): per-step randomness survives a resume."""
+    digest = hashlib.sha256(f"lrkit/{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def frozen_dtype(precision: str) -> torch.dtype:
+    """Frozen weights are stored in the autocast dtype under mixed precision, else float32."""
+    return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
+
+
+class ConceptModel(nn.Module):
+    """VAE, text encoder and UNet of the base model; the method decides which parameters train."""
+
+    def __init__(self, config: TrainConfig, pipe=None):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.config = config
+        pipe = pipe if pipe is not None else load_base(config.base)
+        self.base_fingerprint = fingerprint(pipe, config.base)
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.unet = pipe.unet
+        self.tokenizer = pipe.tokenizer
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.requires_grad_(False)
+
+        self.method = get_method(config.method)(config)
+        self.method.configure(self)
+        self._cast_frozen(frozen_dtype(config.precision))
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if not self.method.text_encoder_frozen():
+                self.text_encoder.gradient_checkpointing_enable()
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._latent_cache: dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _cast_frozen(self, dtype: torch.dtype) -> None:
+        """Frozen modules in `dtype`; everything that trains stays float32."""
+        def cast(module, to):
+            if module.dtype != to:
+                module.to(dtype=to)
+
+        cast(self.vae, dtype)
+        for name in ("unet", "text_encoder"):
+            module = getattr(self, name)
+            if self.method.trains_module(name):
+                cast(module, torch.float32)
+                continue
+            cast(module, dtype)
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what trains: the adapter-only checkpoint."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    @property
+    def cache_text(self) -> bool:
+        return self.config.cache_text_embeddings and self.method.text_encoder_frozen()
+
+    # ------------------------------------------------------------------ encoders
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        captions = [expand_prompt(c, self.tokenizer) for c in captions]
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.unet.device)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """(batch, 77, dim) text states; cached per caption when the text encoder is frozen."""
+        if not self.cache_text:
+            return self.text_encoder(self.tokenize(captions))[0]
+        missing = sorted({c for c in captions if c not in self._text_cache})
+        if missing:
+            with torch.no_grad():
+                states = self.text_encoder(self.tokenize(missing))[0]
+            self._text_cache.update(zip(missing, states))
+        return torch.stack([self._text_cache[c] for c in captions])
+
+    def encode_pixels(self, pixel_values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        with torch.no_grad():
+            dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+            return dist.sample(generator) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def cache_latents(self, items: list[dict]) -> None:
+        """Encode deterministic samples once: key (source, photo_index, flipped) -> latent mean/logvar."""
+        for item in items:
+            key = (item.get("source", "instance"), int(item["photo_index"]), bool(item["flipped"]))
+            if key in self._latent_cache:
+                continue
+            px = item["pixel_values"].unsqueeze(0).to(self.vae.device, self.vae.dtype)
+            self._latent_cache[key] = self.vae.encode(px).latent_dist.parameters[0].detach()
+
+    def latents(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if not self._latent_cache:
+            return self.encode_pixels(batch["pixel_values"], generator)
+        keys = zip(batch["source"], batch["photo_index"].tolist(), batch["flipped"].tolist())
+        params = torch.stack([self._latent_cache[(s, i, bool(f))] for s, i, f in keys])
+        return DiagonalGaussianDistribution(params).sample(generator) * self.vae.config.scaling_factor
+
+    # ------------------------------------------------------------------ loss
+
+    def loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Noise-prediction loss (DDPM), with min-SNR weighting and prior preservation when set.
+
+        `batch["num_instance"]` photos come first; the rest are class images (prior loss).
+        """
+        from diffusers.training_utils import compute_snr
+
+        cfg = self.config
+        device = self.unet.device
+        latents = self.latents(batch, generator).float()
+        bsz = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+        if cfg.noise_offset:
+            offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator).to(device)
+            noise = noise + cfg.noise_offset * offset
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train, (bsz,), generator=generator).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        states = self.encode_text(list(batch["caption"]))
+        pred = self.unet(noisy.to(self.unet.dtype), timesteps, states.to(self.unet.dtype)).sample
+
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r} in the base model's scheduler")
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma is not None:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma)
+            weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr
+            per_sample = per_sample * weight
+
+        n = int(batch.get("num_instance", bsz))
+        instance_loss = per_sample[:n].mean()
+        logs = {"loss/instance": float(instance_loss.detach())}
+        loss = instance_loss
+        if n < bsz:
+            prior_loss = per_sample[n:].mean()
+            loss = loss + cfg.dreambooth.prior_loss_weight * prior_loss
+            logs["loss/prior"] = float(prior_loss.detach())
+        return loss, logs
+
+    # ------------------------------------------------------------------ inference view
+
+    def pipeline(self):
+        """A stock `StableDiffusionPipeline` sharing this model's modules (for validation images)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler_config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

@@ -1,0 +1,345 @@
+"""The Lightning side: a thin `LightningModule` around `ConceptModel`, the data module, callbacks.
+
+Resumability: every random draw of a step (noise, timesteps, VAE sampling, dropout) comes from a
+seed derived from (seed, global step, rank), the data order of an epoch from (seed, epoch), and
+augmentation from the sample's counter. Checkpoints are written at epoch ends, so a run killed
+after a checkpoint and resumed repeats exactly the steps an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lrkit.io import atomic_write_bytes
+from lrkit.training.config import TrainConfig
+from lrkit.training.model import ConceptModel, step_seed
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order per epoch (from seed and epoch), sharded over ranks, as sample counters.
+
+    It yields `epoch * size + position`: the dataset takes the photo `counter % num_photos` and
+    seeds the sample's augmentation with the counter, so a sample never depends on what ran before.
+    """
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(step_seed(self.seed, -1 - self.epoch))
+        order = torch.randperm(self.size, generator=g).tolist()
+        order += order[: len(self) * self.world_size - self.size]  # pad so every rank steps equally
+        for position in order[self.rank :: self.world_size]:
+            yield self.epoch * self.size + position
+
+
+class PairedDataset(Dataset):
+    """Instance photos paired with class images (prior preservation): item i -> (photo, class image)."""
+
+    def __init__(self, instance: Dataset, prior: Dataset | None):
+        self.instance, self.prior = instance, prior
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.instance[i], source="instance")
+        if self.prior is None:
+            return item
+        return {"instance": item, "prior": dict(self.prior[i], source="class")}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack samples; with prior preservation all instance samples come first."""
+    if "instance" in items[0]:
+        samples = [it["instance"] for it in items] + [it["prior"] for it in items]
+        num_instance = len(items)
+    else:
+        samples, num_instance = items, len(items)
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "photo_index": torch.tensor([s["photo_index"] for s in samples]),
+        "flipped": torch.tensor([bool(s["flipped"]) for s in samples]),
+        "source": [s["source"] for s in samples],
+        "num_instance": num_instance,
+    }
+
+
+class ConceptDataModule(L.LightningDataModule):
+    """Photos (and class images for DreamBooth's prior preservation) as resumable epochs."""
+
+    def __init__(self, config: TrainConfig):
+        super().__init__()
+        from lrkit.training.data import load_images
+
+        self.config = config
+        data = config.data
+        min_size = data.min_size if data.min_size is not None else data.resolution // 2
+        self.photos = load_images(data.photos, min_size=min_size, image_column=data.image_column,
+                                  caption_column=data.caption_column)
+        self.instance = self._dataset(self.photos, config.data.caption_template, config.token)
+        self.prior = None
+
+    def _dataset(self, photos, template: str, token: str):
+        from lrkit.training.data import PhotoDataset
+
+        d = self.config.data
+        return PhotoDataset(photos, resolution=d.resolution, token=token, class_word=d.class_word,
+                            caption_template=template, center_crop=d.center_crop, random_flip=d.random_flip,
+                            repeats=d.repeats, seed=self.config.seed)
+
+    @property
+    def uses_prior(self) -> bool:
+        return self.config.method == "dreambooth" and self.config.dreambooth.prior_preservation
+
+    @property
+    def class_dir(self) -> Path:
+        return Path(self.config.dreambooth.class_dir or Path(self.config.output_dir) / "class_images")
+
+    @property
+    def class_prompt(self) -> str:
+        template = self.config.dreambooth.class_prompt or "a photo of {class}"
+        return template.replace("{class}", self.config.data.class_word)
+
+    def prepare_data(self) -> None:
+        """Generate missing class images with the base model (local rank 0 only)."""
+        if not self.uses_prior:
+            return
+        from lrkit.training.data import ensure_class_images
+
+        db = self.config.dreambooth
+        model: ConceptModel = self.trainer.lightning_module.model
+        with _autocast_for(model, self.config.precision):
+            ensure_class_images(model.pipeline(), self.class_dir, prompt=self.class_prompt,
+                                num_images=db.num_class_images, resolution=self.config.data.resolution,
+                                seed=self.config.seed, num_inference_steps=db.class_inference_steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.uses_prior or self.prior is not None:
+            return
+        from lrkit.training.data import load_images
+
+        class_photos = load_images(self.class_dir, min_size=1)[: self.config.dreambooth.num_class_images]
+        # Class images are captioned with the class prompt, which carries no concept token.
+        class_photos = [dataclasses.replace(p, caption=self.class_prompt) for p in class_photos]
+        self.prior = self._dataset(class_photos, self.config.data.caption_template, self.config.data.class_word)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        dataset = PairedDataset(self.instance, self.prior)
+        sampler = EpochSampler(len(dataset), seed=self.config.seed, rank=trainer.global_rank,
+                               world_size=trainer.world_size)
+        return DataLoader(dataset, batch_size=self.config.data.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.config.data.num_workers, drop_last=False,
+                          persistent_workers=self.config.data.num_workers > 0)
+
+    def cacheable_items(self) -> list[dict]:
+        """Deterministic variants (center crop, flipped or not) of every photo and class image."""
+        items = []
+        for source, dataset in (("instance", self.instance), ("class", self.prior)):
+            if dataset is None:
+                continue
+            for i in range(len(dataset.photos)):
+                items += [dict(v, source=source) for v in dataset.deterministic_variants(i)]
+        return items
+
+
+# ---------------------------------------------------------------------------- module
+
+
+def _autocast_for(model: ConceptModel, precision: str):
+    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+    if dtype is None:
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(model.unet.device.type, dtype=dtype)
+
+
+class PersonalizationModule(L.LightningModule):
+    """Owns the loop around `ConceptModel`: steps, optimizer, adapter-only checkpoints."""
+
+    def __init__(self, config: TrainConfig, pipe=None):
+        super().__init__()
+        self.config = config
+        self.save_hyperparameters({"config": config.to_dict()})
+        self.model = ConceptModel(config, pipe=pipe)
+        self.strict_loading = False  # checkpoints hold only the trainable parameters
+
+    # -- the step -------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        seed = step_seed(self.config.seed, self.global_step, self.global_rank)
+        torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(step_seed(self.config.seed, self.global_step, self.global_rank) + 1)
+        loss, logs = self.model.loss(batch, generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; lower optim.lr or use precision 32")
+        self.log("loss", loss, prog_bar=True, on_step=True, batch_size=batch["num_instance"])
+        for key, value in logs.items():
+            self.log(key, value, on_step=True, batch_size=batch["num_instance"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.model.method.before_optimizer_step(self.model, self.global_step)
+
+    def on_fit_start(self) -> None:
+        if self.config.cache_latents:
+            datamodule = self.trainer.datamodule
+            with _autocast_for(self.model, self.config.precision):
+                self.model.cache_latents(datamodule.cacheable_items())
+
+    # -- optimizer ------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = self.config.optim
+        groups = [g for g in self.model.method.param_groups(self.model) if g["params"]]
+        if opt.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ImportError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'lrkit[bnb]'") from err
+            optimizer = bnb.optim.AdamW8bit(groups, betas=opt.betas, eps=opt.eps)
+        else:
+            fused = all(p.is_cuda for g in groups for p in g["params"])
+            optimizer = torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps, fused=fused or None)
+        schedule = _lr_lambda(opt.lr_scheduler, opt.warmup_steps, self.config.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- adapter-only checkpoints -----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{k}" for k in self.model.trainable_state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {f"model.{k}" for k in self.model.trainable_state_dict()}
+        got = set(checkpoint["state_dict"])
+        if got != expected:
+            missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
+            raise ValueError(
+                f"checkpoint does not fit this configuration (missing {missing}, unexpected {extra}); "
+                "was it written with another method or LoRA setting?"
+            )
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def schedule(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return schedule
+
+
+# ---------------------------------------------------------------------------- callbacks
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed, and read with `weights_only=True`."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class ValidationImages(L.Callback):
+    """Generate the validation prompts every N steps and at the end; save PNGs, log them if possible."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.out_dir = Path(config.output_dir) / "validation"
+
+    def _prompts(self) -> list[str]:
+        cfg = self.config
+        return [p.replace("{token}", cfg.token).replace("{class}", cfg.data.class_word) for p in cfg.validation.prompts]
+
+    @torch.no_grad()
+    def generate(self, module: PersonalizationModule, step: int) -> list[Path]:
+        cfg = self.config.validation
+        pipe = module.model.pipeline()
+        paths = []
+        was_training = module.training
+        module.eval()
+        try:
+            with _autocast_for(module.model, self.config.precision):
+                for i, prompt in enumerate(self._prompts()):
+                    generator = torch.Generator().manual_seed(cfg.seed + i)
+                    image = pipe(prompt, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                 height=self.config.data.resolution, width=self.config.data.resolution,
+                                 generator=generator).images[0]
+                    path = self.out_dir / f"step{step:06d}_{i:02d}.png"
+                    _save_png(image, path)
+                    paths.append(path)
+                    _log_image(module, f"validation/{i:02d}", image, step)
+        finally:
+            module.train(was_training)
+        return paths
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self.config.validation.every_n_steps
+        if every and trainer.is_global_zero and self._prompts() and trainer.global_step % every == 0:
+            self.generate(pl_module, trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self._prompts():
+            self.generate(pl_module, trainer.global_step)
+
+
+def _save_png(image, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _log_image(module, tag: str, image, step: int) -> None:
+    experiment = getattr(module.logger, "experiment", None)
+    if hasattr(experiment, "add_image"):  # TensorBoard
+        import numpy as np
+
+        experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
+    elif hasattr(module.logger, "log_image"):  # W&B and others
+        module.logger.log_image(key=tag, images=[image], step=step)
+
+
+def world_from_environment(devices: str) -> str | int:
+    """Under torchrun / accelerate launch, one device per local process, as their environment says."""
+    if devices == "auto" and "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if devices.isdigit():
+        return int(devices)
+    return devices

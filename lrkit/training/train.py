@@ -1,0 +1,153 @@
+"""`train_concept`: config -> Lightning run -> concept bundle. And export from a checkpoint.
+
+The CLI (`lrkit train`, `lrkit export`), the scripts in train/ and the Python API call these.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lrkit import __version__
+from lrkit.concept import Concept, write_bundle
+from lrkit.io import atomic_write_bytes
+from lrkit.training.config import TrainConfig, config_from_dict, load_config
+from lrkit.training.model import ConceptModel
+from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, ValidationImages,
+                                   world_from_environment)
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def _resume_path(config: TrainConfig) -> str | None:
+    if config.resume in (None, "", "none", "None"):
+        return None
+    if config.resume == "auto":
+        last = config.checkpoint_dir / LAST_CHECKPOINT
+        return str(last) if last.is_file() else None
+    path = Path(config.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint {config.resume!r} does not exist")
+    return str(path)
+
+
+def build_trainer(config: TrainConfig, **trainer_kwargs) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    checkpoint = ModelCheckpoint(dirpath=config.checkpoint_dir, filename="last", save_top_k=1, monitor=None,
+                                 every_n_epochs=config.checkpoint_every_n_epochs, save_on_train_epoch_end=True,
+                                 enable_version_counter=False)
+    kwargs = dict(
+        max_steps=config.max_steps, max_epochs=-1, precision=config.precision, accelerator=config.accelerator,
+        devices=world_from_environment(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
+        callbacks=[checkpoint, ValidationImages(config)], plugins=[AtomicCheckpointIO()],
+        logger=CSVLogger(config.output_dir, name="logs", version=""), default_root_dir=config.output_dir,
+        log_every_n_steps=config.log_every_n_steps, use_distributed_sampler=False,
+        gradient_clip_val=config.optim.max_grad_norm, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_model_summary=False,
+    )
+    kwargs.update(trainer_kwargs)
+    return L.Trainer(**kwargs)
+
+
+def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides) -> Path:
+    """Train a concept and write its bundle; returns the bundle folder (OUTPUT_DIR/concept).
+
+    `config` is a `TrainConfig`, a dict or a YAML path; `overrides` as in `load_config`
+    (e.g. `max_steps=50, data={"photos": "photos/"}`). Resumes from OUTPUT_DIR/checkpoints/last.ckpt
+    when present (`resume="auto"`).
+    """
+    config = load_config(config, **overrides)
+    bundle = config.bundle_dir
+    if bundle.exists() and not config.overwrite:
+        raise FileExistsError(f"a concept bundle already exists at {bundle}; pass overwrite=True (CLI: --overwrite)")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
+    module = PersonalizationModule(config)
+    trainer = build_trainer(config)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
+    if trainer.is_global_zero:
+        export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
+    trainer.strategy.barrier("lrkit-export")
+    return bundle
+
+
+def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.PathLike", *, photos=None,
+                   overwrite: bool = False) -> Path:
+    """Write `model`'s trained weights as a concept bundle (atomically) and return its folder."""
+    from lrkit.training.data import load_images
+
+    if photos is None:
+        photos = load_images(config.data.photos, min_size=1, image_column=config.data.image_column,
+                             caption_column=config.data.caption_column)
+    method = model.method
+    concept = Concept(
+        name=config.concept_name, method=config.method, tokens=method.concept_tokens(),
+        class_word=config.data.class_word, base=model.base_fingerprint, resolution=config.data.resolution,
+        lora=method.lora_spec(), training=config.to_dict(), lrkit_version=__version__,
+    )
+
+    def write_files(root: Path) -> None:
+        concept.files = method.write_files(model, root)
+        concept.refs = _write_refs(photos, root / "refs")
+
+    write_bundle(concept, out_dir, write_files, overwrite=overwrite)
+    logger.info("wrote concept bundle %s", out_dir)
+    return Path(out_dir)
+
+
+def _write_refs(photos, folder: Path) -> list[str]:
+    """Copy the reference photos into the bundle (originals when on disk, else PNG)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i, photo in enumerate(photos):
+        if photo.path is not None:
+            name = f"{i:02d}_{Path(photo.path).name}"
+            shutil.copyfile(photo.path, folder / name)
+        else:
+            name = f"{i:02d}.png"
+            buffer = io.BytesIO()
+            photo.image.save(buffer, format="PNG")
+            atomic_write_bytes(folder / name, buffer.getvalue())
+        refs.append(f"refs/{name}")
+    return refs
+
+
+def export_checkpoint(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike", *, overwrite: bool = False,
+                      base: str | None = None) -> Path:
+    """`lrkit export`: rebuild the model from a training checkpoint and write its bundle.
+
+    The checkpoint is read with `torch.load(weights_only=True)` (no arbitrary unpickling); its
+    config says which base model and method to rebuild. `base` overrides the base model location
+    (e.g. the same model in another folder).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable lrkit checkpoint ({err})") from err
+    try:
+        config_dict = ckpt["hyper_parameters"]["config"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} holds no lrkit training config; was it written by `lrkit train`?") from err
+    if base is not None:
+        config_dict = dict(config_dict, base=base)
+    config = config_from_dict(config_dict)
+    model = ConceptModel(config)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    expected = set(model.trainable_state_dict())
+    if set(state) != expected:
+        raise ValueError(f"{path}: its weights do not match a {config.method} model built from its own config")
+    model.load_state_dict(state, strict=False)
+    return export_concept(model, config, out_dir, overwrite=overwrite)

@@ -1,0 +1,22 @@
+"""Shared fixtures: offline hub, and a cached factory of tiny random pipelines."""
+
+import os
+
+# Tests never reach the Hugging Face Hub; set before diffusers/huggingface_hub are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """`tiny_pipe(seed=0)` -> a fresh `load_base("tiny-random[:seed]")` pipeline (never shared).
+
+    Each call builds a new pipeline, so tests may mutate it (adapters, tokens) freely.
+    """
+    from lrkit.models import load_base
+
+    def make(seed: int = 0):
+        return load_base("tiny-random" if seed == 0 else f"tiny-random:{seed}")
+
+    return make
