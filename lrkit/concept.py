@@ -130,6 +130,8 @@ class Concept:
     @classmethod
     def from_manifest(cls, data: dict, path: Path | None = None) -> "Concept":
         where = f"{path / MANIFEST}" if path is not None else "manifest"
+        if not isinstance(data, dict):
+            raise ConceptError(f"{where}: expected a JSON object, got {type(data).__name__}")
         schema = data.get("schema")
         if schema != SCHEMA:
             raise ConceptError(f"{where}: schema {schema!r} is not supported (expected {SCHEMA!r})")
@@ -144,11 +146,17 @@ class Concept:
             tokens = [TokenSpec(**t) for t in data["tokens"]]
             lora = LoraSpec(**data["lora"]) if data.get("lora") else None
             base = BaseFingerprint.from_dict(data["base"])
-        except (TypeError, KeyError) as err:
+            resolution = int(data["resolution"])
+        except (TypeError, KeyError, ValueError) as err:
             raise ConceptError(f"{where}: malformed field ({err})") from err
+        names = [t.token for t in tokens]
+        if any(not isinstance(n, str) or not n or n != n.strip() for n in names):
+            raise ConceptError(f"{where}: every token must be a non-empty word without surrounding spaces, got {names}")
+        if len(set(names)) != len(names):
+            raise ConceptError(f"{where}: tokens are not unique: {names}")
         return cls(
             name=data["name"], method=data["method"], tokens=tokens, class_word=data["class_word"],
-            base=base, resolution=int(data["resolution"]), files=dict(data.get("files", {})),
+            base=base, resolution=resolution, files=dict(data.get("files", {})),
             refs=list(data.get("refs", [])), masks=dict(data.get("masks", {})), lora=lora,
             training=dict(data.get("training", {})), lrkit_version=data.get("lrkit_version", ""),
             path=path,
@@ -212,33 +220,49 @@ class Concept:
         if self.path is None:
             raise ConceptError(f"concept {self.name!r} has no folder; load it with Concept.load(path)")
         adapter = adapter_name or self.name
+        # Check everything before changing anything, so a refused concept leaves the pipeline as it was.
+        embeddings = self._load_embeddings(pipe) if "embeddings" in self.files else {}
+        if "lora" in self.files:
+            loaded = pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}
+            if any(adapter in names for names in loaded.values()):
+                raise ConceptError(f"adapter {adapter!r} is already loaded in this pipeline; pass another adapter_name")
         if "unet" in self.files or "text_encoder" in self.files:
             self._apply_full_weights(pipe)
-        if "embeddings" in self.files:
-            self._apply_embeddings(pipe)
+        for token, vectors in embeddings.items():
+            pipe.load_textual_inversion({token: vectors}, token=token)
         if "lora" in self.files:
-            existing = set(pipe.get_list_adapters().get("unet", [])) if hasattr(pipe, "get_list_adapters") else set()
-            if adapter in existing:
-                raise ConceptError(f"adapter {adapter!r} is already loaded in this pipeline; pass another adapter_name")
             pipe.load_lora_weights(str(self.path), weight_name=self.files["lora"], adapter_name=adapter)
             if lora_scale != 1.0:
                 pipe.set_adapters([adapter], adapter_weights=[lora_scale])
         return pipe
 
-    def _apply_embeddings(self, pipe) -> None:
+    def _load_embeddings(self, pipe) -> dict:
+        """The learned tokens' vectors, `{token: (num_vectors, dim)}`, checked against the manifest and `pipe`."""
         from safetensors.torch import load_file
 
+        rel = self.files["embeddings"]
         state = load_file(str(self.file("embeddings")))
         learned = [t for t in self.tokens if t.learned]
+        if not learned:
+            raise ConceptError(f"concept {self.name!r} lists {rel} but none of its tokens is marked learned=True")
         vocab = pipe.tokenizer.get_vocab()
+        embeddings = {}
         for spec in learned:
             if spec.token not in state:
-                raise ConceptError(f"concept {self.name!r}: {self.files['embeddings']} has no entry for {spec.token!r}")
+                raise ConceptError(f"concept {self.name!r}: {rel} has no entry for {spec.token!r}")
+            vectors = state[spec.token]
+            vectors = vectors.unsqueeze(0) if vectors.ndim == 1 else vectors  # (num_vectors, dim)
+            if vectors.ndim != 2 or vectors.shape[0] != spec.num_vectors:
+                raise ConceptError(
+                    f"concept {self.name!r}: {rel} holds {tuple(vectors.shape)} for {spec.token!r}, but the "
+                    f"manifest says {spec.num_vectors} vector(s)"
+                )
             if spec.token in vocab:
                 raise ConceptError(
                     f"token {spec.token!r} is already in this pipeline's tokenizer (concept applied twice?)"
                 )
-            pipe.load_textual_inversion({spec.token: state[spec.token]}, token=spec.token)
+            embeddings[spec.token] = vectors
+        return embeddings
 
     def _apply_full_weights(self, pipe) -> None:
         from diffusers import UNet2DConditionModel
@@ -247,6 +271,8 @@ class Concept:
         device, dtype = pipe.unet.device, pipe.unet.dtype
         if "unet" in self.files:
             unet = UNet2DConditionModel.from_pretrained(str(self.file("unet")), torch_dtype=dtype, use_safetensors=True)
+            # Its fingerprint is its own (no longer the base's); the id says where it came from.
+            unet._lrkit_base_id = f"{fingerprint(pipe).id}+{self.name}"
             pipe.register_modules(unet=unet.to(device))
         if "text_encoder" in self.files:
             te = CLIPTextModel.from_pretrained(str(self.file("text_encoder")), torch_dtype=pipe.text_encoder.dtype,
