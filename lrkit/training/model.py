@@ -111,10 +111,14 @@ class ConceptModel(nn.Module):
             self._text_cache.update(zip(missing, states))
         return torch.stack([self._text_cache[c] for c in captions])
 
-    def encode_pixels(self, pixel_values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def latent_params(self, batch: dict) -> torch.Tensor:
+        """(batch, 2*C, h, w) mean and log-variance of the VAE posterior: cached or encoded now."""
+        if self._latent_cache:
+            keys = zip(batch["source"], batch["photo_index"].tolist(), batch["flipped"].tolist())
+            return torch.stack([self._latent_cache[(s, i, bool(f))] for s, i, f in keys])
         with torch.no_grad():
-            dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
-            return dist.sample(generator) * self.vae.config.scaling_factor
+            px = batch["pixel_values"].to(self.vae.device, self.vae.dtype)
+            return self.vae.encode(px).latent_dist.parameters
 
     @torch.no_grad()
     def cache_latents(self, items: list[dict]) -> None:
@@ -126,34 +130,41 @@ class ConceptModel(nn.Module):
             px = item["pixel_values"].unsqueeze(0).to(self.vae.device, self.vae.dtype)
             self._latent_cache[key] = self.vae.encode(px).latent_dist.parameters[0].detach()
 
-    def latents(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        if not self._latent_cache:
-            return self.encode_pixels(batch["pixel_values"], generator)
-        keys = zip(batch["source"], batch["photo_index"].tolist(), batch["flipped"].tolist())
-        params = torch.stack([self._latent_cache[(s, i, bool(f))] for s, i, f in keys])
-        return DiagonalGaussianDistribution(params).sample(generator) * self.vae.config.scaling_factor
-
     # ------------------------------------------------------------------ loss
 
-    def loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def sample_noise(self, params: torch.Tensor, generators: list[torch.Generator]):
+        """Per sample, from its own generator: VAE posterior sample, noise (+offset), timestep."""
+        mean, logvar = params.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        shape = mean.shape[1:]
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        eps, noise, steps = [], [], []
+        for g in generators:
+            eps.append(torch.randn(shape, generator=g))
+            n = torch.randn(shape, generator=g)
+            if self.config.noise_offset:
+                n = n + self.config.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
+            noise.append(n)
+            steps.append(torch.randint(0, num_train, (1,), generator=g))
+        device = mean.device
+        latents = (mean + std * torch.stack(eps).to(device)) * self.vae.config.scaling_factor
+        return latents, torch.stack(noise).to(device), torch.cat(steps).to(device)
+
+    def loss(self, batch: dict, generators: "list[torch.Generator] | torch.Generator"):
         """Noise-prediction loss (DDPM), with min-SNR weighting and prior preservation when set.
 
-        `batch["num_instance"]` photos come first; the rest are class images (prior loss).
+        `generators`: one per sample (so a sample's noise does not depend on the batch or rank it
+        lands in), or one shared generator. `batch["num_instance"]` photos come first; the rest are
+        class images (prior loss). Returns (loss, logs).
         """
         from diffusers.training_utils import compute_snr
 
         cfg = self.config
-        device = self.unet.device
-        latents = self.latents(batch, generator).float()
-        bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
-        if cfg.noise_offset:
-            offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator).to(device)
-            noise = noise + cfg.noise_offset * offset
-        num_train = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_train, (bsz,), generator=generator).to(device)
+        params = self.latent_params(batch)
+        bsz = params.shape[0]
+        if isinstance(generators, torch.Generator):
+            generators = [generators] * bsz
+        latents, noise, timesteps = self.sample_noise(params, generators)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         states = self.encode_text(list(batch["caption"]))

@@ -1,9 +1,9 @@
 """The Lightning side: a thin `LightningModule` around `ConceptModel`, the data module, callbacks.
 
 Resumability: every random draw of a step (noise, timesteps, VAE sampling, dropout) comes from a
-seed derived from (seed, global step, rank), the data order of an epoch from (seed, epoch), and
-augmentation from the sample's counter. Checkpoints are written at epoch ends, so a run killed
-after a checkpoint and resumed repeats exactly the steps an uninterrupted run takes.
+seed derived from (seed, global step, rank), the samples of a step from (seed, global step, rank)
+through `StepSampler`, and augmentation from the sample's counter. A run killed after a checkpoint
+and resumed repeats exactly the steps an uninterrupted run takes.
 """
 
 from __future__ import annotations
@@ -30,29 +30,47 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- data
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffled order per epoch (from seed and epoch), sharded over ranks, as sample counters.
+class StepSampler(Sampler[int]):
+    """Sample counters as a pure function of the optimizer step, sharded over ranks.
 
-    It yields `epoch * size + position`: the dataset takes the photo `counter % num_photos` and
-    seeds the sample's augmentation with the counter, so a sample never depends on what ran before.
+    The run reads one endless stream of samples: position p holds a sample of the p // size-th
+    shuffled pass over the data (order from seed and pass). Step s on rank r takes positions
+    (s * world_size + r) * batch_size + b. Each iteration starts at the trainer's current global
+    step, so a resumed run reads exactly the samples an uninterrupted run reads, whatever Lightning's
+    epoch bookkeeping does on a restart. Yields counters `pass * size + index`: the dataset shows
+    photo `counter % num_photos`, its augmentation seeded by the counter.
     """
 
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.epoch = 0
+    def __init__(self, size: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 current_step=lambda: 0):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size, self.current_step = rank, world_size, current_step
+        self._orders: dict[int, list[int]] = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.size / (self.batch_size * self.world_size))
 
     def __len__(self) -> int:
-        return math.ceil(self.size / self.world_size)
+        return self.steps_per_epoch * self.batch_size
+
+    def _order(self, data_pass: int) -> list[int]:
+        if data_pass not in self._orders:
+            g = torch.Generator().manual_seed(step_seed(self.seed, -1 - data_pass))
+            self._orders = {data_pass: torch.randperm(self.size, generator=g).tolist()}
+        return self._orders[data_pass]
+
+    def counter(self, step: int, b: int) -> int:
+        position = (step * self.world_size + self.rank) * self.batch_size + b
+        data_pass, offset = divmod(position, self.size)
+        return data_pass * self.size + self._order(data_pass)[offset]
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(step_seed(self.seed, -1 - self.epoch))
-        order = torch.randperm(self.size, generator=g).tolist()
-        order += order[: len(self) * self.world_size - self.size]  # pad so every rank steps equally
-        for position in order[self.rank :: self.world_size]:
-            yield self.epoch * self.size + position
+        start = self.current_step()
+        end = (start // self.steps_per_epoch + 1) * self.steps_per_epoch
+        for step in range(start, end):
+            for b in range(self.batch_size):
+                yield self.counter(step, b)
 
 
 class PairedDataset(Dataset):
@@ -65,10 +83,10 @@ class PairedDataset(Dataset):
         return len(self.instance)
 
     def __getitem__(self, i: int) -> dict:
-        item = dict(self.instance[i], source="instance")
+        item = dict(self.instance[i], source="instance", counter=i)
         if self.prior is None:
             return item
-        return {"instance": item, "prior": dict(self.prior[i], source="class")}
+        return {"instance": item, "prior": dict(self.prior[i], source="class", counter=i)}
 
 
 def collate(items: list[dict]) -> dict:
@@ -84,6 +102,7 @@ def collate(items: list[dict]) -> dict:
         "photo_index": torch.tensor([s["photo_index"] for s in samples]),
         "flipped": torch.tensor([bool(s["flipped"]) for s in samples]),
         "source": [s["source"] for s in samples],
+        "counter": torch.tensor([s["counter"] for s in samples]),
         "num_instance": num_instance,
     }
 
@@ -150,8 +169,9 @@ class ConceptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         dataset = PairedDataset(self.instance, self.prior)
-        sampler = EpochSampler(len(dataset), seed=self.config.seed, rank=trainer.global_rank,
-                               world_size=trainer.world_size)
+        sampler = StepSampler(len(dataset), batch_size=self.config.data.batch_size, seed=self.config.seed,
+                              rank=trainer.global_rank, world_size=trainer.world_size,
+                              current_step=lambda: trainer.global_step)
         return DataLoader(dataset, batch_size=self.config.data.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.config.data.num_workers, drop_last=False,
                           persistent_workers=self.config.data.num_workers > 0)
@@ -193,8 +213,11 @@ class PersonalizationModule(L.LightningModule):
         torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(step_seed(self.config.seed, self.global_step, self.global_rank) + 1)
-        loss, logs = self.model.loss(batch, generator)
+        # One generator per sample, seeded by its place in the sample stream: the same sample gets
+        # the same noise whichever rank or batch it lands in.
+        generators = [torch.Generator().manual_seed(step_seed(self.config.seed, counter, 1 + (source == "class")))
+                      for counter, source in zip(batch["counter"].tolist(), batch["source"])]
+        loss, logs = self.model.loss(batch, generators)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; lower optim.lr or use precision 32")
         self.log("loss", loss, prog_bar=True, on_step=True, batch_size=batch["num_instance"])
@@ -204,6 +227,10 @@ class PersonalizationModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.method.before_optimizer_step(self.model, self.global_step)
+
+    def on_train_end(self) -> None:
+        logger.info("rank %d/%d finished training at step %d", self.global_rank, self.trainer.world_size,
+                    self.global_step)
 
     def on_fit_start(self) -> None:
         if self.config.cache_latents:

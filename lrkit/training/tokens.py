@@ -70,17 +70,13 @@ def add_new_tokens(tokenizer, text_encoder, tokens: list[tuple[str, int, str]]) 
     if isinstance(embedding, NewTokenEmbedding):
         raise ValueError("new tokens were already added to this text encoder")
     names = [n for token, num, _ in tokens for n in expanded_token_names(token, num)]
-    vocab = tokenizer.get_vocab()
-    clashes = [n for n in names if n in vocab]
+    clashes = [n for n in names if _is_known_word(tokenizer, n)]
     if clashes:
         raise ValueError(
-            f"token(s) {clashes} already exist in the tokenizer's vocabulary; choose a new token "
-            f"such as '<my-{clashes[0].strip('<>')}>' (data.token)"
+            f"token(s) {clashes} already mean something to the tokenizer; choose a new token such as "
+            f"'<my-{clashes[0].strip('<>')}>' (data.token)"
         )
-    added = tokenizer.add_tokens(names)
-    if added != len(names):
-        raise ValueError(f"could not add tokens {names} to the tokenizer")
-    rows = []
+    rows = []  # initialisers are read before the new tokens exist (a new token may spell a word)
     with torch.no_grad():
         for token, num, initializer in tokens:
             init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
@@ -88,9 +84,20 @@ def add_new_tokens(tokenizer, text_encoder, tokens: list[tuple[str, int, str]]) 
                 raise ValueError(f"initializer word {initializer!r} of token {token!r} is empty after tokenization")
             vec = embedding.weight[torch.tensor(init_ids, device=embedding.weight.device)].float().mean(0)
             rows.append(vec.expand(num, -1))
+    added = tokenizer.add_tokens(names)
+    if added != len(names):
+        raise ValueError(f"could not add tokens {names} to the tokenizer")
     module = NewTokenEmbedding(embedding, torch.cat(rows, dim=0))
     text_encoder.set_input_embeddings(module)
     return module
+
+
+def _is_known_word(tokenizer, name: str) -> bool:
+    """True if `name` is in the vocabulary or the tokenizer reads it as one existing token (`vase`)."""
+    if name in tokenizer.get_vocab():
+        return True
+    pieces = tokenizer.tokenize(name)
+    return len(pieces) == 1 and pieces[0] in tokenizer.get_vocab()
 
 
 def learned_embeddings(tokenizer, text_encoder, tokens: list[tuple[str, int]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,635 @@
+"""Training-step benchmark: lrkit's step against a plain diffusers-example loop, side by side.
+
+For each method (lora, dreambooth, textual_inversion, pivotal) it times one optimizer step of
+
+- **reference**: what diffusers' `train_dreambooth_lora.py` does every step: VAE-encode the pixel
+  batch, tokenize and encode the captions, draw noise and timesteps, UNet forward, MSE (plus the
+  prior-preservation term for DreamBooth), backward, gradient clipping, torch AdamW (not fused),
+  zero_grad. It drives the VAE/text encoder/UNet of a `ConceptModel` built exactly like lrkit's
+  (same base weights, same trainable parameters, same dtypes) but never touches lrkit's caches.
+- **lrkit**: `ConceptModel.loss` with the speed options a user sets (`cache_latents`,
+  `cache_text_embeddings` where the text encoder is frozen, SDPA attention as diffusers installs
+  it), the optimizer of `PersonalizationModule.configure_optimizers` (fused AdamW on CUDA), the same
+  clipping; optionally `torch.compile` / channels-last UNet (`--compile`, `--channels-last`).
+- **ablations**: lrkit with one option taken away at a time, so the table can say what bought the
+  speed-up (`lrkit time without X / lrkit time`).
+
+All contenders run in one process, interleaved: warm-up, then `--rounds` rounds of `--steps`
+steps per contender (the order rotates every round), so machine load hits every side alike.
+Ratios are medians of per-round ratios. Peak memory is measured per side in a fresh process
+(`multiprocessing` spawn): `torch.cuda.max_memory_allocated` on CUDA, the peak RSS growth
+(`ru_maxrss`) on CPU.
+
+    python bench/train_step.py                                   # CPU, tiny-random, 64 px, fp32
+    python bench/train_step.py --device cuda --model sd15 --resolution 512 --precision bf16 --batch-size 4
+
+Results: a markdown table on stdout and in bench/RESULTS.md, JSON at `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from config; never reach the Hub
+
+import torch  # noqa: E402
+
+from lrkit.models import SD_SCHEDULER_CONFIG, build_tiny_random, load_clip_tokenizer  # noqa: E402
+from lrkit.training.config import METHOD_NAMES, TrainConfig, load_config  # noqa: E402
+from lrkit.training.model import ConceptModel, step_seed  # noqa: E402
+from lrkit.training.module import ConceptDataModule, PairedDataset, PersonalizationModule, collate  # noqa: E402
+from lrkit.training.tokens import expand_prompt  # noqa: E402
+
+logger = logging.getLogger("bench.train_step")
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "data" / "subjects" / "vase"
+PRECISIONS = {"fp32": "32", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NUM_BATCHES = 8  # distinct batches cycled through (different photos and flips)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One benchmark configuration (picklable: the memory probes rebuild everything from it)."""
+
+    device: str = "cpu"
+    model: str = "tiny"
+    resolution: int = 64
+    batch_size: int = 1
+    precision: str = "fp32"
+    steps: int = 4
+    rounds: int = 5
+    warmup: int = 2
+    seed: int = 0
+    compile: bool = False
+    channels_last: bool = False
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+
+    @property
+    def key(self) -> str:
+        """The RESULTS.md subsection this configuration owns."""
+        extras = "".join([", compile" if self.compile else "", ", channels-last" if self.channels_last else ""])
+        threads = f" ({self.threads} thread{'s' * (self.threads > 1)})" if self.threads else ""
+        return (f"{self.device}{threads}, {self.model}, {self.resolution} px, batch {self.batch_size}, "
+                f"{self.precision}{extras}")
+
+
+# ---------------------------------------------------------------------------- models
+
+# Stable Diffusion 1.5's architecture (diffusers configs of stable-diffusion-v1-5), random weights.
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+
+def build_sd15_random(seed: int = 0):
+    """An SD-1.5-sized `StableDiffusionPipeline` with seeded random weights, built offline from config."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**SD15_VAE_CONFIG)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_pipe(spec: BenchSpec):
+    return build_sd15_random(spec.seed) if spec.model == "sd15" else build_tiny_random(spec.seed)
+
+
+def train_config(spec: BenchSpec, method: str, *, lrkit_options: bool) -> TrainConfig:
+    """The run's `TrainConfig`: defaults, plus lrkit's caches when `lrkit_options`."""
+    return load_config(
+        None,
+        base="sd15-random" if spec.model == "sd15" else "tiny-random",
+        method=method,
+        seed=spec.seed,
+        precision=PRECISIONS[spec.precision],
+        cache_latents=lrkit_options,
+        cache_text_embeddings=lrkit_options,
+        data=dict(photos=str(PHOTOS), class_word="vase", resolution=spec.resolution, batch_size=spec.batch_size),
+        # DreamBooth's prior preservation: the class images are the vase photos with the class prompt.
+        dreambooth=dict(class_dir=str(PHOTOS), num_class_images=len(list(PHOTOS.glob("*.jpg")))),
+    )
+
+
+def autocast(spec: BenchSpec):
+    """The mixed-precision context both sides run under (what Lightning's precision plugin does)."""
+    if spec.precision == "fp32":
+        return nullcontext()
+    return torch.autocast(spec.device, dtype=AUTOCAST_DTYPES[spec.precision])
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """Move every tensor of a batch, as Lightning's `transfer_batch_to_device` does."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def build_batches(config: TrainConfig, spec: BenchSpec) -> tuple[list[dict], list[dict]]:
+    """`NUM_BATCHES` collated batches (instance photos, plus class images for DreamBooth) and the
+    deterministic items `cache_latents` encodes, built by lrkit's data module as a training run does."""
+    datamodule = ConceptDataModule(config)
+    datamodule.setup("fit")  # loads the class images when prior preservation is on
+    dataset = PairedDataset(datamodule.instance, datamodule.prior)
+    batches = []
+    for b in range(NUM_BATCHES):
+        counters = range(b * spec.batch_size, (b + 1) * spec.batch_size)  # sample counters, as EpochSampler
+        batches.append(to_device(collate([dataset[i % len(dataset)] for i in counters]), spec.device))
+    return batches, datamodule.cacheable_items()
+
+
+# ---------------------------------------------------------------------------- the two steps
+
+
+def reference_loss(model: ConceptModel, batch: dict) -> torch.Tensor:
+    """The per-step work of diffusers' train_dreambooth_lora.py: the yardstick, without caches.
+
+    VAE encode, tokenize + text encode, noise and timesteps, UNet, MSE (instance + prior term).
+    """
+    vae, text_encoder, unet, scheduler = model.vae, model.text_encoder, model.unet, model.noise_scheduler
+    pixels = batch["pixel_values"]
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+    latents = latents.float()
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+
+    captions = [expand_prompt(c, model.tokenizer) for c in batch["caption"]]  # multi-vector tokens
+    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(latents.device)
+    states = text_encoder(ids)[0]
+
+    pred = unet(noisy.to(unet.dtype), timesteps, states.to(unet.dtype)).sample.float()
+    n = int(batch["num_instance"])
+    loss = torch.nn.functional.mse_loss(pred[:n], noise[:n])
+    if n < len(pred):  # prior preservation: class images follow the instance photos
+        loss = loss + model.config.dreambooth.prior_loss_weight * torch.nn.functional.mse_loss(pred[n:], noise[n:])
+    return loss
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: list[torch.nn.Parameter], max_grad_norm: float | None,
+                   before_step: Callable[[], None] = lambda: None) -> None:
+    """Backward, clip, step, zero_grad: the same code for every contender."""
+    scaler.scale(loss).backward()
+    before_step()
+    scaler.unscale_(optimizer)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@contextmanager
+def lrkit_options(model: ConceptModel, *, cache_latents: bool = True, cache_text: bool = True,
+                  unet: torch.nn.Module | None = None):
+    """Run `model` with some speed options taken away (the ablations).
+
+    `ConceptModel` uses its latent cache whenever it is filled, so the ablation sets the cache aside
+    (a private attribute: there is no public switch); the text cache follows `config`.
+    """
+    saved = model.config, model._latent_cache, model.unet
+    if not cache_text:
+        model.config = dataclasses.replace(model.config, cache_text_embeddings=False)
+    if not cache_latents:
+        model._latent_cache = {}
+    if unet is not None:
+        model.unet = unet
+    try:
+        yield
+    finally:
+        model.config, model._latent_cache = saved[0], saved[1]
+        model.unet = saved[2]
+
+
+@dataclass
+class Contender:
+    """A named training step: `step(i)` runs optimizer step i (loss, backward, clip, AdamW)."""
+
+    name: str
+    step: Callable[[int], None]
+    removed: str | None = None  # for ablations: the lrkit option taken away
+
+
+def build_model(spec: BenchSpec, method: str, *, lrkit_side: bool):
+    """A `ConceptModel` on the device and lrkit's optimizer for it (`PersonalizationModule`'s own)."""
+    config = train_config(spec, method, lrkit_options=lrkit_side)
+    module = PersonalizationModule(config, pipe=build_pipe(spec))
+    model = module.model.to(spec.device)
+    if lrkit_side and spec.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    model.train()
+    return config, module, model
+
+
+def reference_contender(spec: BenchSpec, method: str) -> Contender:
+    config, _, model = build_model(spec, method, lrkit_side=False)
+    batches, _ = build_batches(config, spec)
+    groups = [g for g in model.method.param_groups(model) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, betas=config.optim.betas, eps=config.optim.eps)  # torch default, not fused
+    scaler = torch.amp.GradScaler(spec.device, enabled=spec.precision == "fp16")
+    params = model.trainable_parameters()
+
+    def step(i: int) -> None:
+        with autocast(spec):
+            loss = reference_loss(model, batches[i % len(batches)])
+        optimizer_step(loss, optimizer, scaler, params, config.optim.max_grad_norm)
+
+    return Contender("reference", step)
+
+
+def lrkit_contenders(spec: BenchSpec, method: str, *, ablations: bool) -> list[Contender]:
+    """lrkit with all its speed options, then (if `ablations`) once without each of them."""
+    config, module, model = build_model(spec, method, lrkit_side=True)
+    batches, items = build_batches(config, spec)
+    with autocast(spec):
+        model.cache_latents(items)  # what PersonalizationModule.on_fit_start does
+    optimizer = module.configure_optimizers()["optimizer"]
+    scaler = torch.amp.GradScaler(spec.device, enabled=spec.precision == "fp16")
+    params = model.trainable_parameters()
+    raw_unet = model.unet
+    if spec.compile:
+        model.unet = torch.compile(raw_unet)
+    # Pivotal tuning: time phase 2 (tokens and LoRA train), the step the reference's parameter set matches.
+    phase_step = config.max_steps - 1
+
+    def make_step(opt: torch.optim.Optimizer, **options) -> Callable[[int], None]:
+        def step(i: int) -> None:
+            torch.manual_seed(step_seed(config.seed, i))  # as PersonalizationModule.on_train_batch_start
+            generator = torch.Generator().manual_seed(step_seed(config.seed, i) + 1)
+            with lrkit_options(model, **options), autocast(spec):
+                loss, _ = model.loss(batches[i % len(batches)], generator)
+            optimizer_step(loss, opt, scaler, params, config.optim.max_grad_norm,
+                           lambda: model.method.before_optimizer_step(model, phase_step))
+        return step
+
+    contenders = [Contender("lrkit", make_step(optimizer))]
+    if not ablations:
+        return contenders
+    contenders.append(Contender("lrkit - latent cache", make_step(optimizer, cache_latents=False), "latent cache"))
+    if model.cache_text:
+        contenders.append(Contender("lrkit - text cache", make_step(optimizer, cache_text=False), "text cache"))
+    if optimizer.defaults.get("fused"):
+        groups = [g for g in model.method.param_groups(model) if g["params"]]
+        plain = torch.optim.AdamW(groups, betas=config.optim.betas, eps=config.optim.eps)
+        contenders.append(Contender("lrkit - fused AdamW", make_step(plain), "fused AdamW"))
+    if spec.compile:
+        contenders.append(Contender("lrkit - compile", make_step(optimizer, unet=raw_unet), "torch.compile"))
+    return contenders
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_contenders(contenders: list[Contender], spec: BenchSpec) -> dict[str, list[float]]:
+    """Seconds per step of each contender, one value per round; rounds interleave the contenders."""
+    counters = {c.name: 0 for c in contenders}
+
+    def run(c: Contender, n: int) -> float:
+        synchronize(spec.device)
+        start = time.perf_counter()
+        for _ in range(n):
+            c.step(counters[c.name])
+            counters[c.name] += 1
+        synchronize(spec.device)
+        return (time.perf_counter() - start) / n
+
+    for c in contenders:
+        run(c, spec.warmup)
+    per_round: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r in range(spec.rounds):
+        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        for c in order:
+            per_round[c.name].append(run(c, spec.steps))
+        logger.info("round %d/%d: %s", r + 1, spec.rounds,
+                    ", ".join(f"{name} {t[-1] * 1e3:.1f} ms" for name, t in per_round.items()))
+    return per_round
+
+
+def median_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median, min and max over rounds of num[r] / den[r]."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+# ---------------------------------------------------------------------------- peak memory
+
+
+def _status_kb(field: str) -> int:
+    """A `/proc/self/status` field in KiB (VmRSS: resident now, VmHWM: peak resident)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1))
+
+
+def _peak_memory_probe(spec: BenchSpec, method: str, side: str, queue) -> None:
+    """Child process: build one side, run warm-up + `steps` steps, report its peak memory in MB.
+
+    On CPU: growth of the peak RSS over the RSS after imports. `ru_maxrss` would not do: Linux
+    carries it across fork+exec, so a spawned child starts with the parent's peak. `VmHWM` belongs
+    to the child's own address space, and writing 5 to clear_refs resets it to the current RSS.
+    """
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if spec.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        baseline_kb = _status_kb("VmRSS")
+    contender = reference_contender(spec, method) if side == "reference" else \
+        lrkit_contenders(spec, method, ablations=False)[0]
+    for i in range(spec.warmup + spec.steps):
+        contender.step(i)
+    synchronize(spec.device)
+    if spec.device == "cuda":
+        queue.put(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        queue.put((_status_kb("VmHWM") - baseline_kb) / 1024)
+
+
+def peak_memory_mb(spec: BenchSpec, method: str, side: str) -> float:
+    """Peak memory of one side, measured in a fresh (spawned) process so the sides cannot mix."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_probe, args=(spec, method, side, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"memory probe for {method}/{side} failed (exit code {proc.exitcode})")
+    return queue.get()
+
+
+# ---------------------------------------------------------------------------- one method
+
+
+def bench_method(spec: BenchSpec, method: str, *, measure_memory: bool = True) -> dict:
+    logger.info("%s: building the reference and lrkit models", method)
+    contenders = [reference_contender(spec, method), *lrkit_contenders(spec, method, ablations=True)]
+    per_round = time_contenders(contenders, spec)
+    ref, full = per_round["reference"], per_round["lrkit"]
+    ratio = median_ratio(ref, full)
+    options = {}
+    for c in contenders:
+        if c.removed is not None:
+            options[c.removed] = dict(zip(("median", "min", "max"), median_ratio(per_round[c.name], full)))
+    result = dict(
+        method=method,
+        ref_steps_per_s=1.0 / statistics.median(ref),
+        lrkit_steps_per_s=1.0 / statistics.median(full),
+        ratio=ratio[0], ratio_min=ratio[1], ratio_max=ratio[2],
+        options=options,
+        seconds_per_step=per_round,
+    )
+    if measure_memory:
+        logger.info("%s: measuring peak memory (one process per side)", method)
+        result["ref_peak_mb"] = peak_memory_mb(spec, method, "reference")
+        result["lrkit_peak_mb"] = peak_memory_mb(spec, method, "lrkit")
+    return result
+
+
+def what_bought_it(result: dict, spec: BenchSpec) -> str:
+    parts = [f"{name} {o['median']:.2f}x" for name, o in sorted(result["options"].items(), key=lambda kv: -kv[1]["median"])]
+    if spec.channels_last:
+        parts.append("channels-last (not ablated)")
+    return ", ".join(parts) or "-"
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "-"
+
+
+def cpu_pressure() -> str:
+    """Linux PSI: share of time some task waited for a CPU (10 s and 60 s averages)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "-"
+    values = dict(kv.split("=") for kv in line.split()[1:])
+    return f"{values['avg10']}% / {values['avg60']}%"
+
+
+def machine_info(spec: BenchSpec) -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "-"
+    info = dict(
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
+        torch_threads=torch.get_num_threads(), load_average=[round(x, 2) for x in os.getloadavg()],
+        cpu_pressure=cpu_pressure(),
+        gpu=torch.cuda.get_device_name() if spec.device == "cuda" else None,
+        python=platform.python_version(), torch=torch.__version__, diffusers=_version("diffusers"),
+        peft=_version("peft"), transformers=_version("transformers"), lrkit_commit=commit,
+    )
+    return info
+
+
+def markdown_table(results: list[dict]) -> str:
+    header = ("| method | ref steps/s | lrkit steps/s | ratio (lrkit/ref) [min-max] | ref peak MB | lrkit peak MB "
+              "| what bought it (lrkit time without it / with it) |")
+    lines = [header, "|" + "---|" * 7]
+    for r in results:
+        mem = [f"{r[k]:.0f}" if k in r else "-" for k in ("ref_peak_mb", "lrkit_peak_mb")]
+        lines.append(f"| {r['method']} | {r['ref_steps_per_s']:.2f} | {r['lrkit_steps_per_s']:.2f} "
+                     f"| {r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] | {mem[0]} | {mem[1]} "
+                     f"| {r['what_bought_it']} |")
+    return "\n".join(lines)
+
+
+def markdown_section(spec: BenchSpec, machine: dict, results: list[dict], command: str) -> str:
+    gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
+    memory = "torch.cuda.max_memory_allocated" if spec.device == "cuda" else "peak RSS (VmHWM) growth after imports"
+    return "\n".join([
+        f"### {spec.key}",
+        "",
+        f"{machine['date']} · CPU {machine['cpu']}, {machine['usable_cores']} cores usable "
+        f"({machine['torch_threads']} torch threads; load average {machine['load_average']} at start, "
+        f"{machine['load_average_end']} at end; CPU pressure 10 s/60 s {machine['cpu_pressure']} at start, "
+        f"{machine['cpu_pressure_end']} at end){gpu} · "
+        f"torch {machine['torch']}, diffusers {machine['diffusers']}, peft {machine['peft']}, "
+        f"transformers {machine['transformers']} · lrkit {machine['lrkit_commit']}",
+        "",
+        f"`{command}` — {spec.rounds} interleaved rounds of {spec.steps} steps per contender after "
+        f"{spec.warmup} warm-up steps; ratio = median over rounds; peak memory = {memory}, one process per side.",
+        "",
+        markdown_table(results),
+        "",
+    ])
+
+
+def write_results_md(path: Path, section: str, key: str) -> None:
+    """Put `section` under "## Training step", replacing the subsection of the same configuration."""
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if "## Training step" not in text:
+        text = text.rstrip("\n") + "\n\n## Training step\n\n"
+    start = text.index("## Training step")
+    end_match = re.compile(r"^## ", re.M).search(text, start + 1)
+    end = end_match.start() if end_match else len(text)
+    body = text[start:end]
+    heading = f"### {key}\n"
+    if heading in body:
+        s = body.index(heading)
+        nxt = re.compile(r"^### ", re.M).search(body, s + 1)
+        body = body[:s] + section + "\n" + (body[nxt.start():] if nxt else "")
+    else:
+        body = body.rstrip("\n") + "\n\n" + section + "\n"
+    text = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[end:] if end < len(text) else "")
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny",
+                        help="tiny: lrkit's tiny-random model; sd15: SD-1.5-sized, random weights")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the ratio is their median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of " + ", ".join(METHOD_NAMES))
+    parser.add_argument("--compile", action="store_true", help="torch.compile lrkit's UNet (also ablated)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for lrkit's UNet")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/train_step-<device>.json)")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "bench" / "RESULTS.md",
+                        help="markdown file whose 'Training step' section gets this run's table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default on CPU: 1; OpenMP stalls badly when the cores are shared)")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown or not methods:
+        parser.error(f"--methods: {unknown or 'none given'} not in {list(METHOD_NAMES)}")
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if min(args.steps, args.rounds, args.batch_size) < 1 or args.warmup < 0:
+        parser.error("--steps, --rounds and --batch-size must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    args.methods = methods
+    spec = BenchSpec(device=args.device, model=args.model, resolution=args.resolution, batch_size=args.batch_size,
+                     precision=args.precision, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
+                     seed=args.seed, compile=args.compile, channels_last=args.channels_last,
+                     threads=args.threads or (1 if args.device == "cpu" else None))
+    return spec, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("lrkit", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    spec, args = parse_args(argv)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    command = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = machine_info(spec)
+    started = time.perf_counter()
+    results = []
+    for method in args.methods:
+        result = bench_method(spec, method, measure_memory=not args.no_memory)
+        result["what_bought_it"] = what_bought_it(result, spec)
+        results.append(result)
+        logger.info("%s: ratio %.2fx (%s)", method, result["ratio"], result["what_bought_it"])
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["cpu_pressure_end"] = cpu_pressure()
+    machine["wall_seconds"] = round(time.perf_counter() - started, 1)
+
+    section = markdown_section(spec, machine, results, command)
+    print(section)
+    write_results_md(args.markdown, section, spec.key)
+    out = args.out or ROOT / "bench" / "results" / f"train_step-{spec.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(spec=dataclasses.asdict(spec), command=command, machine=machine,
+                                   results=results), indent=2) + "\n")
+    logger.info("wrote %s and %s (%.0f s)", out, args.markdown, machine["wall_seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

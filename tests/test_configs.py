@@ -1,0 +1,38 @@
+"""Every shipped YAML is a valid saved config of its entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lrkit.training.config import TrainConfig, build_parser, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml")) + [ROOT / "configs" / "demo.yaml"]
+
+
+def test_there_is_a_config_per_method():
+    assert {p.stem for p in (ROOT / "configs" / "train").glob("*.yaml")} >= {
+        "dreambooth", "lora", "textual_inversion", "pivotal"}
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_train_config_loads_and_round_trips(path):
+    config = load_config(path)
+    assert isinstance(config, TrainConfig)
+    raw = yaml.safe_load(path.read_text())
+    assert config.method == raw["method"] and config.base == raw["base"]
+    if path.parent.name == "train":
+        assert config.method == path.stem
+    # Dumping and re-reading gives the same config (YAML files are nothing but saved arguments).
+    parser = build_parser()
+    dumped = parser.dump(parser.parse_object(config.to_dict()))
+    assert load_config(yaml.safe_load(dumped)) == config
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_train_config_paths_exist(path):
+    config = load_config(path)
+    assert (ROOT / config.data.photos).is_dir(), f"{path.name}: data.photos {config.data.photos!r} is not shipped"
