@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Concept", "load_base", "train_concept", "__version__"]
+__all__ = ["Concept", "LayoutRetouchPipeline", "load_base", "train_concept", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from lrkit.models import load_base
 
         return load_base
+    if name == "LayoutRetouchPipeline":
+        from lrkit.inference import LayoutRetouchPipeline
+
+        return LayoutRetouchPipeline
     if name == "train_concept":
         from lrkit.training import train_concept
 

@@ -1,1 +1,5 @@
-"""Inference: Layout-and-Retouch (never imports lrkit.training)."""
+"""Inference: Layout-and-Retouch and friends (never imports lrkit.training)."""
+
+from lrkit.inference.pipeline import GenerationOptions, Generation, InferenceError, LayoutRetouchPipeline
+
+__all__ = ["Generation", "GenerationOptions", "InferenceError", "LayoutRetouchPipeline"]

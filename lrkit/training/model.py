@@ -139,12 +139,11 @@ class ConceptModel(nn.Module):
         shape = mean.shape[1:]
         num_train = self.noise_scheduler.config.num_train_timesteps
         eps, noise, steps = [], [], []
-        for g in generators:
+        for g in generators:  # a fixed stream of draws: options never shift the other draws
             eps.append(torch.randn(shape, generator=g))
             n = torch.randn(shape, generator=g)
-            if self.config.noise_offset:
-                n = n + self.config.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
-            noise.append(n)
+            offset = torch.randn((shape[0], 1, 1), generator=g)
+            noise.append(n + self.config.noise_offset * offset if self.config.noise_offset else n)
             steps.append(torch.randint(0, num_train, (1,), generator=g))
         device = mean.device
         latents = (mean + std * torch.stack(eps).to(device)) * self.vae.config.scaling_factor

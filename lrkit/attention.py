@@ -1,0 +1,301 @@
+"""Attention layers: naming, installation of processors, attention-map capture, the multi-source swap.
+
+Attention is changed ONLY through diffusers' attention-processor API: `unet.set_attn_processor` with
+a dict keyed by layer name. Each layer's identity (down/mid/up, block, self/cross, resolution level)
+is parsed from its name; per-call data lives in explicit state objects (`AttentionStore`,
+`SwapState`) handed to the processors, never in globals or call-order counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+_NAME = re.compile(
+    r"^(?:(?P<place>down|up)_blocks\.(?P<block>\d+)|mid_block)\.attentions\.(?P<attention>\d+)"
+    r"\.transformer_blocks\.(?P<transformer>\d+)\.(?P<kind>attn1|attn2)\.processor$"
+)
+
+
+class AttentionLayerError(ValueError):
+    """The UNet's attention layers cannot be identified or selected."""
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """Identity of one attention layer, parsed from its processor name.
+
+    `level` counts resolutions from the highest (0 = full latent resolution); a layer at level L
+    sees a (latent_h / 2**L) x (latent_w / 2**L) grid.
+    """
+
+    name: str
+    place: str  # "down" | "mid" | "up"
+    block: int
+    attention: int
+    transformer: int
+    kind: str  # "self" | "cross"
+    level: int
+
+    @property
+    def is_self(self) -> bool:
+        return self.kind == "self"
+
+    @property
+    def is_cross(self) -> bool:
+        return self.kind == "cross"
+
+
+def parse_layer(name: str, num_levels: int) -> AttentionLayer:
+    """Parse `up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor` and friends."""
+    match = _NAME.match(name)
+    if match is None:
+        raise AttentionLayerError(
+            f"cannot identify attention layer {name!r}: lrkit expects UNet2DConditionModel names such as "
+            "'up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor'"
+        )
+    place = match["place"] or "mid"
+    block = int(match["block"]) if match["block"] is not None else 0
+    if place == "down":
+        level = block
+    elif place == "up":
+        level = num_levels - 1 - block
+    else:
+        level = num_levels - 1
+    return AttentionLayer(name=name, place=place, block=block, attention=int(match["attention"]),
+                          transformer=int(match["transformer"]), kind="self" if match["kind"] == "attn1" else "cross",
+                          level=level)
+
+
+def attention_layers(unet) -> list[AttentionLayer]:
+    """Every attention layer of `unet`, identified from its name."""
+    num_levels = len(unet.config.block_out_channels)
+    layers = [parse_layer(name, num_levels) for name in unet.attn_processors]
+    if not layers:
+        raise AttentionLayerError("this UNet has no attention layers")
+    return layers
+
+
+def decoder_self_layers(unet, num_levels: int = 2) -> list[AttentionLayer]:
+    """Default swap layers: decoder self-attention at the `num_levels` highest resolutions with attention."""
+    layers = [l for l in attention_layers(unet) if l.place == "up" and l.is_self]
+    levels = sorted({l.level for l in layers})[:num_levels]
+    return [l for l in layers if l.level in levels]
+
+
+def cross_layers_at(unet, levels: list[int] | None = None) -> list[AttentionLayer]:
+    """Cross-attention layers at `levels` (default: the second-lowest resolution that has them)."""
+    layers = [l for l in attention_layers(unet) if l.is_cross]
+    if levels is None:
+        available = sorted({l.level for l in layers})
+        levels = [available[-2] if len(available) > 1 else available[-1]]
+    chosen = [l for l in layers if l.level in levels]
+    if not chosen:
+        raise AttentionLayerError(f"no cross-attention layer at levels {levels}")
+    return chosen
+
+
+@contextlib.contextmanager
+def processors(unet, chosen: dict[str, Callable]) -> Iterator[None]:
+    """Install `chosen` processors (by layer name) for the duration of the block, the default elsewhere.
+
+    Raises if a name is unknown or nothing is chosen: a hook that silently attaches to zero layers is
+    a bug. The previous processors are restored on exit.
+    """
+    previous = unet.attn_processors
+    unknown = sorted(set(chosen) - set(previous))
+    if unknown:
+        raise AttentionLayerError(f"unknown attention layer(s) {unknown[:3]}")
+    if not chosen:
+        raise AttentionLayerError("no attention layer was selected to hook")
+    default = AttnProcessor2_0()
+    unet.set_attn_processor({name: chosen.get(name, default) for name in previous})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(previous)
+
+
+# ---------------------------------------------------------------------------- math helpers
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)  # (batch, tokens, channels)
+
+
+def _grid(n: int, aspect: float) -> tuple[int, int]:
+    """(h, w) of a token grid with n tokens and the latent's aspect ratio h / w."""
+    w = round(math.sqrt(n / aspect))
+    h = n // max(w, 1)
+    if h * w != n:
+        raise AttentionLayerError(f"cannot lay out {n} tokens as a grid with aspect {aspect}")
+    return h, w
+
+
+def _check_plain(attn) -> None:
+    if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
+        raise AttentionLayerError("lrkit's attention processors support transformer-block attention layers only")
+
+
+# ---------------------------------------------------------------------------- capture
+
+
+@dataclass
+class AttentionStore:
+    """Cross-attention probabilities of chosen token positions, averaged over heads and layers.
+
+    `rows`: batch rows to record (e.g. the conditional rows); `tokens[r]`: token positions for row
+    r. Each UNet call adds into `maps` (rows, h, w) at the store's `size`; `take()` returns the mean
+    over the layers of that call and clears it.
+    """
+
+    rows: list[int]
+    tokens: list[list[int]]
+    size: tuple[int, int]
+    enabled: bool = True
+    _sum: torch.Tensor | None = None
+    _count: int = 0
+
+    def add(self, probs: torch.Tensor, grid: tuple[int, int]) -> None:
+        """probs: (len(rows), heads, h*w, tokens) of one layer."""
+        maps = torch.stack([probs[i, :, :, idx].sum(-1).mean(0) for i, idx in enumerate(self.tokens)])
+        maps = maps.view(len(self.rows), 1, *grid).float()  # (rows, 1, h, w)
+        if grid != self.size:
+            maps = F.interpolate(maps, size=self.size, mode="bilinear", align_corners=False)
+        maps = maps[:, 0]
+        self._sum = maps if self._sum is None else self._sum + maps
+        self._count += 1
+
+    def take(self) -> torch.Tensor | None:
+        if self._sum is None:
+            return None
+        out = self._sum / self._count
+        self._sum, self._count = None, 0
+        return out
+
+
+class AttentionStoreProcessor:
+    """Default attention (bitwise the stock `AttnProcessor2_0` output) plus recording into a store."""
+
+    def __init__(self, store: AttentionStore, aspect: float = 1.0):
+        self.store = store
+        self.aspect = aspect
+        self.default = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        out = self.default(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if self.store.enabled and encoder_hidden_states is not None:
+            _check_plain(attn)
+            rows = self.store.rows
+            q = _heads(attn.to_q(hidden_states[rows]), attn.heads)
+            context = encoder_hidden_states[rows]
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+            k = _heads(attn.to_k(context), attn.heads)
+            probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (rows, heads, h*w, tokens)
+            self.store.add(probs, _grid(q.shape[2], self.aspect))
+        return out
+
+
+# ---------------------------------------------------------------------------- the swap
+
+
+@dataclass
+class SwapState:
+    """What the swap processors read during one UNet call of the retouch stage.
+
+    Batch layout: `ref` is the reference row R; `pairs` are (target row X, context row C) for each
+    guidance branch. `ref_mask` (h, w) and `target_mask` (h, w) are float maps at latent resolution,
+    resized to each layer; `active` switches the swap on for this call.
+    """
+
+    ref: int
+    pairs: list[tuple[int, int]]
+    ref_mask: torch.Tensor  # (h, w)
+    target_mask: torch.Tensor  # (pairs, h, w)
+    active: bool = False
+    _cache: dict = field(default_factory=dict)
+
+    def set_target(self, mask: torch.Tensor) -> None:
+        self.target_mask = mask
+        self._cache = {}
+
+    def masks_at(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference-key mask (h*w,) bool, target blend masks (pairs, h*w, 1) float) at a layer's grid."""
+        if grid not in self._cache:
+            ref = F.interpolate(self.ref_mask[None, None].float(), size=grid, mode="nearest")[0, 0]
+            tgt = F.interpolate(self.target_mask[:, None].float(), size=grid, mode="nearest")[:, 0]
+            self._cache[grid] = (ref.reshape(-1) > 0.5, tgt.reshape(len(self.pairs), -1, 1))
+        return self._cache[grid]
+
+
+def reference_attention(q, k_ref, v_ref, k_x, v_x, ref_keep, *, return_weights: bool = False):
+    """fg = Attention(Q_X, [K_R ⊙ M_R ; K_X], [V_R ⊙ M_R ; V_X]): reference keys outside M_R excluded.
+
+    q, k_x, v_x: (pairs, heads, n, d); k_ref, v_ref: (heads, n_ref, d); ref_keep: (n_ref,) bool.
+    Returns (pairs, heads, n, d), and the attention weights (pairs, heads, n, n_ref + n) if asked.
+    """
+    pairs = q.shape[0]
+    keys = torch.cat([k_ref.expand(pairs, -1, -1, -1), k_x], dim=2)  # (pairs, heads, n_ref + n, d)
+    values = torch.cat([v_ref.expand(pairs, -1, -1, -1), v_x], dim=2)
+    allowed = torch.cat([ref_keep.to(q.device), torch.ones(k_x.shape[2], dtype=torch.bool, device=q.device)])
+    bias = torch.zeros(1, allowed.shape[0], dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    if not return_weights:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+    weights = (q @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)
+    return weights @ values, weights
+
+
+class MultiSourceSwapProcessor:
+    """Self-attention with the subject's appearance from the reference (DESIGN §5.2).
+
+    For each target row X and its context row C::
+
+        fg = Attention(Q_X, [K_R ⊙ M_R ; K_X], [V_R ⊙ M_R ; V_X])   reference keys outside M_R excluded
+        bg = Attention(Q_C, K_C, V_C)                                the context's own output
+        out_X = M ⊙ fg + (1 − M) ⊙ bg
+
+    Every other row gets ordinary self-attention. With the swap inactive this is exactly the stock
+    processor's computation.
+    """
+
+    def __init__(self, state: SwapState, aspect: float = 1.0):
+        self.state = state
+        self.aspect = aspect
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None:
+            raise AttentionLayerError("MultiSourceSwapProcessor belongs on self-attention layers (attn1)")
+        _check_plain(attn)
+        q = _heads(attn.to_q(hidden_states), attn.heads)  # (batch, heads, tokens, head_dim)
+        k = _heads(attn.to_k(hidden_states), attn.heads)
+        v = _heads(attn.to_v(hidden_states), attn.heads)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        state = self.state
+        if state.active:
+            n = q.shape[2]
+            ref_keep, blend = state.masks_at(_grid(n, self.aspect))  # (n,), (pairs, n, 1)
+            xs, cs = [x for x, _ in state.pairs], [c for _, c in state.pairs]
+            fg = reference_attention(q[xs], k[state.ref], v[state.ref], k[xs], v[xs], ref_keep)
+            m = blend.to(out.dtype).unsqueeze(1)  # (pairs, 1, n, 1)
+            out = out.clone()
+            out[xs] = m * fg + (1 - m) * out[cs]
+        hidden = _merge(out).to(q.dtype)
+        hidden = attn.to_out[0](hidden)
+        hidden = attn.to_out[1](hidden)
+        return hidden / attn.rescale_output_factor

@@ -1,0 +1,466 @@
+"""`LayoutRetouchPipeline`: vanilla, personalized, layout and layout-retouch generation (DESIGN §5).
+
+Two explicit loops: stage 1 (`_layout`) draws a diverse layout with the vanilla model for the first
+λ·T steps and the personalized model after; stage 2 (`_retouch`) runs the reference (R), context (C)
+and target (X) paths in one batched UNet call per step, with the multi-source attention swap in the
+decoder self-attention layers and adaptive mask blending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lrkit.attention import (AttentionStore, AttentionStoreProcessor, MultiSourceSwapProcessor, SwapState,
+                             cross_layers_at, decoder_self_layers, processors)
+from lrkit.concept import Concept, ConceptError
+from lrkit.models import load_base
+
+logger = logging.getLogger(__name__)
+
+MODES = ("vanilla", "personalized", "layout", "layout-retouch")
+
+
+class InferenceError(ValueError):
+    """Bad inference input; the message names the option or file."""
+
+
+@dataclass
+class GenerationOptions:
+    """Options of one `LayoutRetouchPipeline` call (also the YAML under configs/infer/)."""
+
+    mode: str = "layout-retouch"
+    """vanilla | personalized | layout | layout-retouch."""
+    num_inference_steps: int = 50
+    """Denoising steps T (DDIM)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale (both stages)."""
+    negative_prompt: str = ""
+    """Negative prompt."""
+    height: int | None = None
+    """Image height (default: the concept's training resolution)."""
+    width: int | None = None
+    """Image width (default: the concept's training resolution)."""
+    lam: float = 0.3
+    """λ: fraction of the steps drawn by the vanilla model in stage 1."""
+    vanilla_phrase: str | None = None
+    """What replaces the concept token for the vanilla model (default: the class word), e.g. 'red vase'."""
+    retouch_start: float | None = None
+    """s0 as a fraction of T: where X leaves the layout trajectory (default: λ; must be >= λ)."""
+    swap_start: float | None = None
+    """First step (fraction of T) with the attention swap on (default: retouch_start)."""
+    swap_levels: int = 2
+    """Decoder self-attention at this many highest resolutions swaps in the reference."""
+    alpha: float = 0.5
+    """Weight of the SAM mask against the cross-attention map in the target mask."""
+    tau: float = 0.5
+    """Threshold of the blended target mask."""
+    reference: int = 0
+    """Which of the concept's reference photos R uses."""
+    swap: bool = True
+    """Turn the attention swap off (stage 2 then returns the layout: a debugging switch)."""
+    eta: float = 0.0
+    """DDIM eta."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InferenceError(f"mode {self.mode!r} is not one of {list(MODES)}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise InferenceError(f"lam must be in [0, 1], got {self.lam}")
+        if self.num_inference_steps < 1:
+            raise InferenceError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        for name in ("retouch_start", "swap_start"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise InferenceError(f"{name} must be in [0, 1], got {value}")
+        if self.retouch_start is not None and self.retouch_start < self.lam:
+            raise InferenceError(
+                f"retouch_start ({self.retouch_start}) must be >= lam ({self.lam}): the target leaves the layout "
+                "trajectory where the personalized model has taken over"
+            )
+        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.tau <= 1.0:
+            raise InferenceError(f"alpha and tau must be in [0, 1], got alpha={self.alpha}, tau={self.tau}")
+
+    def step_index(self, fraction: float) -> int:
+        """Index of the first step i with i >= fraction * T."""
+        return min(self.num_inference_steps, math.ceil(fraction * self.num_inference_steps - 1e-9))
+
+
+@dataclass
+class Generation:
+    """One generated image and what led to it."""
+
+    prompt_index: int
+    prompt: str
+    seed: int
+    image: Image.Image
+    layout: Image.Image | None = None
+    mask: Image.Image | None = None
+    reference: Image.Image | None = None
+
+    @property
+    def stem(self) -> str:
+        return f"p{self.prompt_index:03d}_s{self.seed}"
+
+
+@dataclass
+class LayoutResult:
+    latents: torch.Tensor  # (B, C, h, w) final
+    trajectory: torch.Tensor  # (T+1, B, C, h, w): z_0 .. z_T
+    maps: torch.Tensor  # (T, B, h, w) subject cross-attention per step (conditional rows)
+
+
+@dataclass
+class _Embeds:
+    """Text embeddings of one prompt batch: unconditional and conditional, per model."""
+
+    uncond: torch.Tensor
+    cond: torch.Tensor
+    tokens: list[list[int]] = field(default_factory=list)  # subject token positions per row
+
+
+def center_square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` and center-crop a square (the reference's preprocessing)."""
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class LayoutRetouchPipeline:
+    """Personalized generation with Layout-and-Retouch on a stock diffusers `StableDiffusionPipeline`.
+
+    For LoRA and TI concepts the vanilla and personalized models share one UNet (adapters toggled,
+    or a prompt without the new token); only a full DreamBooth concept keeps a second UNet.
+    """
+
+    def __init__(self, pipe, concept: Concept, *, vanilla_unet=None, vanilla_text_encoder=None, segmenter=None,
+                 cache=None):
+        from diffusers import DDIMScheduler
+
+        self.pipe = pipe
+        self.concept = concept
+        self.vanilla_unet = vanilla_unet
+        self.vanilla_text_encoder = vanilla_text_encoder
+        self.segmenter = segmenter
+        self.cache = cache
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.has_lora = "lora" in concept.files
+        pipe.set_progress_bar_config(disable=True)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_concept(cls, base, concept, *, dtype=None, device=None, sam_checkpoint: str | None = None,
+                     force: bool = False, cache_dir: str | os.PathLike | None = None) -> "LayoutRetouchPipeline":
+        """Load `base` (id, folder, file, or a pipeline), apply `concept` (folder or `Concept`)."""
+        from lrkit.inference.inversion import TrajectoryCache
+        from lrkit.masks import load_segmenter
+
+        concept = concept if isinstance(concept, Concept) else Concept.load(concept)
+        pipe = base if not isinstance(base, (str, os.PathLike)) else load_base(base, dtype=dtype, device=device)
+        concept.check_base(pipe, force=force)
+        vanilla_unet = pipe.unet if "unet" in concept.files else None
+        vanilla_te = pipe.text_encoder if "text_encoder" in concept.files else None
+        concept.apply(pipe, force=force)
+        return cls(pipe, concept, vanilla_unet=vanilla_unet, vanilla_text_encoder=vanilla_te,
+                   segmenter=load_segmenter(sam_checkpoint, device=pipe.device), cache=TrajectoryCache(cache_dir))
+
+    # ------------------------------------------------------------------ prompts
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def subject_phrase(self) -> str:
+        return self.concept.subject_phrase()
+
+    def vanilla_prompt(self, prompt: str, phrase: str | None) -> str:
+        """y from y*: the concept phrase (`<tok> <class>`, or the bare token) -> the vanilla phrase."""
+        phrase = phrase or self.concept.class_word
+        token = self.concept.token
+        if self.subject_phrase() in prompt:
+            return prompt.replace(self.subject_phrase(), phrase)
+        return prompt.replace(token, phrase)
+
+    def _require_token(self, prompts: list[str], mode: str) -> None:
+        missing = [p for p in prompts if self.concept.token not in p]
+        if missing:
+            raise InferenceError(
+                f"mode {mode!r} needs the concept token {self.concept.token!r} in every prompt; "
+                f"missing in {missing[0]!r} (e.g. 'a photo of {self.subject_phrase()} on the beach')"
+            )
+
+    @contextlib.contextmanager
+    def vanilla(self):
+        """The vanilla model: LoRA adapters off, or the base UNet / text encoder of a DreamBooth concept."""
+        pipe = self.pipe
+        if self.vanilla_unet is not None or self.vanilla_text_encoder is not None:
+            unet, te = pipe.unet, pipe.text_encoder
+            pipe.unet = self.vanilla_unet or unet
+            pipe.text_encoder = self.vanilla_text_encoder or te
+            try:
+                yield
+            finally:
+                pipe.unet, pipe.text_encoder = unet, te
+        elif self.has_lora:
+            pipe.disable_lora()
+            try:
+                yield
+            finally:
+                pipe.enable_lora()
+        else:
+            yield
+
+    def token_positions(self, prompt: str, phrase: str) -> list[int]:
+        """Positions of `phrase`'s tokens in the encoded `prompt` (TI tokens expanded as diffusers does)."""
+        tok = self.pipe.tokenizer
+        prompt = self.pipe.maybe_convert_prompt(prompt, tok)
+        phrase = self.pipe.maybe_convert_prompt(phrase, tok)
+        ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
+        sub = tok(phrase, add_special_tokens=False).input_ids
+        for start in range(len(ids) - len(sub) + 1):
+            if ids[start:start + len(sub)] == sub:
+                return list(range(start, start + len(sub)))
+        raise InferenceError(f"phrase {phrase!r} not found in prompt {prompt!r} after tokenization")
+
+    def _embed(self, prompts: list[str], phrase_of, negative: str, *, vanilla: bool) -> _Embeds:
+        ctx = self.vanilla() if vanilla else contextlib.nullcontext()
+        with ctx:
+            cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=[negative] * len(prompts))
+        tokens = [self.token_positions(p, phrase_of(p)) for p in prompts]
+        return _Embeds(uncond=uncond, cond=cond, tokens=tokens)
+
+    # ------------------------------------------------------------------ the call
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str], seeds: int | list[int] = 0, options: GenerationOptions | None = None,
+                 **overrides) -> list[Generation]:
+        """Generate every prompt x seed. `overrides` are `GenerationOptions` fields."""
+        options = options or GenerationOptions()
+        if overrides:
+            options = GenerationOptions(**{**options.__dict__, **overrides})
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if not prompts or not seeds:
+            raise InferenceError("give at least one prompt and one seed")
+        if options.mode != "vanilla":
+            self._require_token(prompts, options.mode)
+        results = []
+        for index, prompt in enumerate(prompts):
+            results += self.generate(prompt, seeds, options, prompt_index=index)
+        return results
+
+    def generate(self, prompt: str, seeds: list[int], options: GenerationOptions, prompt_index: int = 0) -> list[Generation]:
+        """One prompt, several seeds in one batch."""
+        height = options.height or self.concept.resolution
+        width = options.width or self.concept.resolution
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        plain = self.vanilla_prompt(prompt, options.vanilla_phrase)
+        vanilla_phrase = options.vanilla_phrase or self.concept.class_word
+        if options.mode == "vanilla":
+            lam = 1.0
+        elif options.mode == "personalized":
+            lam = 0.0
+        else:
+            lam = options.lam
+        layout = self._layout([prompt] * len(seeds), [plain] * len(seeds), generators, options, lam, height, width,
+                              vanilla_phrase)
+        images = layout.latents
+        masks = reference = None
+        if options.mode == "layout-retouch":
+            images, masks, reference = self._retouch(prompt, layout, options, height, width)
+        decoded = self._decode(images, generators)
+        layouts = self._decode(layout.latents, generators) if options.mode == "layout-retouch" else [None] * len(seeds)
+        out = []
+        for b, seed in enumerate(seeds):
+            mask = None
+            if masks is not None:
+                mask = Image.fromarray((masks[b].float().cpu().numpy() * 255).astype("uint8")).resize((width, height))
+            out.append(Generation(prompt_index, prompt, seed, decoded[b], layouts[b], mask, reference))
+        return out
+
+    def _decode(self, latents: torch.Tensor, generators) -> list[Image.Image]:
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+    # ------------------------------------------------------------------ stage 1
+
+    def _layout(self, prompts, plain_prompts, generators, options: GenerationOptions, lam: float, height, width,
+                vanilla_phrase: str) -> LayoutResult:
+        """Step-blended denoising: ε(z, y) for i < λ·T, then ε*(z, y*); guidance in both phases."""
+        pipe, steps = self.pipe, options.num_inference_steps
+        batch = len(prompts)
+        switch = options.step_index(lam)
+        star = self._embed(prompts, lambda p: self.subject_phrase() if self.subject_phrase() in p else self.concept.token,
+                           options.negative_prompt, vanilla=False) if switch < steps else None
+        vanilla = self._embed(plain_prompts, lambda p: vanilla_phrase, options.negative_prompt, vanilla=True) \
+            if switch > 0 else None
+        dtype = (star or vanilla).cond.dtype
+        pipe.scheduler.set_timesteps(steps, device=self.device)
+        latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, self.device,
+                                       generators)
+        extra = pipe.prepare_extra_step_kwargs(generators, options.eta)
+        grid = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        trajectory, maps = [latents], []
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            embeds = vanilla if i < switch else star
+            model = self.vanilla() if i < switch else contextlib.nullcontext()
+            store = AttentionStore(rows=list(range(batch, 2 * batch)), tokens=embeds.tokens, size=grid)
+            with model, processors(pipe.unet, self._store_processors(store, grid)):
+                latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                noise = pipe.unet(latent_in, t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
+                                  return_dict=False)[0]
+            uncond, cond = noise.chunk(2)
+            noise = uncond + options.guidance_scale * (cond - uncond)
+            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            trajectory.append(latents)
+            maps.append(store.take())
+        return LayoutResult(latents=latents, trajectory=torch.stack(trajectory), maps=torch.stack(maps))
+
+    def _store_processors(self, store: AttentionStore, grid) -> dict:
+        aspect = grid[0] / grid[1]
+        return {l.name: AttentionStoreProcessor(store, aspect) for l in cross_layers_at(self.pipe.unet)}
+
+    # ------------------------------------------------------------------ stage 2
+
+    def reference_photo(self, index: int) -> Path:
+        refs = self.concept.ref_paths()
+        if not refs:
+            raise InferenceError(f"concept {self.concept.name!r} has no reference photos (refs/ in its bundle)")
+        if not 0 <= index < len(refs):
+            raise InferenceError(f"reference {index} does not exist; concept {self.concept.name!r} has {len(refs)}")
+        if not refs[index].is_file():
+            raise InferenceError(f"reference photo {refs[index]} is missing from the bundle")
+        return refs[index]
+
+    def _reference(self, options: GenerationOptions, height: int, width: int):
+        """R: the reference photo's DDIM-inverted trajectory under ε* (cached) and its subject mask."""
+        from lrkit.inference.inversion import ddim_invert, encode_image, image_digest
+
+        path = self.reference_photo(options.reference)
+        photo = Image.open(path)
+        photo.load()
+        photo = photo.convert("RGB")
+        prompt = f"a photo of {self.subject_phrase()}"
+        embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
+        if height != width:
+            raise InferenceError("layout-retouch needs a square image size (height == width)")
+        key = self.cache.key(concept=self.concept.name, base=self.concept.base.unet_config_sha256,
+                             files=sorted(self.concept.files.items()), reference=image_digest(path),
+                             scheduler=dict(self.pipe.scheduler.config), steps=options.num_inference_steps,
+                             resolution=height, prompt=prompt, dtype=str(embeds.dtype))
+
+        def invert():
+            latents = encode_image(self.pipe, photo, height)
+            return ddim_invert(self.pipe, latents, embeds, options.num_inference_steps)
+
+        trajectory, cached = self.cache.get_or_compute(key, invert)
+        trajectory = trajectory.to(self.device, embeds.dtype)
+        logger.debug("reference trajectory %s", "from cache" if cached else "inverted")
+        mask = self._reference_mask(path, photo, trajectory, embeds, prompt, options)
+        return photo, trajectory, embeds, mask
+
+    def _reference_mask(self, path: Path, photo: Image.Image, trajectory, embeds, prompt, options) -> torch.Tensor:
+        """M_R at latent resolution: from the bundle's masks/ or computed once (SAM, else attention) and stored."""
+        from lrkit.masks import box_from_attention, load_mask_png, minmax, otsu_threshold, resize_map
+
+        grid = tuple(trajectory.shape[-2:])
+        rel = str(path.relative_to(self.concept.path))
+        stored = self.concept.masks.get(rel)
+        if stored is not None:
+            mask = load_mask_png(self.concept.path / stored)
+            return resize_map(mask.float(), grid).to(self.device)
+        # Cross-attention of the subject on the reference, mid-way through its trajectory.
+        store = AttentionStore(rows=[0], tokens=[self.token_positions(prompt, self.subject_phrase())], size=grid)
+        i = options.num_inference_steps // 2
+        t = self.pipe.scheduler.timesteps[i]
+        with processors(self.pipe.unet, self._store_processors(store, grid)):
+            self.pipe.unet(trajectory[i], t, encoder_hidden_states=embeds)
+        attn = minmax(store.take()[0])
+        if self.segmenter is not None:
+            square = center_square(photo, grid[0] * self.pipe.vae_scale_factor)  # what the inversion encoded
+            mask = self.segmenter(square, box_from_attention(attn, square.size))
+        else:
+            mask = attn >= otsu_threshold(attn)
+        self._store_reference_mask(rel, mask)
+        return resize_map(mask.float(), grid).to(self.device)
+
+    def _store_reference_mask(self, rel: str, mask: torch.Tensor) -> None:
+        from lrkit.concept import MANIFEST
+        from lrkit.io import atomic_write_json
+        from lrkit.masks import save_mask_png
+
+        target = f"masks/{Path(rel).stem}.png"
+        try:
+            save_mask_png(mask, self.concept.path / target)
+            self.concept.masks[rel] = target
+            atomic_write_json(self.concept.path / MANIFEST, self.concept.to_manifest())
+        except OSError as err:  # a read-only bundle still generates; the mask is recomputed next time
+            logger.warning("could not store the reference mask in %s (%s)", self.concept.path, err)
+
+    def _target_sam_masks(self, layout_latents, layout_maps, height, width) -> list[torch.Tensor | None]:
+        """M_SAM of each layout image, prompted with the box of its subject's cross-attention."""
+        from lrkit.masks import box_from_attention, minmax
+
+        if self.segmenter is None:
+            return [None] * layout_latents.shape[0]
+        images = self._decode(layout_latents, None)
+        attn = minmax(layout_maps.mean(0))  # (B, h, w), averaged over the steps
+        return [self.segmenter(img, box_from_attention(attn[b], (width, height))) for b, img in enumerate(images)]
+
+    def _retouch(self, prompt: str, layout: LayoutResult, options: GenerationOptions, height, width):
+        """Stage 2: [R, C_u, C_c, X_u, X_c] per step; swap in decoder self-attention; adaptive masks."""
+        from lrkit.masks import blend_target_mask
+
+        pipe, steps = self.pipe, options.num_inference_steps
+        batch = layout.latents.shape[0]
+        start = options.step_index(options.retouch_start if options.retouch_start is not None else options.lam)
+        swap_from = options.step_index(options.swap_start if options.swap_start is not None else
+                                       (options.retouch_start if options.retouch_start is not None else options.lam))
+        photo, ref_traj, ref_embeds, ref_mask = self._reference(options, height, width)
+        star = self._embed([prompt] * batch, lambda p: self.subject_phrase() if self.subject_phrase() in p else self.concept.token,
+                           options.negative_prompt, vanilla=False)
+        sam = self._target_sam_masks(layout.latents, layout.maps, height, width)
+        # Rows: R, then C_u (B), C_c (B), X_u (B), X_c (B).
+        c_u, c_c, x_u, x_c = (1 + k * batch for k in range(4))
+        pairs = [(x_u + b, c_u + b) for b in range(batch)] + [(x_c + b, c_c + b) for b in range(batch)]
+        embeds = torch.cat([ref_embeds, star.uncond, star.cond, star.uncond, star.cond])
+        state = SwapState(ref=0, pairs=pairs, ref_mask=ref_mask, target_mask=torch.zeros(2 * batch, 1, 1))
+        grid = tuple(layout.latents.shape[-2:])
+        store = AttentionStore(rows=list(range(x_c, x_c + batch)), tokens=star.tokens, size=grid)
+        chosen = self._store_processors(store, grid)
+        if options.swap:
+            chosen.update({l.name: MultiSourceSwapProcessor(state, grid[0] / grid[1])
+                           for l in decoder_self_layers(pipe.unet, options.swap_levels)})
+        pipe.scheduler.set_timesteps(steps, device=self.device)
+        extra = pipe.prepare_extra_step_kwargs(None, options.eta)
+        x = layout.trajectory[start]
+        attn = layout.maps[start] if start < steps else None
+        masks = torch.zeros(batch, *grid, device=self.device)
+        with processors(pipe.unet, chosen):
+            for i in range(start, steps):
+                t = pipe.scheduler.timesteps[i]
+                masks = torch.stack([blend_target_mask(attn[b], None if sam[b] is None else sam[b], options.alpha,
+                                                       options.tau) for b in range(batch)]).to(self.device)
+                state.set_target(torch.cat([masks, masks]))
+                state.active = options.swap and i >= swap_from
+                context = layout.trajectory[i]
+                latent_in = torch.cat([ref_traj[i], context, context, x, x])
+                latent_in = pipe.scheduler.scale_model_input(latent_in, t)
+                noise = pipe.unet(latent_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                uncond, cond = noise[x_u:x_c], noise[x_c:]
+                x = pipe.scheduler.step(uncond + options.guidance_scale * (cond - uncond), t, x, **extra,
+                                        return_dict=False)[0]
+                attn = store.take()
+        return x, masks, photo

@@ -1,0 +1,179 @@
+"""DESIGN §5.2 invariants of Layout-and-Retouch, each against stock diffusers pipelines, same seed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import save
+
+from lrkit.concept import EMBEDDINGS, Concept, TokenSpec, write_bundle
+from lrkit.inference import GenerationOptions, InferenceError, LayoutRetouchPipeline
+from lrkit.io import atomic_write_bytes
+from lrkit.lora_io import save_diffusers_lora
+from lrkit.models import build_tiny_random, fingerprint, load_base
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def _perturb_lora(module, seed: int, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_bundle(root: Path, kind: str) -> Path:
+    """A concept with a strong effect: random LoRA (UNet + text encoder) or a random TI vector."""
+    pipe = build_tiny_random(0)
+    out = root / f"{kind}-concept"
+    if kind == "lora":
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                         init_lora_weights="gaussian"))
+        pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights="gaussian"))
+        _perturb_lora(pipe.unet, 1)
+        _perturb_lora(pipe.text_encoder, 2, 0.5)
+        tokens, files = [TokenSpec("sks")], {"lora": "pytorch_lora_weights.safetensors"}
+    else:
+        tokens, files = [TokenSpec("<sks>", learned=True, num_vectors=1, initializer="vase")], {"embeddings": EMBEDDINGS}
+    concept = Concept(name=kind, method=kind if kind == "lora" else "textual_inversion", tokens=tokens,
+                      class_word="vase", base=fingerprint(load_base("tiny-random")), resolution=64, files=files,
+                      refs=["refs/00.jpg"])
+
+    def write(tmp: Path) -> None:
+        (tmp / "refs").mkdir()
+        shutil.copy(ROOT / "data/subjects/vase/00.jpg", tmp / "refs/00.jpg")
+        if kind == "lora":
+            save_diffusers_lora(tmp, pipe.unet, pipe.text_encoder)
+        else:
+            vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
+            atomic_write_bytes(tmp / EMBEDDINGS, save({"<sks>": vec}))
+
+    write_bundle(concept, out, write)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {kind: make_bundle(root, kind) for kind in ("lora", "ti")}
+
+
+@pytest.fixture(scope="module")
+def pipes(bundles, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {kind: LayoutRetouchPipeline.from_concept("tiny-random", path, cache_dir=cache) for kind, path in bundles.items()}
+
+
+PROMPT = {"lora": "a photo of sks vase on the beach", "ti": "a photo of <sks> vase on the beach"}
+
+
+def stock_image(prompt: str, seed: int, concept: Path | None) -> np.ndarray:
+    pipe = load_base("tiny-random")
+    if concept is not None:
+        Concept.load(concept).apply(pipe)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=STEPS, guidance_scale=7.5, height=64, width=64, generator=generator,
+                output_type="np").images[0]
+
+
+def ours(pipe, prompt, seed=0, **options) -> list:
+    return pipe(prompt, seeds=seed, options=GenerationOptions(num_inference_steps=STEPS, **options))
+
+
+def as_np(image) -> np.ndarray:
+    return np.asarray(image).astype(np.float32) / 255.0
+
+
+@pytest.mark.parametrize("kind", ["lora", "ti"])
+def test_lambda_zero_is_the_personalized_pipeline(kind, pipes, bundles):
+    expected = stock_image(PROMPT[kind], 0, bundles[kind])
+    got = as_np(ours(pipes[kind], PROMPT[kind], mode="layout", lam=0.0)[0].image)
+    np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
+    # and the personalized mode is the same thing
+    same = as_np(ours(pipes[kind], PROMPT[kind], mode="personalized")[0].image)
+    np.testing.assert_array_equal(same, got)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ti"])
+def test_lambda_one_is_the_vanilla_pipeline(kind, pipes):
+    expected = stock_image("a photo of vase on the beach", 0, None)
+    got = as_np(ours(pipes[kind], PROMPT[kind], mode="layout", lam=1.0)[0].image)
+    np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
+
+
+def test_the_concept_matters_and_lambda_blends(pipes):
+    """Sensitivity: vanilla and personalized differ, and λ=0.5 is neither."""
+    pipe = pipes["lora"]
+    v = as_np(ours(pipe, PROMPT["lora"], mode="vanilla")[0].image)
+    p = as_np(ours(pipe, PROMPT["lora"], mode="personalized")[0].image)
+    mid = as_np(ours(pipe, PROMPT["lora"], mode="layout", lam=0.5)[0].image)
+    assert np.abs(v - p).mean() > 0.02
+    assert np.abs(mid - p).mean() > 1e-3 and np.abs(mid - v).mean() > 1e-3
+
+
+def test_swap_off_returns_the_layout(pipes):
+    out = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, swap=False)[0]
+    assert np.abs(as_np(out.image) - as_np(out.layout)).max() <= 1.5 / 255
+
+
+def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(pipes, monkeypatch):
+    import lrkit.masks
+
+    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.zeros_like(attn))
+    zero = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5)[0]
+    assert np.abs(as_np(zero.image) - as_np(zero.layout)).max() <= 1.5 / 255
+    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.ones_like(attn))
+    full = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5)[0]
+    assert np.abs(as_np(full.image) - as_np(full.layout)).mean() > 1e-3
+
+
+def test_layout_retouch_runs_batched_and_is_deterministic(pipes):
+    a = pipes["ti"](PROMPT["ti"], seeds=[0, 1], options=GenerationOptions(num_inference_steps=STEPS, lam=0.5))
+    b = pipes["ti"](PROMPT["ti"], seeds=[1], options=GenerationOptions(num_inference_steps=STEPS, lam=0.5))
+    assert [g.seed for g in a] == [0, 1] and a[1].stem == "p000_s1"
+    assert a[0].mask is not None and a[0].layout is not None and a[0].reference is not None
+    np.testing.assert_allclose(as_np(a[1].image), as_np(b[0].image), atol=1.5 / 255)  # batching does not change a seed
+
+
+def test_reference_mask_is_computed_once_and_stored_in_the_bundle(pipes, bundles):
+    ours(pipes["ti"], PROMPT["ti"], mode="layout-retouch", lam=0.5)
+    concept = Concept.load(bundles["ti"])
+    assert concept.masks == {"refs/00.jpg": "masks/00.png"}
+    assert (bundles["ti"] / "masks/00.png").is_file()
+
+
+def test_prompt_without_token_is_refused(pipes):
+    with pytest.raises(InferenceError, match="sks"):
+        ours(pipes["lora"], "a photo of a vase", mode="layout-retouch")
+    ours(pipes["lora"], "a photo of a vase", mode="vanilla")  # fine without a token
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(InferenceError, match="mode"):
+        GenerationOptions(mode="magic")
+    with pytest.raises(InferenceError, match="retouch_start"):
+        GenerationOptions(lam=0.5, retouch_start=0.2)
+
+
+def test_concept_from_another_base_is_refused(bundles):
+    from lrkit.concept import ConceptError
+
+    with pytest.raises(ConceptError, match="tiny-random"):
+        LayoutRetouchPipeline.from_concept("tiny-random:1", bundles["lora"])
+
+
+def test_missing_reference_photo(bundles, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundles["ti"], broken)
+    pipe = LayoutRetouchPipeline.from_concept("tiny-random", broken, cache_dir=tmp_path / "c")
+    (broken / "refs/00.jpg").unlink()
+    with pytest.raises(InferenceError, match="00.jpg"):
+        ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5)

@@ -1,0 +1,144 @@
+"""Training options: caches are exact, min-SNR weighting, mixed precision keeps trainables fp32, etc."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrkit.training import train_concept
+from lrkit.training.config import load_config
+from lrkit.training.model import ConceptModel
+from lrkit.training.module import ConceptDataModule, StepSampler, collate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("00.jpg", "01.jpg"):
+        shutil.copy(ROOT / "data/subjects/vase" / name, folder / name)
+    return folder
+
+
+def small_config(photos: Path, **overrides):
+    base = dict(base="tiny-random", method="lora", data={"photos": str(photos), "class_word": "vase", "resolution": 64,
+                                                         "repeats": 1, "random_flip": 0.5})
+    return load_config(base, **overrides)
+
+
+def a_batch(config) -> tuple[dict, ConceptDataModule]:
+    dm = ConceptDataModule(config)
+    items = [dict(dm.instance[i], source="instance", counter=i) for i in range(4)]
+    return collate(items), dm
+
+
+def generators(n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(100 + i) for i in range(n)]
+
+
+def test_cached_latents_and_text_give_the_same_loss(photos):
+    config = small_config(photos)
+    batch, dm = a_batch(config)
+    plain = ConceptModel(config)
+    expected, _ = plain.loss(batch, generators(4))
+
+    cached_config = small_config(photos, cache_latents=True, cache_text_embeddings=True)
+    cached = ConceptModel(cached_config, pipe=None)
+    cached.load_state_dict(plain.state_dict())
+    cached.cache_latents(dm.cacheable_items())
+    assert len(cached._latent_cache) == 4  # 2 photos x (plain, flipped)
+    got, _ = cached.loss(batch, generators(4))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert cached._text_cache  # the caption was encoded once and reused
+    got_again, _ = cached.loss(batch, generators(4))
+    torch.testing.assert_close(got_again, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_text_cache_is_off_when_text_encoder_trains(photos):
+    config = small_config(photos, cache_text_embeddings=True, lora={"train_text_encoder": True})
+    assert not ConceptModel(config).cache_text
+
+
+def test_min_snr_weighting_matches_the_formula(photos):
+    from diffusers.training_utils import compute_snr
+
+    config = small_config(photos)
+    batch, _ = a_batch(config)
+    model = ConceptModel(config)
+    plain, _ = model.loss(batch, generators(4))
+    model.config = small_config(photos, min_snr_gamma=5.0)
+    weighted, _ = model.loss(batch, generators(4))
+
+    # Recompute by hand with the same draws.
+    params = model.latent_params(batch)
+    latents, noise, t = model.sample_noise(params, generators(4))
+    noisy = model.noise_scheduler.add_noise(latents, noise, t)
+    pred = model.unet(noisy, t, model.encode_text(batch["caption"])).sample
+    per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    snr = compute_snr(model.noise_scheduler, t)
+    expected = (per * torch.clamp(snr, max=5.0) / snr).mean()
+    torch.testing.assert_close(weighted, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(plain, per.mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_noise_offset_changes_only_the_noise(photos):
+    config = small_config(photos)
+    model = ConceptModel(config)
+    params = torch.zeros(2, 8, 16, 16)
+    _, noise0, t0 = model.sample_noise(params, generators(2))
+    model.config = small_config(photos, noise_offset=0.1)
+    _, noise1, t1 = model.sample_noise(params, generators(2))
+    diff = noise1 - noise0
+    assert torch.equal(t0, t1)
+    assert diff.abs().max() > 0
+    # The offset is constant over each channel's pixels.
+    torch.testing.assert_close(diff, diff[..., :1, :1].expand_as(diff))
+
+
+def test_step_sampler_is_a_function_of_the_step():
+    sampler = StepSampler(10, batch_size=2, seed=3, rank=0, world_size=1, current_step=lambda: 0)
+    full = list(sampler)
+    assert len(full) == len(sampler) == 10
+    assert sorted(c % 10 for c in full) == list(range(10))  # one pass covers every sample once
+    resumed = StepSampler(10, batch_size=2, seed=3, current_step=lambda: 3)
+    assert list(resumed) == full[6:]
+    ranks = [list(StepSampler(10, batch_size=1, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert [c for pair in zip(*ranks) for c in pair] == full
+
+
+def test_mixed_precision_options_and_validation_images(photos, tmp_path):
+    out = tmp_path / "run"
+    captured = {}
+    import lrkit.training.train as train_mod
+
+    original = train_mod.export_concept
+
+    def capture(model, config, out_dir, **kw):
+        captured["model"] = model
+        return original(model, config, out_dir, **kw)
+
+    train_mod.export_concept = capture
+    try:
+        bundle = train_concept(
+            small_config(photos), output_dir=str(out), max_steps=4, precision="bf16-mixed", accelerator="cpu",
+            gradient_checkpointing=True, min_snr_gamma=5.0, noise_offset=0.05, cache_latents=True,
+            optim={"optimizer": "adamw8bit", "lr": 1e-3}, log_every_n_steps=1,
+            validation={"prompts": ["a photo of {token} {class}"], "every_n_steps": 2, "num_inference_steps": 2},
+        )
+    finally:
+        train_mod.export_concept = original
+    model = captured["model"]
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    assert model.unet.conv_in.weight.dtype == torch.bfloat16  # frozen weights in the autocast dtype
+    assert model.unet.is_gradient_checkpointing
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
+        "step000002_00.png", "step000004_00.png"]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == {f"model.{k}" for k in model.trainable_state_dict()}  # adapter-only
+    states = ckpt["optimizer_states"][0]["state"].values()
+    assert states and all("__bnb_optimizer_quant_state__" in st and "exp_avg" not in st for st in states)  # 8-bit AdamW
+    assert (bundle / "pytorch_lora_weights.safetensors").is_file()
