@@ -33,6 +33,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -49,8 +50,18 @@ from typing import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from config; never reach the Hub
 
 import torch  # noqa: E402
+# diffusers and transformers import lazily; resolving the classes here keeps module imports out of
+# the memory probes' measurements (their baseline is taken after the imports).
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402,F401
+from diffusers.training_utils import compute_snr  # noqa: E402,F401
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lrkit.models import SD_SCHEDULER_CONFIG, build_tiny_random, load_clip_tokenizer  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from lrkit.models import (_FINGERPRINTS, SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
+                          TINY_VAE_CONFIG, BaseFingerprint, _unet_config_sha, build_tiny_random, fingerprint,
+                          load_clip_tokenizer)
 from lrkit.training.config import METHOD_NAMES, TrainConfig, load_config  # noqa: E402
 from lrkit.training.model import ConceptModel, step_seed  # noqa: E402
 from lrkit.training.module import ConceptDataModule, PairedDataset, PersonalizationModule, collate  # noqa: E402
@@ -74,9 +85,9 @@ class BenchSpec:
     resolution: int = 64
     batch_size: int = 1
     precision: str = "fp32"
-    steps: int = 4
-    rounds: int = 5
-    warmup: int = 2
+    steps: int = 8
+    rounds: int = 15
+    warmup: int = 3
     seed: int = 0
     compile: bool = False
     channels_last: bool = False
@@ -132,9 +143,6 @@ SD15_TEXT_CONFIG = dict(
 
 def build_sd15_random(seed: int = 0):
     """An SD-1.5-sized `StableDiffusionPipeline` with seeded random weights, built offline from config."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     torch.manual_seed(seed + 1)
@@ -149,7 +157,19 @@ def build_sd15_random(seed: int = 0):
 
 
 def build_pipe(spec: BenchSpec):
-    return build_sd15_random(spec.seed) if spec.model == "sd15" else build_tiny_random(spec.seed)
+    if spec.model == "tiny":
+        return build_tiny_random(spec.seed)
+    pipe = build_sd15_random(spec.seed)
+    try:
+        fingerprint(pipe, "sd15-random")
+    except IndexError:
+        # lrkit.models.compute_fingerprint picks probe positions with a float32 linspace, which rounds
+        # past the end of tensors with more than 2**24 elements (SD-1.5's up-block convs). Until that is
+        # fixed, register an empty probe so ConceptModel can be built (the bench never compares bases).
+        logger.warning("lrkit could not fingerprint the SD-1.5-sized UNet (float32 linspace index); "
+                       "registering a fingerprint without weight probe")
+        _FINGERPRINTS[pipe.unet] = BaseFingerprint(id="sd15-random", unet_config_sha256=_unet_config_sha(pipe.unet))
+    return pipe
 
 
 def train_config(spec: BenchSpec, method: str, *, lrkit_options: bool) -> TrainConfig:
@@ -232,8 +252,12 @@ def reference_loss(model: ConceptModel, batch: dict) -> torch.Tensor:
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    params: list[torch.nn.Parameter], max_grad_norm: float | None,
-                   before_step: Callable[[], None] = lambda: None) -> None:
-    """Backward, clip, step, zero_grad: the same code for every contender."""
+                   before_step: Callable[[], None] = lambda: None) -> float:
+    """Backward, clip, step, zero_grad: the same code for every contender. Returns the loss.
+
+    Reading the loss back every step is what diffusers' example does for its progress bar (and
+    lrkit's loss does for its logs), so every contender pays that synchronisation.
+    """
     scaler.scale(loss).backward()
     before_step()
     scaler.unscale_(optimizer)
@@ -242,6 +266,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 @contextmanager
@@ -268,10 +293,10 @@ def lrkit_options(model: ConceptModel, *, cache_latents: bool = True, cache_text
 
 @dataclass
 class Contender:
-    """A named training step: `step(i)` runs optimizer step i (loss, backward, clip, AdamW)."""
+    """A named training step: `step(i)` runs optimizer step i (loss, backward, clip, AdamW), returns the loss."""
 
     name: str
-    step: Callable[[int], None]
+    step: Callable[[int], float]
     removed: str | None = None  # for ablations: the lrkit option taken away
 
 
@@ -294,10 +319,10 @@ def reference_contender(spec: BenchSpec, method: str) -> Contender:
     scaler = torch.amp.GradScaler(spec.device, enabled=spec.precision == "fp16")
     params = model.trainable_parameters()
 
-    def step(i: int) -> None:
+    def step(i: int) -> float:
         with autocast(spec):
             loss = reference_loss(model, batches[i % len(batches)])
-        optimizer_step(loss, optimizer, scaler, params, config.optim.max_grad_norm)
+        return optimizer_step(loss, optimizer, scaler, params, config.optim.max_grad_norm)
 
     return Contender("reference", step)
 
@@ -317,13 +342,16 @@ def lrkit_contenders(spec: BenchSpec, method: str, *, ablations: bool) -> list[C
     # Pivotal tuning: time phase 2 (tokens and LoRA train), the step the reference's parameter set matches.
     phase_step = config.max_steps - 1
 
-    def make_step(opt: torch.optim.Optimizer, **options) -> Callable[[int], None]:
-        def step(i: int) -> None:
+    def make_step(opt: torch.optim.Optimizer, **options) -> Callable[[int], float]:
+        def step(i: int) -> float:
+            batch = batches[i % len(batches)]
             torch.manual_seed(step_seed(config.seed, i))  # as PersonalizationModule.on_train_batch_start
-            generator = torch.Generator().manual_seed(step_seed(config.seed, i) + 1)
+            # One generator per sample, seeded by its place in the sample stream (as training_step).
+            generators = [torch.Generator().manual_seed(step_seed(config.seed, counter, 1 + (source == "class")))
+                          for counter, source in zip(batch["counter"].tolist(), batch["source"])]
             with lrkit_options(model, **options), autocast(spec):
-                loss, _ = model.loss(batches[i % len(batches)], generator)
-            optimizer_step(loss, opt, scaler, params, config.optim.max_grad_norm,
+                loss, _ = model.loss(batch, generators)
+            return optimizer_step(loss, opt, scaler, params, config.optim.max_grad_norm,
                            lambda: model.method.before_optimizer_step(model, phase_step))
         return step
 
@@ -348,12 +376,13 @@ def lrkit_contenders(spec: BenchSpec, method: str, *, ablations: bool) -> list[C
 def time_contenders(contenders: list[Contender], spec: BenchSpec) -> dict[str, list[float]]:
     """Seconds per step of each contender, one value per round; rounds interleave the contenders."""
     counters = {c.name: 0 for c in contenders}
+    losses: dict[str, list[float]] = {c.name: [] for c in contenders}
 
     def run(c: Contender, n: int) -> float:
         synchronize(spec.device)
         start = time.perf_counter()
         for _ in range(n):
-            c.step(counters[c.name])
+            losses[c.name].append(c.step(counters[c.name]))
             counters[c.name] += 1
         synchronize(spec.device)
         return (time.perf_counter() - start) / n
@@ -367,6 +396,9 @@ def time_contenders(contenders: list[Contender], spec: BenchSpec) -> dict[str, l
             per_round[c.name].append(run(c, spec.steps))
         logger.info("round %d/%d: %s", r + 1, spec.rounds,
                     ", ".join(f"{name} {t[-1] * 1e3:.1f} ms" for name, t in per_round.items()))
+    for name, values in losses.items():
+        if not all(math.isfinite(v) for v in values):  # NaN/inf arithmetic would make the timings meaningless
+            raise FloatingPointError(f"{name}: non-finite loss during the benchmark ({values[-3:]})")
     return per_round
 
 
@@ -385,32 +417,58 @@ def _status_kb(field: str) -> int:
     return int(match.group(1))
 
 
-def _peak_memory_probe(spec: BenchSpec, method: str, side: str, queue) -> None:
-    """Child process: build one side, run warm-up + `steps` steps, report its peak memory in MB.
+class _PeakMemory:
+    """Peak memory since `reset()`, over what was held at the reset, in MB.
 
-    On CPU: growth of the peak RSS over the RSS after imports. `ru_maxrss` would not do: Linux
-    carries it across fork+exec, so a spawned child starts with the parent's peak. `VmHWM` belongs
-    to the child's own address space, and writing 5 to clear_refs resets it to the current RSS.
+    CUDA: `torch.cuda.max_memory_allocated`. CPU: the peak RSS (`VmHWM`); writing 5 to
+    /proc/self/clear_refs resets it. (`ru_maxrss` would not do: Linux carries it across fork+exec,
+    so a spawned child would start with its parent's peak.)
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def _now_and_peak(self) -> tuple[float, float]:
+        if self.device == "cuda":
+            return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+        return _status_kb("VmRSS") / 1024, _status_kb("VmHWM") / 1024
+
+    def reset(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+        self.base = self._now_and_peak()[0]
+
+    def growth(self) -> float:
+        synchronize(self.device)
+        return self._now_and_peak()[1] - self.base
+
+
+def _peak_memory_probe(spec: BenchSpec, method: str, side: str, queue) -> None:
+    """Child process: build one side, run warm-up + `steps` steps; report its peak memory in MB.
+
+    `total`: over the memory held after imports (weights, caches, optimizer state, activations);
+    `steps`: over the memory held once the side is built (optimizer state and activations).
+    On CUDA the total is the whole `max_memory_allocated` (nothing is on the GPU before the build).
     """
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    if spec.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
-        baseline_kb = _status_kb("VmRSS")
+    total, steps = _PeakMemory(spec.device), _PeakMemory(spec.device)
+    total.reset()
     contender = reference_contender(spec, method) if side == "reference" else \
         lrkit_contenders(spec, method, ablations=False)[0]
+    if spec.device != "cuda":  # CUDA has one peak counter: measure the steps' growth by difference
+        steps.reset()
+    else:
+        steps.base = torch.cuda.memory_allocated() / 2**20
     for i in range(spec.warmup + spec.steps):
         contender.step(i)
-    synchronize(spec.device)
-    if spec.device == "cuda":
-        queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        queue.put((_status_kb("VmHWM") - baseline_kb) / 1024)
+    queue.put(dict(total=total.growth(), steps=steps.growth()))
 
 
-def peak_memory_mb(spec: BenchSpec, method: str, side: str) -> float:
+def peak_memory_mb(spec: BenchSpec, method: str, side: str) -> dict[str, float]:
     """Peak memory of one side, measured in a fresh (spawned) process so the sides cannot mix."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -445,8 +503,9 @@ def bench_method(spec: BenchSpec, method: str, *, measure_memory: bool = True) -
     )
     if measure_memory:
         logger.info("%s: measuring peak memory (one process per side)", method)
-        result["ref_peak_mb"] = peak_memory_mb(spec, method, "reference")
-        result["lrkit_peak_mb"] = peak_memory_mb(spec, method, "lrkit")
+        ref, lrkit = peak_memory_mb(spec, method, "reference"), peak_memory_mb(spec, method, "lrkit")
+        result.update(ref_peak_mb=ref["total"], lrkit_peak_mb=lrkit["total"],
+                      ref_steps_peak_mb=ref["steps"], lrkit_steps_peak_mb=lrkit["steps"])
     return result
 
 
@@ -455,6 +514,75 @@ def what_bought_it(result: dict, spec: BenchSpec) -> str:
     if spec.channels_last:
         parts.append("channels-last (not ablated)")
     return ", ".join(parts) or "-"
+
+
+# ---------------------------------------------------------------------------- FLOP count
+
+
+def count_gflops(fn: Callable[[], object]) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def flop_estimate(spec: BenchSpec, methods: list[str]) -> list[dict]:
+    """Per-image GFLOPs of the parts of a step, counted on meta tensors (no weights, no time).
+
+    `if_time_follows_flops` is the speed-up the caches would buy if time were proportional to FLOPs:
+    step FLOPs over step FLOPs without what lrkit caches (VAE encode; text encoder where it is frozen).
+    """
+    unet_config, vae_config, text_config = (
+        (SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG) if spec.model == "sd15"
+        else (TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config).requires_grad_(False)
+        vae = AutoencoderKL(**vae_config).requires_grad_(False)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).requires_grad_(False)
+    r, down = spec.resolution, 2 ** (len(vae.config.block_out_channels) - 1)
+    pixels = torch.empty(1, 3, r, r, device="meta")
+    ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
+    latents = torch.empty(1, unet.config.in_channels, r // down, r // down, device="meta", requires_grad=True)
+    states = torch.empty(1, 77, unet.config.cross_attention_dim, device="meta")
+    timestep = torch.tensor([500], device="meta")
+
+    vae_gf = count_gflops(lambda: vae.encode(pixels))
+    text_gf = count_gflops(lambda: text_encoder(ids))
+    text_encoder.get_input_embeddings().weight.requires_grad_(True)  # TI: gradients flow to the token rows
+    text_train_gf = count_gflops(lambda: text_encoder(ids)[0].sum().backward())
+    unet_in_gf = count_gflops(lambda: unet(latents, timestep, states).sample.sum().backward())  # LoRA-like
+    unet.requires_grad_(True)
+    unet_full_gf = count_gflops(lambda: unet(latents, timestep, states).sample.sum().backward())  # DreamBooth
+
+    rows = []
+    for method in methods:
+        text_frozen = method in ("lora", "dreambooth")
+        text = text_gf if text_frozen else text_train_gf
+        unet_step = unet_full_gf if method == "dreambooth" else unet_in_gf
+        step = vae_gf + text + unet_step
+        cached = vae_gf + (text if text_frozen else 0.0)
+        rows.append(dict(method=method, vae_encode=vae_gf, text_encoder=text, unet=unet_step, step=step,
+                         cached_share=cached / step, if_time_follows_flops=step / (step - cached)))
+    return rows
+
+
+def flop_section(spec: BenchSpec, rows: list[dict], command: str, machine: dict) -> str:
+    lines = [
+        f"### FLOP count: {spec.model}, {spec.resolution} px (no timing)",
+        "",
+        f"{machine['date']} · torch {machine['torch']}, diffusers {machine['diffusers']} · `{command}`: "
+        "per-image GFLOPs counted by `torch.utils.flop_counter` on meta tensors (forward, and backward where the "
+        "step has one: to the inputs for LoRA/TI/pivotal, with weight gradients for DreamBooth; LoRA adapters "
+        "and the optimizer are negligible and left out). The last column is what the caches would buy if "
+        "time were proportional to FLOPs: an expectation, not a measurement.",
+        "",
+        "| method | VAE encode | text encoder | UNet fwd+bwd | step | cacheable share | lrkit/ref if time follows FLOPs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['vae_encode']:.4g} | {r['text_encoder']:.4g} | {r['unet']:.4g} "
+                     f"| {r['step']:.4g} | {r['cached_share']:.0%} | {r['if_time_follows_flops']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -504,11 +632,12 @@ def machine_info(spec: BenchSpec) -> dict:
 
 
 def markdown_table(results: list[dict]) -> str:
-    header = ("| method | ref steps/s | lrkit steps/s | ratio (lrkit/ref) [min-max] | ref peak MB | lrkit peak MB "
-              "| what bought it (lrkit time without it / with it) |")
+    header = ("| method | ref steps/s | lrkit steps/s | ratio (lrkit/ref) [min-max] | ref peak MB (steps) "
+              "| lrkit peak MB (steps) | what bought it (lrkit time without it / with it) |")
     lines = [header, "|" + "---|" * 7]
     for r in results:
-        mem = [f"{r[k]:.0f}" if k in r else "-" for k in ("ref_peak_mb", "lrkit_peak_mb")]
+        mem = [f"{r[f'{side}_peak_mb']:.0f} ({r[f'{side}_steps_peak_mb']:.0f})" if f"{side}_peak_mb" in r else "-"
+               for side in ("ref", "lrkit")]
         lines.append(f"| {r['method']} | {r['ref_steps_per_s']:.2f} | {r['lrkit_steps_per_s']:.2f} "
                      f"| {r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] | {mem[0]} | {mem[1]} "
                      f"| {r['what_bought_it']} |")
@@ -517,7 +646,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def markdown_section(spec: BenchSpec, machine: dict, results: list[dict], command: str) -> str:
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
-    memory = "torch.cuda.max_memory_allocated" if spec.device == "cuda" else "peak RSS (VmHWM) growth after imports"
+    memory = "torch.cuda.max_memory_allocated" if spec.device == "cuda" else "peak RSS (VmHWM) over the RSS after imports"
     return "\n".join([
         f"### {spec.key}",
         "",
@@ -526,10 +655,13 @@ def markdown_section(spec: BenchSpec, machine: dict, results: list[dict], comman
         f"{machine['load_average_end']} at end; CPU pressure 10 s/60 s {machine['cpu_pressure']} at start, "
         f"{machine['cpu_pressure_end']} at end){gpu} · "
         f"torch {machine['torch']}, diffusers {machine['diffusers']}, peft {machine['peft']}, "
-        f"transformers {machine['transformers']} · lrkit {machine['lrkit_commit']}",
+        f"transformers {machine['transformers']} · lrkit {machine['lrkit_commit']} · {machine['wall_seconds']:.0f} s",
         "",
-        f"`{command}` — {spec.rounds} interleaved rounds of {spec.steps} steps per contender after "
-        f"{spec.warmup} warm-up steps; ratio = median over rounds; peak memory = {memory}, one process per side.",
+        f"`{command}`: {spec.rounds} interleaved rounds of {spec.steps} steps per contender after "
+        f"{spec.warmup} warm-up steps. Ratio: median over rounds of (reference time / lrkit time) in the same "
+        f"round, [min-max] over rounds; steps/s: each contender's own median, so under changing load they "
+        f"need not divide to the ratio. Peak memory: {memory}, one fresh process per side; in brackets the "
+        f"growth during the training steps alone (over the memory held once the side is built).",
         "",
         markdown_table(results),
         "",
@@ -568,13 +700,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the ratio is their median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per contender per round")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (the ratio is their median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of " + ", ".join(METHOD_NAMES))
     parser.add_argument("--compile", action="store_true", help="torch.compile lrkit's UNet (also ablated)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for lrkit's UNet")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--flops", action="store_true",
+                        help="only count each part's FLOPs on meta tensors (instant; no timing, no weights)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/train_step-<device>.json)")
     parser.add_argument("--markdown", type=Path, default=ROOT / "bench" / "RESULTS.md",
                         help="markdown file whose 'Training step' section gets this run's table")
@@ -607,8 +741,14 @@ def main(argv: list[str] | None = None) -> int:
     spec, args = parse_args(argv)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    command = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python bench/train_step.py", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info(spec)
+    if args.flops:
+        rows = flop_estimate(spec, args.methods)
+        section = flop_section(spec, rows, command, machine)
+        print(section)
+        write_results_md(args.markdown, section, section.splitlines()[0][4:])
+        return 0
     started = time.perf_counter()
     results = []
     for method in args.methods:

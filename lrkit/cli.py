@@ -32,9 +32,79 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _generation_parser(prog: str, description: str):
+    """Shared options of `generate` and `run`: GenerationOptions fields (or --config YAML), prompts, seeds."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lrkit.inference import GenerationOptions
+
+    parser = ArgumentParser(prog=prog, description=description, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="generation options YAML (configs/infer/*.yaml)")
+    parser.add_argument("--base", default="tiny-random", help="base model: tiny-random, toy, hub id, folder or .safetensors")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); '{}' becomes '<token> <class>'")
+    parser.add_argument("--prompts", default=None, help="file with one prompt a line (data/prompts/*.txt)")
+    parser.add_argument("--seeds", type=list[int], default=[0, 1], help="seeds, e.g. [0,1,2,3]")
+    parser.add_argument("--out", default=None, help="output folder")
+    parser.add_argument("--sam_checkpoint", default=None, help="SAM checkpoint (sam_vit_b/l/h_*.pth) for subject masks")
+    parser.add_argument("--intermediates", type=bool, default=False, help="also save layouts, masks and grids")
+    parser.add_class_arguments(GenerationOptions, "options")
+    return parser
+
+
+def _prompts(args) -> list[str]:
+    from lrkit.jobs import read_prompts
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise ValueError("give --prompt TEXT or --prompts FILE")
+    return prompts
+
+
+def _generate(argv: list[str]) -> int:
+    from lrkit.inference import LayoutRetouchPipeline
+    from lrkit.jobs import fill_prompts, generate_to_folder
+
+    parser = _generation_parser("lrkit generate", "Generate images of a concept (vanilla, personalized, layout, layout-retouch).")
+    parser.add_argument("--concept", required=True, help="concept bundle folder")
+    parser.add_argument("--force", type=bool, default=False, help="apply the concept even to another base model")
+    args = parser.instantiate(parser.parse_args(argv))
+    pipeline = LayoutRetouchPipeline.from_concept(args.base, args.concept, sam_checkpoint=args.sam_checkpoint,
+                                                  force=args.force)
+    prompts = fill_prompts(_prompts(args), pipeline.concept, require_token=args.options.mode != "vanilla")
+    out = args.out or "outputs/generate"
+    generate_to_folder(pipeline, prompts, args.seeds, out, args.options, intermediates=args.intermediates,
+                       skip_existing=False)
+    print(out)
+    return 0
+
+
+def _run(argv: list[str]) -> int:
+    from lrkit.jobs import photos_to_images
+
+    parser = _generation_parser("lrkit run", "Photos -> concept -> Layout-and-Retouch images and a contact sheet.")
+    parser.add_argument("--photos", required=True, help="folder of 3-10 photos of the subject")
+    parser.add_argument("--class_word", "--class-word", required=True, help="the subject's class, e.g. dog")
+    parser.add_argument("--method", default="lora", help="training method (lora, dreambooth, textual_inversion, pivotal)")
+    parser.add_argument("--max_steps", type=int | None, default=None, help="training steps (default: the method's)")
+    parser.add_argument("--resolution", type=int | None, default=None, help="training and generation resolution")
+    args = parser.instantiate(parser.parse_args(argv))
+    train = {"max_steps": args.max_steps} if args.max_steps else {}
+    options = args.options
+    if args.resolution and options.height is None:
+        options.height = options.width = args.resolution
+    sheet = photos_to_images(args.photos, args.class_word, _prompts(args), base=args.base,
+                             out_dir=args.out or "outputs/run", method=args.method, seeds=args.seeds,
+                             options=options if options.height else None, resolution=args.resolution,
+                             train_overrides=train, sam_checkpoint=args.sam_checkpoint, intermediates=True)
+    print(sheet)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a concept from photos (YAML config + overrides) and write its bundle"),
     "export": (_export, "write a concept bundle from a training checkpoint"),
+    "generate": (_generate, "generate images of a concept (vanilla | personalized | layout | layout-retouch)"),
+    "run": (_run, "photos -> concept -> layout-retouch images + contact sheet, in one job"),
 }
 
 

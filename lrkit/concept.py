@@ -103,6 +103,20 @@ class Concept:
             raise ConceptError(f"concept {self.name!r} ({self.method}) has no {key!r} file")
         return self.path / self.files[key]
 
+    def weights_digest(self) -> str:
+        """Changes whenever a weight file is rewritten (name, size, mtime of every listed file)."""
+        import hashlib
+
+        assert self.path is not None
+        h = hashlib.sha256()
+        for key, rel in sorted(self.files.items()):
+            root = self.path / rel
+            for f in sorted([root] if root.is_file() else root.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    h.update(f"{key}:{f.relative_to(self.path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
     def ref_paths(self) -> list[Path]:
         assert self.path is not None
         return [self.path / r for r in self.refs]

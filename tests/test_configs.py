@@ -36,3 +36,22 @@ def test_train_config_loads_and_round_trips(path):
 def test_train_config_paths_exist(path):
     config = load_config(path)
     assert (ROOT / config.data.photos).is_dir(), f"{path.name}: data.photos {config.data.photos!r} is not shipped"
+
+
+INFER_CONFIGS = sorted((ROOT / "configs" / "infer").glob("*.yaml"))
+
+
+def test_there_is_an_inference_config():
+    assert INFER_CONFIGS
+
+
+@pytest.mark.parametrize("path", INFER_CONFIGS, ids=lambda p: p.name)
+def test_infer_config_loads_against_the_generate_entry_point(path):
+    from lrkit.cli import _generation_parser
+    from lrkit.inference import GenerationOptions
+
+    parser = _generation_parser("lrkit generate", "")
+    args = parser.instantiate(parser.parse_args(["--config", str(path)]))
+    assert isinstance(args.options, GenerationOptions)
+    raw = yaml.safe_load(path.read_text())
+    assert args.options.mode == raw["options"]["mode"] and args.options.lam == raw["options"]["lam"]

@@ -260,6 +260,7 @@ class LayoutRetouchPipeline:
             results += self.generate(prompt, seeds, options, prompt_index=index)
         return results
 
+    @torch.no_grad()
     def generate(self, prompt: str, seeds: list[int], options: GenerationOptions, prompt_index: int = 0) -> list[Generation]:
         """One prompt, several seeds in one batch."""
         height = options.height or self.concept.resolution
@@ -312,20 +313,23 @@ class LayoutRetouchPipeline:
                                        generators)
         extra = pipe.prepare_extra_step_kwargs(generators, options.eta)
         grid = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        store = AttentionStore(rows=list(range(batch, 2 * batch)), tokens=[], size=grid)
         trajectory, maps = [latents], []
-        for i, t in enumerate(pipe.scheduler.timesteps):
-            embeds = vanilla if i < switch else star
-            model = self.vanilla() if i < switch else contextlib.nullcontext()
-            store = AttentionStore(rows=list(range(batch, 2 * batch)), tokens=embeds.tokens, size=grid)
-            with model, processors(pipe.unet, self._store_processors(store, grid)):
-                latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                noise = pipe.unet(latent_in, t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
-                                  return_dict=False)[0]
-            uncond, cond = noise.chunk(2)
-            noise = uncond + options.guidance_scale * (cond - uncond)
-            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            trajectory.append(latents)
-            maps.append(store.take())
+        with contextlib.ExitStack() as hooks:
+            for unet in {id(u): u for u in (pipe.unet, self.vanilla_unet) if u is not None}.values():
+                hooks.enter_context(processors(unet, self._store_processors(store, grid)))
+            for i, t in enumerate(pipe.scheduler.timesteps):
+                embeds = vanilla if i < switch else star
+                store.tokens = embeds.tokens
+                with self.vanilla() if i < switch else contextlib.nullcontext():
+                    latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                    noise = pipe.unet(latent_in, t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
+                                      return_dict=False)[0]
+                uncond, cond = noise.chunk(2)
+                noise = uncond + options.guidance_scale * (cond - uncond)
+                latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                trajectory.append(latents)
+                maps.append(store.take())
         return LayoutResult(latents=latents, trajectory=torch.stack(trajectory), maps=torch.stack(maps))
 
     def _store_processors(self, store: AttentionStore, grid) -> dict:
@@ -357,7 +361,7 @@ class LayoutRetouchPipeline:
         if height != width:
             raise InferenceError("layout-retouch needs a square image size (height == width)")
         key = self.cache.key(concept=self.concept.name, base=self.concept.base.unet_config_sha256,
-                             files=sorted(self.concept.files.items()), reference=image_digest(path),
+                             weights=self.concept.weights_digest(), reference=image_digest(path),
                              scheduler=dict(self.pipe.scheduler.config), steps=options.num_inference_steps,
                              resolution=height, prompt=prompt, dtype=str(embeds.dtype))
 
@@ -392,7 +396,7 @@ class LayoutRetouchPipeline:
             square = center_square(photo, grid[0] * self.pipe.vae_scale_factor)  # what the inversion encoded
             mask = self.segmenter(square, box_from_attention(attn, square.size))
         else:
-            mask = attn >= otsu_threshold(attn)
+            mask = attn > otsu_threshold(attn)
         self._store_reference_mask(rel, mask)
         return resize_map(mask.float(), grid).to(self.device)
 

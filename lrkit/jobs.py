@@ -1,0 +1,105 @@
+"""End-to-end jobs that use both sides: photos -> concept bundle -> personalized images.
+
+`lrkit.training` and `lrkit.inference` never import each other; this module composes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from lrkit.concept import MANIFEST, Concept
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_RESOLUTION = 64
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt a line (blank lines and `#` comments skipped); `{}` marks the subject phrase."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file {str(file)!r} does not exist")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {str(file)!r} holds no prompts")
+    return prompts
+
+
+def fill_prompts(prompts: list[str], concept: Concept, *, require_token: bool = True) -> list[str]:
+    """`{}` -> `<token> <class>`; unless `require_token` is off, a prompt must then mention the token."""
+    filled = [p.replace("{}", concept.subject_phrase()) for p in prompts]
+    missing = [p for p in filled if require_token and concept.token not in p]
+    if missing:
+        raise ValueError(
+            f"prompt {missing[0]!r} mentions neither the concept token {concept.token!r} nor '{{}}' "
+            f"(which becomes {concept.subject_phrase()!r})"
+        )
+    return filled
+
+
+def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: str | os.PathLike, options, *,
+                       intermediates: bool = False, skip_existing: bool = True) -> list[tuple[str, list[Path]]]:
+    """Every prompt x seed into `out_dir` (skipping finished images), with a progress bar; returns paths per prompt."""
+    from lrkit.inference.outputs import image_path, save_generation
+
+    out = Path(out_dir)
+    done: list[tuple[str, list[Path]]] = []
+    todo = [(i, p, s) for i, p in enumerate(prompts) for s in seeds
+            if not (skip_existing and image_path(out, i, s).is_file())]
+    skipped = len(prompts) * len(seeds) - len(todo)
+    if skipped:
+        logger.info("%d of %d images already exist in %s; skipping them", skipped, len(prompts) * len(seeds), out)
+    with tqdm(total=len(todo), desc="generating", unit="img", disable=not todo) as bar:
+        for index, prompt in enumerate(prompts):
+            pending = [s for i, _, s in todo if i == index]
+            if pending:
+                for gen in pipeline.generate(prompt, pending, options, prompt_index=index):
+                    save_generation(gen, out, intermediates=intermediates)
+                    bar.update(1)
+            done.append((prompt, [image_path(out, index, s) for s in seeds]))
+    return done
+
+
+def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[str], *, base: str = "tiny-random",
+                     out_dir: str | os.PathLike = "outputs/run", method: str = "lora", seeds: list[int] | None = None,
+                     options=None, resolution: int | None = None, train_overrides: dict | None = None,
+                     sam_checkpoint: str | None = None, intermediates: bool = True) -> Path:
+    """Train (or reuse) a concept from `photos`, then Layout-and-Retouch every prompt x seed.
+
+    Re-running reuses the bundle in OUT_DIR/concept/concept and skips finished images. Returns the
+    contact sheet's path (OUT_DIR/contact_sheet.png).
+    """
+    from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
+    from lrkit.inference.outputs import contact_sheet, save_png
+    from lrkit.models import BUILTIN_BASES
+    from lrkit.training import train_concept
+
+    out = Path(out_dir)
+    train_dir = out / "concept"
+    bundle = train_dir / "concept"
+    seeds = list(seeds if seeds is not None else [0, 1])
+    if resolution is None:
+        resolution = BUILTIN_RESOLUTION if base.split(":")[0] in BUILTIN_BASES else 512
+    if (bundle / MANIFEST).is_file():
+        logger.info("reusing the concept bundle %s", bundle)
+    else:
+        logger.info("phase 1/2: training a %s concept from %s", method, photos)
+        overrides = {"base": base, "method": method, "output_dir": str(train_dir),
+                     "data": {"photos": str(photos), "class_word": class_word, "resolution": resolution}}
+        train_concept(overrides, **(train_overrides or {}))
+    concept = Concept.load(bundle)
+    filled = fill_prompts(prompts, concept)
+    options = options or GenerationOptions(height=resolution, width=resolution)
+    logger.info("phase 2/2: %s for %d prompts x %d seeds", options.mode, len(filled), len(seeds))
+    pipeline = LayoutRetouchPipeline.from_concept(base, concept, sam_checkpoint=sam_checkpoint,
+                                                  cache_dir=out / "cache")
+    done = generate_to_folder(pipeline, filled, seeds, out / "images", options, intermediates=intermediates)
+    return save_png(contact_sheet(done), out / "contact_sheet.png")
+
+
+__all__ = ["fill_prompts", "generate_to_folder", "photos_to_images", "read_prompts"]
