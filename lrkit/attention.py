@@ -218,15 +218,20 @@ class SwapState:
     """What the swap processors read during one UNet call of the retouch stage.
 
     Batch layout: `ref` is the reference row R; `pairs` are (target row X, context row C) for each
-    guidance branch. `ref_mask` (h, w) and `target_mask` (h, w) are float maps at latent resolution,
-    resized to each layer; `active` switches the swap on for this call.
+    guidance branch. `ref_mask` (h, w) and `target_mask` (pairs, h, w) are float maps at latent
+    resolution, resized to each layer; `active` switches the swap on for this call. With the caches
+    set, R's keys/values and C's outputs come from earlier passes (recorded by `RecordingProcessor`)
+    and the batch holds only the target rows.
     """
 
-    ref: int
-    pairs: list[tuple[int, int]]
+    ref: int | None
+    pairs: list[tuple[int, int | None]]
     ref_mask: torch.Tensor  # (h, w)
     target_mask: torch.Tensor  # (pairs, h, w)
     active: bool = False
+    step: int = 0
+    ref_cache: "AttentionCache | None" = None  # R's (k, v) per (layer, step) instead of a batch row
+    context_cache: "AttentionCache | None" = None  # C's attention output per (layer, step) instead of rows
     _cache: dict = field(default_factory=dict)
 
     def set_target(self, mask: torch.Tensor) -> None:
@@ -272,30 +277,94 @@ class MultiSourceSwapProcessor:
     processor's computation.
     """
 
-    def __init__(self, state: SwapState, aspect: float = 1.0):
+    def __init__(self, state: SwapState, aspect: float = 1.0, name: str = ""):
         self.state = state
         self.aspect = aspect
+        self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None:
             raise AttentionLayerError("MultiSourceSwapProcessor belongs on self-attention layers (attn1)")
-        _check_plain(attn)
-        q = _heads(attn.to_q(hidden_states), attn.heads)  # (batch, heads, tokens, head_dim)
-        k = _heads(attn.to_k(hidden_states), attn.heads)
-        v = _heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        q, k, v, out = _self_attention(attn, hidden_states)
         state = self.state
         if state.active:
             n = q.shape[2]
             ref_keep, blend = state.masks_at(_grid(n, self.aspect))  # (n,), (pairs, n, 1)
-            xs, cs = [x for x, _ in state.pairs], [c for _, c in state.pairs]
-            fg = reference_attention(q[xs], k[state.ref], v[state.ref], k[xs], v[xs], ref_keep)
+            xs = [x for x, _ in state.pairs]
+            if state.ref_cache is not None:
+                k_ref, v_ref = state.ref_cache.get(self.name, state.step)
+            else:
+                k_ref, v_ref = k[state.ref], v[state.ref]
+            if state.context_cache is not None:
+                (bg,) = state.context_cache.get(self.name, state.step)
+            else:
+                bg = out[[c for _, c in state.pairs]]
+            fg = reference_attention(q[xs], k_ref, v_ref, k[xs], v[xs], ref_keep)
             m = blend.to(out.dtype).unsqueeze(1)  # (pairs, 1, n, 1)
             out = out.clone()
-            out[xs] = m * fg + (1 - m) * out[cs]
-        hidden = _merge(out).to(q.dtype)
-        hidden = attn.to_out[0](hidden)
-        hidden = attn.to_out[1](hidden)
-        return hidden / attn.rescale_output_factor
+            out[xs] = m * fg + (1 - m) * bg.to(out.dtype)
+        return _project(attn, out, q.dtype)
+
+
+def _self_attention(attn, hidden_states):
+    """q, k, v (batch, heads, tokens, head_dim) and softmax(qk^T)v, as the stock processor computes them."""
+    _check_plain(attn)
+    q = _heads(attn.to_q(hidden_states), attn.heads)
+    k = _heads(attn.to_k(hidden_states), attn.heads)
+    v = _heads(attn.to_v(hidden_states), attn.heads)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    return q, k, v, F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+
+
+def _project(attn, out, dtype):
+    hidden = _merge(out).to(dtype)
+    hidden = attn.to_out[0](hidden)
+    hidden = attn.to_out[1](hidden)
+    return hidden / attn.rescale_output_factor
+
+
+@dataclass
+class AttentionCache:
+    """Tensors per (layer, step) recorded in one pass and read in a later one.
+
+    `rows` are the batch rows to record; `steps` the steps to record (the loop sets `step`).
+    """
+
+    rows: list[int]
+    steps: range
+    step: int = 0
+    data: dict = field(default_factory=dict)
+
+    def get(self, layer: str, step: int) -> tuple[torch.Tensor, ...]:
+        if (layer, step) not in self.data:
+            raise KeyError(f"nothing recorded for layer {layer!r} at step {step}")
+        return self.data[(layer, step)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for v in self.data.values() for t in v)
+
+
+class RecordingProcessor:
+    """Stock self-attention that records, for the cache's rows and steps, either the keys and values
+    (`what="kv"`, the reference path) or the attention output before the projection (`what="out"`,
+    the context path)."""
+
+    def __init__(self, cache: AttentionCache, name: str, what: str):
+        if what not in ("kv", "out"):
+            raise ValueError(f"what must be 'kv' or 'out', got {what!r}")
+        self.cache, self.name, self.what = cache, name, what
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None:
+            raise AttentionLayerError("RecordingProcessor belongs on self-attention layers (attn1)")
+        q, k, v, out = _self_attention(attn, hidden_states)
+        cache = self.cache
+        if cache.step in cache.steps:
+            rows = cache.rows
+            if self.what == "kv":
+                entry = (k[rows[0]].detach(), v[rows[0]].detach())
+            else:
+                entry = (out[rows].detach(),)
+            cache.data[(self.name, cache.step)] = entry
+        return _project(attn, out, q.dtype)

@@ -124,15 +124,29 @@ def test_swap_off_returns_the_layout(pipes):
     assert np.abs(as_np(out.image) - as_np(out.layout)).max() <= 1.5 / 255
 
 
-def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(pipes, monkeypatch):
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(pipes, monkeypatch, cache):
     import lrkit.masks
 
     monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.zeros_like(attn))
-    zero = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5)[0]
+    zero = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
     assert np.abs(as_np(zero.image) - as_np(zero.layout)).max() <= 1.5 / 255
     monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.ones_like(attn))
-    full = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5)[0]
+    full = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
     assert np.abs(as_np(full.image) - as_np(full.layout)).mean() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["lora", "ti"])
+def test_cached_attention_equals_the_batched_paths(pipes, kind):
+    """Recording C in stage 1 and R once gives what running [R, C_u, C_c, X_u, X_c] per step gives."""
+    kw = dict(mode="layout-retouch", lam=0.25)
+    cached = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions(num_inference_steps=STEPS, **kw))
+    plain = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions(num_inference_steps=STEPS,
+                                                                             cache_attention=False, **kw))
+    for a, b in zip(cached, plain):
+        np.testing.assert_allclose(as_np(a.image), as_np(b.image), atol=1.5 / 255)
+        np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+        assert np.abs(as_np(a.image) - as_np(a.layout)).mean() > 2e-4  # the swap changed the image (random weights: mildly)
 
 
 def test_layout_retouch_runs_batched_and_is_deterministic(pipes):

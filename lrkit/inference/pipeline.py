@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lrkit.attention import (AttentionStore, AttentionStoreProcessor, MultiSourceSwapProcessor, SwapState,
-                             cross_layers_at, decoder_self_layers, processors)
+from lrkit.attention import (AttentionCache, AttentionStore, AttentionStoreProcessor, MultiSourceSwapProcessor,
+                             RecordingProcessor, SwapState, cross_layers_at, decoder_self_layers, processors)
 from lrkit.concept import Concept, ConceptError
 from lrkit.models import load_base
 
@@ -68,6 +68,9 @@ class GenerationOptions:
     """Turn the attention swap off (stage 2 then returns the layout: a debugging switch)."""
     eta: float = 0.0
     """DDIM eta."""
+    cache_attention: bool = True
+    """Reuse what earlier passes computed: C's swap-layer outputs recorded in stage 1, R's keys/values
+    recorded once per reference. Stage 2 then runs only the target rows (faster, costs memory)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -155,6 +158,7 @@ class LayoutRetouchPipeline:
         if not isinstance(pipe.scheduler, DDIMScheduler):
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.has_lora = "lora" in concept.files
+        self._kv_memo: dict = {}
         pipe.set_progress_bar_config(disable=True)
 
     # ------------------------------------------------------------------ construction
@@ -274,12 +278,17 @@ class LayoutRetouchPipeline:
             lam = 0.0
         else:
             lam = options.lam
+        retouch = options.mode == "layout-retouch"
+        context = None
+        if retouch and options.cache_attention and options.swap:
+            context = AttentionCache(rows=list(range(2 * len(seeds))),
+                                     steps=range(self._swap_from(options), options.num_inference_steps))
         layout = self._layout([prompt] * len(seeds), [plain] * len(seeds), generators, options, lam, height, width,
-                              vanilla_phrase)
+                              vanilla_phrase, context)
         images = layout.latents
         masks = reference = None
-        if options.mode == "layout-retouch":
-            images, masks, reference = self._retouch(prompt, layout, options, height, width)
+        if retouch:
+            images, masks, reference = self._retouch(prompt, layout, options, height, width, context)
         decoded = self._decode(images, generators)
         layouts = self._decode(layout.latents, generators) if options.mode == "layout-retouch" else [None] * len(seeds)
         out = []
@@ -298,7 +307,7 @@ class LayoutRetouchPipeline:
     # ------------------------------------------------------------------ stage 1
 
     def _layout(self, prompts, plain_prompts, generators, options: GenerationOptions, lam: float, height, width,
-                vanilla_phrase: str) -> LayoutResult:
+                vanilla_phrase: str, context: AttentionCache | None = None) -> LayoutResult:
         """Step-blended denoising: ε(z, y) for i < λ·T, then ε*(z, y*); guidance in both phases."""
         pipe, steps = self.pipe, options.num_inference_steps
         batch = len(prompts)
@@ -317,10 +326,15 @@ class LayoutRetouchPipeline:
         trajectory, maps = [latents], []
         with contextlib.ExitStack() as hooks:
             for unet in {id(u): u for u in (pipe.unet, self.vanilla_unet) if u is not None}.values():
-                hooks.enter_context(processors(unet, self._store_processors(store, grid)))
+                chosen = self._store_processors(store, grid)
+                if context is not None and unet is pipe.unet:  # record C for stage 2 (personalized steps only)
+                    chosen.update({l.name: RecordingProcessor(context, l.name, "out") for l in self._swap_layers(options)})
+                hooks.enter_context(processors(unet, chosen))
             for i, t in enumerate(pipe.scheduler.timesteps):
                 embeds = vanilla if i < switch else star
                 store.tokens = embeds.tokens
+                if context is not None:
+                    context.step = i
                 with self.vanilla() if i < switch else contextlib.nullcontext():
                     latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
                     noise = pipe.unet(latent_in, t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
@@ -331,6 +345,18 @@ class LayoutRetouchPipeline:
                 trajectory.append(latents)
                 maps.append(store.take())
         return LayoutResult(latents=latents, trajectory=torch.stack(trajectory), maps=torch.stack(maps))
+
+    def _swap_layers(self, options: GenerationOptions):
+        return decoder_self_layers(self.pipe.unet, options.swap_levels)
+
+    @staticmethod
+    def _start(options: GenerationOptions) -> int:
+        return options.step_index(options.retouch_start if options.retouch_start is not None else options.lam)
+
+    def _swap_from(self, options: GenerationOptions) -> int:
+        if options.swap_start is not None:
+            return max(self._start(options), options.step_index(options.swap_start))
+        return self._start(options)
 
     def _store_processors(self, store: AttentionStore, grid) -> dict:
         aspect = grid[0] / grid[1]
@@ -373,7 +399,7 @@ class LayoutRetouchPipeline:
         trajectory = trajectory.to(self.device, embeds.dtype)
         logger.debug("reference trajectory %s", "from cache" if cached else "inverted")
         mask = self._reference_mask(path, photo, trajectory, embeds, prompt, options)
-        return photo, trajectory, embeds, mask
+        return photo, trajectory, embeds, mask, key
 
     def _reference_mask(self, path: Path, photo: Image.Image, trajectory, embeds, prompt, options) -> torch.Tensor:
         """M_R at latent resolution: from the bundle's masks/ or computed once (SAM, else attention) and stored."""
@@ -423,31 +449,56 @@ class LayoutRetouchPipeline:
         attn = minmax(layout_maps.mean(0))  # (B, h, w), averaged over the steps
         return [self.segmenter(img, box_from_attention(attn[b], (width, height))) for b, img in enumerate(images)]
 
-    def _retouch(self, prompt: str, layout: LayoutResult, options: GenerationOptions, height, width):
-        """Stage 2: [R, C_u, C_c, X_u, X_c] per step; swap in decoder self-attention; adaptive masks."""
+    def _reference_kv(self, key: str, trajectory, embeds, options: GenerationOptions) -> AttentionCache:
+        """R's keys/values at the swap layers for the swap steps: one pass over its trajectory, memoized."""
+        layers = self._swap_layers(options)
+        steps = range(self._swap_from(options), options.num_inference_steps)
+        memo_key = (key, tuple(l.name for l in layers), steps.start)
+        if memo_key not in self._kv_memo:
+            cache = AttentionCache(rows=[0], steps=steps)
+            with processors(self.pipe.unet, {l.name: RecordingProcessor(cache, l.name, "kv") for l in layers}):
+                for i in steps:
+                    cache.step = i
+                    t = self.pipe.scheduler.timesteps[i]
+                    self.pipe.unet(trajectory[i], t, encoder_hidden_states=embeds, return_dict=False)
+            self._kv_memo = {memo_key: cache}  # keep the latest reference only
+        return self._kv_memo[memo_key]
+
+    def _retouch(self, prompt: str, layout: LayoutResult, options: GenerationOptions, height, width,
+                 context: AttentionCache | None = None):
+        """Stage 2: X leaves the layout at s0 and is denoised with the swap and adaptive masks.
+
+        Uncached, each step is one UNet call on [R, C_u, C_c, X_u, X_c]; with `context` (C recorded
+        in stage 1) and R's memoized keys/values, it is a call on [X_u, X_c] alone.
+        """
         from lrkit.masks import blend_target_mask
 
         pipe, steps = self.pipe, options.num_inference_steps
         batch = layout.latents.shape[0]
-        start = options.step_index(options.retouch_start if options.retouch_start is not None else options.lam)
-        swap_from = options.step_index(options.swap_start if options.swap_start is not None else
-                                       (options.retouch_start if options.retouch_start is not None else options.lam))
-        photo, ref_traj, ref_embeds, ref_mask = self._reference(options, height, width)
+        start, swap_from = self._start(options), self._swap_from(options)
+        pipe.scheduler.set_timesteps(steps, device=self.device)
+        photo, ref_traj, ref_embeds, ref_mask, ref_key = self._reference(options, height, width)
         star = self._embed([prompt] * batch, lambda p: self.subject_phrase() if self.subject_phrase() in p else self.concept.token,
                            options.negative_prompt, vanilla=False)
         sam = self._target_sam_masks(layout.latents, layout.maps, height, width)
-        # Rows: R, then C_u (B), C_c (B), X_u (B), X_c (B).
-        c_u, c_c, x_u, x_c = (1 + k * batch for k in range(4))
-        pairs = [(x_u + b, c_u + b) for b in range(batch)] + [(x_c + b, c_c + b) for b in range(batch)]
-        embeds = torch.cat([ref_embeds, star.uncond, star.cond, star.uncond, star.cond])
-        state = SwapState(ref=0, pairs=pairs, ref_mask=ref_mask, target_mask=torch.zeros(2 * batch, 1, 1))
         grid = tuple(layout.latents.shape[-2:])
+        cached = context is not None
+        if cached:  # rows: X_u (B), X_c (B)
+            x_u, x_c = 0, batch
+            pairs = [(x_u + b, None) for b in range(batch)] + [(x_c + b, None) for b in range(batch)]
+            embeds = torch.cat([star.uncond, star.cond])
+            state = SwapState(ref=None, pairs=pairs, ref_mask=ref_mask, target_mask=torch.zeros(2 * batch, 1, 1),
+                              ref_cache=self._reference_kv(ref_key, ref_traj, ref_embeds, options), context_cache=context)
+        else:  # rows: R, C_u (B), C_c (B), X_u (B), X_c (B)
+            c_u, c_c, x_u, x_c = (1 + k * batch for k in range(4))
+            pairs = [(x_u + b, c_u + b) for b in range(batch)] + [(x_c + b, c_c + b) for b in range(batch)]
+            embeds = torch.cat([ref_embeds, star.uncond, star.cond, star.uncond, star.cond])
+            state = SwapState(ref=0, pairs=pairs, ref_mask=ref_mask, target_mask=torch.zeros(2 * batch, 1, 1))
         store = AttentionStore(rows=list(range(x_c, x_c + batch)), tokens=star.tokens, size=grid)
         chosen = self._store_processors(store, grid)
         if options.swap:
-            chosen.update({l.name: MultiSourceSwapProcessor(state, grid[0] / grid[1])
-                           for l in decoder_self_layers(pipe.unet, options.swap_levels)})
-        pipe.scheduler.set_timesteps(steps, device=self.device)
+            chosen.update({l.name: MultiSourceSwapProcessor(state, grid[0] / grid[1], l.name)
+                           for l in self._swap_layers(options)})
         extra = pipe.prepare_extra_step_kwargs(None, options.eta)
         x = layout.trajectory[start]
         attn = layout.maps[start] if start < steps else None
@@ -455,12 +506,16 @@ class LayoutRetouchPipeline:
         with processors(pipe.unet, chosen):
             for i in range(start, steps):
                 t = pipe.scheduler.timesteps[i]
-                masks = torch.stack([blend_target_mask(attn[b], None if sam[b] is None else sam[b], options.alpha,
-                                                       options.tau) for b in range(batch)]).to(self.device)
+                masks = torch.stack([blend_target_mask(attn[b], sam[b], options.alpha, options.tau)
+                                     for b in range(batch)]).to(self.device)
                 state.set_target(torch.cat([masks, masks]))
                 state.active = options.swap and i >= swap_from
-                context = layout.trajectory[i]
-                latent_in = torch.cat([ref_traj[i], context, context, x, x])
+                state.step = i
+                if cached:
+                    latent_in = torch.cat([x, x])
+                else:
+                    context_latents = layout.trajectory[i]
+                    latent_in = torch.cat([ref_traj[i], context_latents, context_latents, x, x])
                 latent_in = pipe.scheduler.scale_model_input(latent_in, t)
                 noise = pipe.unet(latent_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
                 uncond, cond = noise[x_u:x_c], noise[x_c:]
