@@ -67,13 +67,14 @@ def _generate(argv: list[str]) -> int:
     parser = _generation_parser("lrkit generate", "Generate images of a concept (vanilla, personalized, layout, layout-retouch).")
     parser.add_argument("--concept", required=True, help="concept bundle folder")
     parser.add_argument("--force", type=bool, default=False, help="apply the concept even to another base model")
+    parser.add_argument("--layout_image", default=None, help="retouch into this image instead of a generated layout")
     args = parser.instantiate(parser.parse_args(argv))
     pipeline = LayoutRetouchPipeline.from_concept(args.base, args.concept, sam_checkpoint=args.sam_checkpoint,
                                                   force=args.force)
     prompts = fill_prompts(_prompts(args), pipeline.concept, require_token=args.options.mode != "vanilla")
     out = args.out or "outputs/generate"
     generate_to_folder(pipeline, prompts, args.seeds, out, args.options, intermediates=args.intermediates,
-                       skip_existing=False)
+                       skip_existing=False, layout_image=args.layout_image)
     print(out)
     return 0
 

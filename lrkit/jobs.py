@@ -43,7 +43,8 @@ def fill_prompts(prompts: list[str], concept: Concept, *, require_token: bool = 
 
 
 def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: str | os.PathLike, options, *,
-                       intermediates: bool = False, skip_existing: bool = True) -> list[tuple[str, list[Path]]]:
+                       intermediates: bool = False, skip_existing: bool = True,
+                       layout_image=None) -> list[tuple[str, list[Path]]]:
     """Every prompt x seed into `out_dir` (skipping finished images), with a progress bar; returns paths per prompt."""
     from lrkit.inference.outputs import image_path, save_generation
 
@@ -58,7 +59,7 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
         for index, prompt in enumerate(prompts):
             pending = [s for i, _, s in todo if i == index]
             if pending:
-                for gen in pipeline.generate(prompt, pending, options, prompt_index=index):
+                for gen in pipeline.generate(prompt, pending, options, prompt_index=index, layout_image=layout_image):
                     save_generation(gen, out, intermediates=intermediates)
                     bar.update(1)
             done.append((prompt, [image_path(out, index, s) for s in seeds]))

@@ -41,9 +41,16 @@ def make_bundle(root: Path, kind: str) -> Path:
         _perturb_lora(pipe.unet, 1)
         _perturb_lora(pipe.text_encoder, 2, 0.5)
         tokens, files = [TokenSpec("sks")], {"lora": "pytorch_lora_weights.safetensors"}
+    elif kind == "db":
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(4)
+            for p in pipe.unet.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        tokens, files = [TokenSpec("sks")], {"unet": "unet"}
     else:
         tokens, files = [TokenSpec("<sks>", learned=True, num_vectors=1, initializer="vase")], {"embeddings": EMBEDDINGS}
-    concept = Concept(name=kind, method=kind if kind == "lora" else "textual_inversion", tokens=tokens,
+    method = {"lora": "lora", "db": "dreambooth", "ti": "textual_inversion"}[kind]
+    concept = Concept(name=kind, method=method, tokens=tokens,
                       class_word="vase", base=fingerprint(load_base("tiny-random")), resolution=64, files=files,
                       refs=["refs/00.jpg"])
 
@@ -52,6 +59,8 @@ def make_bundle(root: Path, kind: str) -> Path:
         shutil.copy(ROOT / "data/subjects/vase/00.jpg", tmp / "refs/00.jpg")
         if kind == "lora":
             save_diffusers_lora(tmp, pipe.unet, pipe.text_encoder)
+        elif kind == "db":
+            pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         else:
             vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
             atomic_write_bytes(tmp / EMBEDDINGS, save({"<sks>": vec}))
@@ -63,7 +72,7 @@ def make_bundle(root: Path, kind: str) -> Path:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
-    return {kind: make_bundle(root, kind) for kind in ("lora", "ti")}
+    return {kind: make_bundle(root, kind) for kind in ("lora", "ti", "db")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +81,8 @@ def pipes(bundles, tmp_path_factory):
     return {kind: LayoutRetouchPipeline.from_concept("tiny-random", path, cache_dir=cache) for kind, path in bundles.items()}
 
 
-PROMPT = {"lora": "a photo of sks vase on the beach", "ti": "a photo of <sks> vase on the beach"}
+PROMPT = {"lora": "a photo of sks vase on the beach", "ti": "a photo of <sks> vase on the beach",
+          "db": "a photo of sks vase on the beach"}
 
 
 def stock_image(prompt: str, seed: int, concept: Path | None) -> np.ndarray:
@@ -92,7 +102,7 @@ def as_np(image) -> np.ndarray:
     return np.asarray(image).astype(np.float32) / 255.0
 
 
-@pytest.mark.parametrize("kind", ["lora", "ti"])
+@pytest.mark.parametrize("kind", ["lora", "ti", "db"])
 def test_lambda_zero_is_the_personalized_pipeline(kind, pipes, bundles):
     expected = stock_image(PROMPT[kind], 0, bundles[kind])
     got = as_np(ours(pipes[kind], PROMPT[kind], mode="layout", lam=0.0)[0].image)
@@ -102,7 +112,7 @@ def test_lambda_zero_is_the_personalized_pipeline(kind, pipes, bundles):
     np.testing.assert_array_equal(same, got)
 
 
-@pytest.mark.parametrize("kind", ["lora", "ti"])
+@pytest.mark.parametrize("kind", ["lora", "ti", "db"])
 def test_lambda_one_is_the_vanilla_pipeline(kind, pipes):
     expected = stock_image("a photo of vase on the beach", 0, None)
     got = as_np(ours(pipes[kind], PROMPT[kind], mode="layout", lam=1.0)[0].image)
@@ -191,3 +201,83 @@ def test_missing_reference_photo(bundles, tmp_path):
     (broken / "refs/00.jpg").unlink()
     with pytest.raises(InferenceError, match="00.jpg"):
         ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5)
+
+
+def test_dreambooth_keeps_two_unets_and_lora_shares_one(pipes):
+    assert pipes["db"].vanilla_unet is not None and pipes["db"].vanilla_unet is not pipes["db"].pipe.unet
+    assert pipes["lora"].vanilla_unet is None and pipes["ti"].vanilla_unet is None
+    out = ours(pipes["db"], PROMPT["db"], mode="layout-retouch", lam=0.5)[0]
+    assert out.image.size == (64, 64)
+
+
+class BoxSegmenter:
+    """A stand-in for SAM: the box it is prompted with, as the mask; records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, image, box=None):
+        self.calls.append((image.size, box))
+        mask = torch.zeros(image.height, image.width, dtype=torch.bool)
+        x0, y0, x1, y1 = box
+        mask[y0:y1, x0:x1] = True
+        return mask
+
+
+def fresh_copy(bundle: Path, dest: Path) -> Path:
+    """A copy of a bundle without stored reference masks."""
+    from lrkit.concept import MANIFEST
+    from lrkit.io import atomic_write_json
+
+    shutil.copytree(bundle, dest)
+    concept = Concept.load(dest)
+    concept.masks = {}
+    atomic_write_json(dest / MANIFEST, concept.to_manifest())
+    shutil.rmtree(dest / "masks", ignore_errors=True)
+    return dest
+
+
+def test_sam_masks_are_wired_in(bundles, tmp_path):
+    pipe = LayoutRetouchPipeline.from_concept("tiny-random", fresh_copy(bundles["ti"], tmp_path / "ti"),
+                                              cache_dir=tmp_path / "c")
+    pipe.segmenter = BoxSegmenter()
+    out = ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5, alpha=1.0, tau=0.5)[0]
+    # first call: the reference (square crop at generation size), then the layout image
+    assert [size for size, _ in pipe.segmenter.calls] == [(64, 64), (64, 64)]
+    box = pipe.segmenter.calls[1][1]
+    expected = torch.zeros(64, 64)
+    expected[box[1]:box[3], box[0]:box[2]] = 1
+    got = torch.from_numpy(np.asarray(out.mask) > 127).float()
+    # alpha = 1: the target mask is the SAM mask (at latent resolution, upsampled for the output)
+    small = torch.nn.functional.interpolate(expected[None, None], size=(16, 16), mode="area")[0, 0] >= 0.5
+    torch.testing.assert_close(got, torch.nn.functional.interpolate(small[None, None].float(), size=(64, 64))[0, 0])
+
+
+def test_non_square_reference_is_resized_with_a_note(bundles, tmp_path, caplog):
+    from PIL import Image
+
+    fresh_copy(bundles["ti"], tmp_path / "ti")
+    Image.open(ROOT / "data/subjects/vase/00.jpg").crop((0, 0, 900, 500)).save(tmp_path / "ti/refs/00.jpg")
+    pipe = LayoutRetouchPipeline.from_concept("tiny-random", tmp_path / "ti", cache_dir=tmp_path / "c")
+    caplog.set_level("INFO")
+    out = ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5)[0]
+    assert out.image.size == (64, 64)
+    assert "900x500" in caplog.text
+
+
+def test_user_layout_image(pipes, tmp_path):
+    from PIL import Image
+
+    layout = Image.new("RGB", (64, 64), (30, 120, 200))
+    layout.paste((200, 60, 40), (20, 20, 44, 52))
+    out = pipes["ti"](PROMPT["ti"], seeds=[0], options=GenerationOptions(num_inference_steps=STEPS, lam=0.5),
+                      layout_image=layout)[0]
+    with torch.no_grad():
+        vae = pipes["ti"].pipe.vae
+        reconstructed = vae.decode(vae.encode(pipes["ti"].pipe.image_processor.preprocess(layout)).latent_dist.mean)
+    assert out.layout is not None and out.image.size == (64, 64)
+    # the layout shown is the given image through the VAE (its inversion's clean end)
+    expected = pipes["ti"].pipe.image_processor.postprocess(reconstructed.sample, output_type="np")[0]
+    np.testing.assert_allclose(as_np(out.layout), np.round(expected * 255) / 255, atol=1.5 / 255)
+    with pytest.raises(InferenceError, match="layout-retouch"):
+        pipes["ti"](PROMPT["ti"], options=GenerationOptions(num_inference_steps=STEPS, mode="layout"), layout_image=layout)

@@ -248,8 +248,12 @@ class LayoutRetouchPipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], seeds: int | list[int] = 0, options: GenerationOptions | None = None,
-                 **overrides) -> list[Generation]:
-        """Generate every prompt x seed. `overrides` are `GenerationOptions` fields."""
+                 layout_image: "Image.Image | str | os.PathLike | None" = None, **overrides) -> list[Generation]:
+        """Generate every prompt x seed. `overrides` are `GenerationOptions` fields.
+
+        `layout_image`: retouch the subject into this image instead of a generated layout (its
+        trajectory comes from DDIM inversion; layout-retouch mode only).
+        """
         options = options or GenerationOptions()
         if overrides:
             options = GenerationOptions(**{**options.__dict__, **overrides})
@@ -261,11 +265,12 @@ class LayoutRetouchPipeline:
             self._require_token(prompts, options.mode)
         results = []
         for index, prompt in enumerate(prompts):
-            results += self.generate(prompt, seeds, options, prompt_index=index)
+            results += self.generate(prompt, seeds, options, prompt_index=index, layout_image=layout_image)
         return results
 
     @torch.no_grad()
-    def generate(self, prompt: str, seeds: list[int], options: GenerationOptions, prompt_index: int = 0) -> list[Generation]:
+    def generate(self, prompt: str, seeds: list[int], options: GenerationOptions, prompt_index: int = 0,
+                 layout_image=None) -> list[Generation]:
         """One prompt, several seeds in one batch."""
         height = options.height or self.concept.resolution
         width = options.width or self.concept.resolution
@@ -280,11 +285,16 @@ class LayoutRetouchPipeline:
             lam = options.lam
         retouch = options.mode == "layout-retouch"
         context = None
-        if retouch and options.cache_attention and options.swap:
-            context = AttentionCache(rows=list(range(2 * len(seeds))),
-                                     steps=range(self._swap_from(options), options.num_inference_steps))
-        layout = self._layout([prompt] * len(seeds), [plain] * len(seeds), generators, options, lam, height, width,
-                              vanilla_phrase, context)
+        if layout_image is not None:
+            if not retouch:
+                raise InferenceError(f"layout_image needs mode 'layout-retouch', not {options.mode!r}")
+            layout = self._given_layout(layout_image, prompt, len(seeds), options, height, width)
+        else:
+            if retouch and options.cache_attention and options.swap:
+                context = AttentionCache(rows=list(range(2 * len(seeds))),
+                                         steps=range(self._swap_from(options), options.num_inference_steps))
+            layout = self._layout([prompt] * len(seeds), [plain] * len(seeds), generators, options, lam, height,
+                                  width, vanilla_phrase, context)
         images = layout.latents
         masks = reference = None
         if retouch:
@@ -357,6 +367,33 @@ class LayoutRetouchPipeline:
         if options.swap_start is not None:
             return max(self._start(options), options.step_index(options.swap_start))
         return self._start(options)
+
+    def _given_layout(self, image, prompt: str, batch: int, options: GenerationOptions, height: int,
+                      width: int) -> LayoutResult:
+        """C from a user's layout image: DDIM-inverted with ε* and y*; the subject map from one pass at s0."""
+        from lrkit.inference.inversion import ddim_invert, encode_image
+
+        if height != width:
+            raise InferenceError("layout-retouch needs a square image size (height == width)")
+        if not isinstance(image, Image.Image):
+            path = Path(image)
+            if not path.is_file():
+                raise InferenceError(f"layout image {str(path)!r} does not exist")
+            image = Image.open(path)
+        latents = encode_image(self.pipe, image.convert("RGB"), height).to(self.device)
+        cond, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
+        steps = options.num_inference_steps
+        self.pipe.scheduler.set_timesteps(steps, device=self.device)
+        trajectory = ddim_invert(self.pipe, latents, cond, steps).to(cond.dtype)  # (T+1, 1, C, h, w)
+        grid = tuple(latents.shape[-2:])
+        phrase = self.subject_phrase() if self.subject_phrase() in prompt else self.concept.token
+        store = AttentionStore(rows=[0], tokens=[self.token_positions(prompt, phrase)], size=grid)
+        start = min(self._start(options), steps - 1)
+        with processors(self.pipe.unet, self._store_processors(store, grid)):
+            self.pipe.unet(trajectory[start], self.pipe.scheduler.timesteps[start], encoder_hidden_states=cond)
+        maps = store.take().expand(steps, batch, *grid)
+        trajectory = trajectory.expand(-1, batch, -1, -1, -1)
+        return LayoutResult(latents=trajectory[-1], trajectory=trajectory, maps=maps)
 
     def _store_processors(self, store: AttentionStore, grid) -> dict:
         aspect = grid[0] / grid[1]
