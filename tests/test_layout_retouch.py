@@ -281,3 +281,17 @@ def test_user_layout_image(pipes, tmp_path):
     np.testing.assert_allclose(as_np(out.layout), np.round(expected * 255) / 255, atol=1.5 / 255)
     with pytest.raises(InferenceError, match="layout-retouch"):
         pipes["ti"](PROMPT["ti"], options=GenerationOptions(num_inference_steps=STEPS, mode="layout"), layout_image=layout)
+
+
+def test_other_schedulers_match_stock(pipes, bundles):
+    from diffusers import EulerDiscreteScheduler
+
+    stock = load_base("tiny-random")
+    Concept.load(bundles["lora"]).apply(stock)
+    stock.scheduler = EulerDiscreteScheduler.from_config(stock.scheduler.config)
+    expected = stock(PROMPT["lora"], num_inference_steps=STEPS, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    got = as_np(ours(pipes["lora"], PROMPT["lora"], mode="personalized", scheduler="euler")[0].image)
+    np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
+    with pytest.raises(InferenceError, match="ddim"):
+        GenerationOptions(mode="layout-retouch", scheduler="euler")

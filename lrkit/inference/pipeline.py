@@ -26,6 +26,13 @@ from lrkit.models import load_base
 logger = logging.getLogger(__name__)
 
 MODES = ("vanilla", "personalized", "layout", "layout-retouch")
+SCHEDULERS = {  # name -> diffusers class name
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
 
 
 class InferenceError(ValueError):
@@ -38,6 +45,8 @@ class GenerationOptions:
 
     mode: str = "layout-retouch"
     """vanilla | personalized | layout | layout-retouch."""
+    scheduler: str = "ddim"
+    """ddim | euler | euler_a | dpm++ | pndm (layout-retouch needs ddim: its reference path is DDIM-inverted)."""
     num_inference_steps: int = 50
     """Denoising steps T (DDIM)."""
     guidance_scale: float = 7.5
@@ -75,6 +84,10 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InferenceError(f"mode {self.mode!r} is not one of {list(MODES)}")
+        if self.scheduler not in SCHEDULERS:
+            raise InferenceError(f"scheduler {self.scheduler!r} is not one of {list(SCHEDULERS)}")
+        if self.mode == "layout-retouch" and self.scheduler != "ddim":
+            raise InferenceError(f"mode 'layout-retouch' needs scheduler 'ddim' (got {self.scheduler!r})")
         if not 0.0 <= self.lam <= 1.0:
             raise InferenceError(f"lam must be in [0, 1], got {self.lam}")
         if self.num_inference_steps < 1:
@@ -147,16 +160,14 @@ class LayoutRetouchPipeline:
 
     def __init__(self, pipe, concept: Concept, *, vanilla_unet=None, vanilla_text_encoder=None, segmenter=None,
                  cache=None):
-        from diffusers import DDIMScheduler
-
         self.pipe = pipe
         self.concept = concept
         self.vanilla_unet = vanilla_unet
         self.vanilla_text_encoder = vanilla_text_encoder
         self.segmenter = segmenter
         self.cache = cache
-        if not isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self._schedulers: dict = {}
+        self.use_scheduler("ddim")
         self.has_lora = "lora" in concept.files
         self._kv_memo: dict = {}
         pipe.set_progress_bar_config(disable=True)
@@ -178,6 +189,15 @@ class LayoutRetouchPipeline:
         concept.apply(pipe, force=force)
         return cls(pipe, concept, vanilla_unet=vanilla_unet, vanilla_text_encoder=vanilla_te,
                    segmenter=load_segmenter(sam_checkpoint, device=pipe.device), cache=TrajectoryCache(cache_dir))
+
+    def use_scheduler(self, name: str) -> None:
+        """Switch the pipeline's scheduler (built once per name from the base model's config)."""
+        import diffusers
+
+        if name not in self._schedulers:
+            cls = getattr(diffusers, SCHEDULERS[name])
+            self._schedulers[name] = cls.from_config(self.pipe.scheduler.config)
+        self.pipe.scheduler = self._schedulers[name]
 
     # ------------------------------------------------------------------ prompts
 
@@ -274,6 +294,7 @@ class LayoutRetouchPipeline:
         """One prompt, several seeds in one batch."""
         height = options.height or self.concept.resolution
         width = options.width or self.concept.resolution
+        self.use_scheduler(options.scheduler)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         plain = self.vanilla_prompt(prompt, options.vanilla_phrase)
         vanilla_phrase = options.vanilla_phrase or self.concept.class_word

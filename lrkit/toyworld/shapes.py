@@ -165,26 +165,26 @@ def inside(spec: ObjectSpec, x: np.ndarray, y: np.ndarray) -> Mask:
     return SHAPES[spec.cls](x, y, spec)
 
 
-@lru_cache(maxsize=4096)
-def _local_points(spec: ObjectSpec) -> np.ndarray:
-    """Points of a dense grid inside the (unrotated) silhouette, (n, 2) local (x, y)."""
+@lru_cache(maxsize=1024)
+def _outline_points(spec: ObjectSpec) -> np.ndarray:
+    """Points of a dense grid on the edge of the (unrotated) silhouette, (n, 2) local (x, y).
+
+    The edge holds every extreme point of the shape in any rotation, so bounding boxes need no more.
+    """
     g = np.linspace(-_EXTENT, _EXTENT, _GRID)
     x, y = np.meshgrid(g, g)
     m = inside(spec, x, y)
     if m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any():
         raise ValueError(f"shape of {spec.cls} reaches beyond the local frame")
-    return np.stack([x[m], y[m]], axis=1)
-
-
-def local_box(spec: ObjectSpec) -> tuple[float, float, float, float]:
-    """Unrotated bounding box (x0, y0, x1, y1) of the silhouette in local units."""
-    p = _local_points(_shape_key(spec))
-    return float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())
+    inner = m.copy()
+    inner[1:-1, 1:-1] &= m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    edge = m & ~inner
+    return np.stack([x[edge], y[edge]], axis=1)
 
 
 def rotated_box(spec: ObjectSpec) -> tuple[float, float, float, float]:
     """Bounding box (x0, y0, x1, y1) of the silhouette rotated by `spec.rotation`, local units."""
-    p = _local_points(_shape_key(spec))
+    p = _outline_points(_shape_key(spec))
     c, s = math.cos(math.radians(spec.rotation)), math.sin(math.radians(spec.rotation))
     # Counter-clockwise on screen (y down): x' = c x + s y, y' = -s x + c y.
     xr = c * p[:, 0] + s * p[:, 1]
@@ -197,4 +197,4 @@ def _shape_key(spec: ObjectSpec) -> ObjectSpec:
     return ObjectSpec(cls=spec.cls, color="red", params=spec.params, extras=spec.extras)
 
 
-__all__ = ["SHAPES", "inside", "local_box", "rotated_box", "ellipse", "rect", "polygon", "ring"]
+__all__ = ["SHAPES", "inside", "rotated_box", "ellipse", "rect", "polygon", "ring"]
