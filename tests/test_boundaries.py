@@ -137,12 +137,13 @@ def test_script_checker_detects_definitions():
     assert script_definitions("import sys\n\ndef main():\n    return 0\n") == []
 
 
-def boundary_violations(root: Path, side: str) -> list[str]:
-    """`file:line: module` for each import of the other side in `root/lrkit/<side>`."""
+def boundary_violations(root: Path, side: str, forbidden: str | None = None) -> list[str]:
+    """`file:line: module` for each import of the other side (or `forbidden`) in `root/lrkit/<side>`."""
     violations = []
     for path in python_files(root / "lrkit" / side):
         source = path.read_text(encoding="utf-8")
-        hits = forbidden_imports(source, module_name(path, root), FORBIDDEN[side], is_package=path.name == "__init__.py")
+        hits = forbidden_imports(source, module_name(path, root), forbidden or FORBIDDEN[side],
+                                 is_package=path.name == "__init__.py")
         violations += [f"{path.relative_to(root)}:{hit}" for hit in hits]
     return violations
 
@@ -181,6 +182,12 @@ def test_project_checks_find_violations_in_a_synthetic_tree(tmp_path):
 def test_training_and_inference_never_import_each_other(side):
     violations = boundary_violations(ROOT, side)
     assert violations == [], f"lrkit.{side} must not import {FORBIDDEN[side]}: {violations}"
+
+
+@pytest.mark.parametrize("forbidden", ["lrkit.training", "lrkit.inference"])
+def test_the_toy_world_depends_on_neither_side(forbidden):
+    """The toy world is part of the shared core: both sides and the benches use it."""
+    assert boundary_violations(ROOT, "toyworld", forbidden) == []
 
 
 @pytest.mark.parametrize("folder", ["train", "infer"])

@@ -1,6 +1,6 @@
 """Rasterising the toy world: backgrounds, objects, ground-truth masks, random samples.
 
-Images are drawn at `supersample` x the asked resolution with hard edges and box-averaged down,
+Images are drawn at `supersample_factor` x the asked resolution with hard edges and box-averaged down,
 so every edge is antialiased and a mask pixel is in the object when at least half of it is
 covered. The same seed gives byte-identical images; the same spec at another resolution gives the
 same picture, finer.
@@ -16,12 +16,12 @@ import PIL.Image
 
 from lrkit.toyworld.shapes import inside, rotated_box
 from lrkit.toyworld.world import (
+    CAPTION_TEMPLATES,
     CLASS_PARAMS,
     CLASSES,
     COLORS,
     PATTERN_PERIODS,
     PATTERNS,
-    CAPTION_TEMPLATES,
     ObjectSpec,
     SceneSpec,
     caption,
@@ -50,7 +50,10 @@ class Sample:
     @property
     def object_mask(self) -> np.ndarray:
         """Union of the object masks, bool (H, W)."""
-        return np.logical_or.reduce(np.stack(self.masks), axis=0)
+        out = np.zeros((self.image.height, self.image.width), dtype=bool)
+        for m in self.masks:
+            out |= m
+        return out
 
 
 # ------------------------------------------------------------------------------------ backgrounds
@@ -66,54 +69,78 @@ def _band(y: np.ndarray, top, bottom, y0, y1) -> np.ndarray:
     return _lerp(top, bottom, (y - y0) / np.maximum(np.asarray(y1) - y0, 1e-6))
 
 
+# Each scene: (colours, x, y, horizon, rng) -> (..., 3) float RGB at normalised points (x, y).
+
+
+def _beach(c, x, y, h, rng):
+    sea_top = 0.8 * h
+    sand_top = sea_top + 0.17 + 0.015 * np.sin(2 * math.pi * 3 * x + rng.uniform(0, 2 * math.pi))
+    img = _band(y, c["sky_top"], c["sky_low"], 0.0, sea_top)
+    img = np.where((y >= sea_top)[..., None], _band(y, c["sea"], c["sea_low"], sea_top, sand_top), img)
+    return np.where((y >= sand_top)[..., None], _band(y, c["sand"], c["sand_low"], sand_top, 1.0), img)
+
+
+def _ground(ground: str):
+    """Sky over a gently rolling ground (snow, grass)."""
+
+    def draw(c, x, y, h, rng):
+        top = h + 0.04 * np.sin(2 * math.pi * 1.2 * x + rng.uniform(0, 2 * math.pi))
+        img = _band(y, c["sky_top"], c["sky_low"], 0.0, top)
+        return np.where((y >= top)[..., None], _band(y, c[ground], c[ground + "_low"], top, 1.0), img)
+
+    return draw
+
+
+def _night(c, x, y, h, rng):
+    img = _band(y, c["top"], c["low"], 0.0, 1.0)
+    n = 40
+    sx, sy, sr = rng.uniform(0, 1, n), rng.uniform(0, 1, n), rng.uniform(0.007, 0.014, n)
+    star = np.zeros(x.shape, dtype=bool)
+    for i in range(n):
+        star |= (x - sx[i]) ** 2 + (y - sy[i]) ** 2 <= sr[i] ** 2
+    return np.where(star[..., None], np.asarray(c["star"], np.float64), img)
+
+
+def _desert(c, x, y, h, rng):
+    phase = rng.uniform(0, 2 * math.pi, size=2)
+    top = h + 0.03 * np.sin(2 * math.pi * 0.8 * x + phase[0])
+    near = h + 0.22 + 0.06 * np.sin(2 * math.pi * 1.3 * x + phase[1])
+    img = _band(y, c["sky_top"], c["sky_low"], 0.0, top)
+    img = np.where((y >= top)[..., None], np.asarray(c["dune_far"], np.float64), img)
+    return np.where((y >= near)[..., None], np.asarray(c["dune_near"], np.float64), img)
+
+
+def _brick(c, x, y, h, rng):
+    row_h, brick_w, mortar = 0.125, 0.25, 0.018
+    oy, ox = rng.uniform(0, row_h), rng.uniform(0, brick_w)
+    row = np.floor((y + oy) / row_h)
+    shift = (row % 2) * brick_w / 2 + ox  # every other row offset by half a brick
+    col = np.floor((x + shift) / brick_w)
+    shades = rng.uniform(0, 1, size=(16, 16))
+    img = _lerp(c["brick"], c["brick_dark"], shades[row.astype(int) % 16, col.astype(int) % 16])
+    in_mortar = (((y + oy) % row_h) < mortar) | (((x + shift) % brick_w) < mortar)
+    return np.where(in_mortar[..., None], np.asarray(c["mortar"], np.float64), img)
+
+
+def _studio(c, x, y, h, rng):
+    return _band(y, c["top"], c["low"], 0.0, 1.0)
+
+
+_BACKGROUNDS = {
+    "beach": _beach,
+    "snow": _ground("snow"),
+    "grass": _ground("grass"),
+    "night": _night,
+    "desert": _desert,
+    "brick": _brick,
+    "studio": _studio,
+}
+
+
 def _background(scene: SceneSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Background colours at normalised points (x, y), (..., 3) float RGB."""
-    c = scene.style.colors
-    rng = np.random.default_rng(scene.detail_seed)
-    phase = rng.uniform(0, 2 * math.pi, size=4)
-    h = scene.horizon
-    name = scene.name
-    if name == "beach":
-        sea_top = 0.8 * h
-        sand_top = sea_top + 0.17 + 0.015 * np.sin(2 * math.pi * 3 * x + phase[0])
-        img = _band(y, c["sky_top"], c["sky_low"], 0.0, sea_top)
-        img = np.where((y >= sea_top)[..., None], _band(y, c["sea"], c["sea_low"], sea_top, sand_top), img)
-        img = np.where((y >= sand_top)[..., None], _band(y, c["sand"], c["sand_low"], sand_top, 1.0), img)
-    elif name in ("snow", "grass"):
-        ground, low = ("snow", "snow_low") if name == "snow" else ("grass", "grass_low")
-        top = h + 0.04 * np.sin(2 * math.pi * 1.2 * x + phase[0])
-        img = _band(y, c["sky_top"], c["sky_low"], 0.0, top)
-        img = np.where((y >= top)[..., None], _band(y, c[ground], c[low], top, 1.0), img)
-    elif name == "night":
-        img = _band(y, c["top"], c["low"], 0.0, 1.0)
-        n = 40
-        sx, sy = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
-        sr = rng.uniform(0.007, 0.014, n)
-        star = np.zeros(x.shape, dtype=bool)
-        for i in range(n):
-            star |= (x - sx[i]) ** 2 + (y - sy[i]) ** 2 <= sr[i] ** 2
-        img = np.where(star[..., None], np.asarray(c["star"], np.float64), img)
-    elif name == "desert":
-        top = h + 0.03 * np.sin(2 * math.pi * 0.8 * x + phase[0])
-        near = h + 0.22 + 0.06 * np.sin(2 * math.pi * 1.3 * x + phase[1])
-        img = _band(y, c["sky_top"], c["sky_low"], 0.0, top)
-        img = np.where((y >= top)[..., None], np.asarray(c["dune_far"], np.float64), img)
-        img = np.where((y >= near)[..., None], np.asarray(c["dune_near"], np.float64), img)
-    elif name == "brick":
-        row_h, brick_w, mortar = 0.125, 0.25, 0.018
-        oy, ox = rng.uniform(0, row_h), rng.uniform(0, brick_w)
-        row = np.floor((y + oy) / row_h)
-        shift = (row % 2) * brick_w / 2 + ox
-        col = np.floor((x + shift) / brick_w)
-        shades = rng.uniform(0, 1, size=(16, 16))
-        t = shades[row.astype(int) % 16, col.astype(int) % 16]
-        img = _lerp(c["brick"], c["brick_dark"], t)
-        in_mortar = (((y + oy) % row_h) < mortar) | (((x + shift) % brick_w) < mortar)
-        img = np.where(in_mortar[..., None], np.asarray(c["mortar"], np.float64), img)
-    elif name == "studio":
-        img = _band(y, c["top"], c["low"], 0.0, 1.0)
-    else:  # pragma: no cover - SceneSpec validates names
-        raise ValueError(f"unknown scene {name!r}")
+    """Background colours at normalised points (x, y), (..., 3) float RGB, tint included."""
+    draw = _BACKGROUNDS[scene.name]
+    img = draw(scene.style.colors, x, y, scene.horizon, np.random.default_rng(scene.detail_seed))
     return img + np.asarray(scene.tint, np.float64)
 
 
@@ -161,7 +188,8 @@ def _object_layer(spec: ObjectSpec, x: np.ndarray, y: np.ndarray) -> tuple[np.nd
     lx, ly = _to_local(spec, x, y)
     cover = inside(spec, lx, ly)
     shade = _pattern_shade(spec, lx, ly)
-    color = np.where(shade[..., None], np.asarray(shade_of(spec.color), np.float64), np.asarray(COLORS[spec.color], np.float64))
+    main, second = np.asarray(COLORS[spec.color], np.float64), np.asarray(shade_of(spec.color), np.float64)
+    color = np.where(shade[..., None], second, main)
     return cover, color
 
 
@@ -181,7 +209,11 @@ def render(
     caption_text: str | None = None,
     brightness: float = 1.0,
 ) -> Sample:
-    """Draw `objects` (later ones in front) on `scene` at `resolution` px square."""
+    """Draw `objects` (later ones in front) on `scene` at `resolution` px square.
+
+    The caption defaults to `caption(scene, objects)` ("" without objects); `brightness`
+    multiplies the whole picture (the light changes of subject photos).
+    """
     if resolution < 8:
         raise ValueError(f"render: resolution must be >= 8, got {resolution}")
     ss = supersample_factor(resolution)
@@ -198,8 +230,9 @@ def render(
     img = img.reshape(resolution, ss, resolution, ss, 3).mean(axis=(1, 3))  # (H, W, 3)
     pixels = np.clip(np.round(img), 0, 255).astype(np.uint8)
     masks = tuple(c.reshape(resolution, ss, resolution, ss).mean(axis=(1, 3)) >= 0.5 for c in covers)
-    text = caption(scene.name, list(objects)) if caption_text is None else caption_text
-    return Sample(PIL.Image.fromarray(pixels, "RGB"), text, scene, tuple(objects), masks)
+    if caption_text is None:
+        caption_text = caption(scene.name, list(objects)) if objects else ""
+    return Sample(PIL.Image.fromarray(pixels), caption_text, scene, tuple(objects), masks)
 
 
 def render_mask(spec: ObjectSpec, resolution: int = 64) -> np.ndarray:

@@ -5,9 +5,10 @@ No learned model: every judgement compares the image with what the procedural wo
 - Scene (`classify_scene`): each scene's background lies on a few RGB segments
   (`SceneStyle.segments`); a pixel counts for a scene by exp(-d^2 / 2 sigma^2) of its distance d
   to them, and the scene explaining most of the image wins.
-- Segmentation (`segment_object`): pixels far from the background model seed a two-colour model
-  of the object; every pixel goes to whichever model is nearer (so antialiased edges split where
-  coverage is one half), and the largest 8-connected component is kept.
+- Segmentation (`segment_object`): pixels far from the background model seed the object's
+  colour model (two colour centres, plus the nearest named colour's shade..colour segment);
+  every pixel goes to whichever model is nearer (so antialiased edges split where coverage is
+  one half), and the largest 8-connected component is kept.
 - Object class (`classify_object`): the mask's bounding box, padded square and box-resized to
   16 x 16, against prototypes rendered over the class's poses, sizes and shape parameters
   (nearest neighbour, L1).
@@ -37,21 +38,21 @@ BACKGROUND_SIGMA = 20.0
 SCENE_TEMPERATURE = 0.05
 """Softmax temperature over scene scores (fractions of the image) for `classify_scene`'s confidence."""
 OBJECT_CORE = 40.0
-"""A pixel this far (RGB) from the background model surely belongs to an object."""
+"""Pixels this far (RGB) from the background model seed the object's colour model."""
 OBJECT_FLOOR = 12.0
 """A pixel nearer than this to the background model never belongs to an object."""
-DESCRIPTOR_SIZE = 16
-SHAPE_TEMPERATURE = 0.02
-COLOR_TEMPERATURE = 8.0
-SHAPE_POWER = 3.0
+DESCRIPTOR_SIZE = 16  # side of the normalised silhouette (`shape_descriptor`)
+SHAPE_TEMPERATURE = 0.02  # softmax temperature over class distances (mean L1 per cell)
+COLOR_TEMPERATURE = 8.0  # softmax temperature over colour distances (RGB units)
+SHAPE_POWER = 3.0  # sharpness of P(shape) in `identity_components`
 IDENTITY_THRESHOLD = 0.5
 """`is_subject` is true when `subject_identity` >= this."""
-PROTOTYPES_PER_CLASS = 64
-PATTERN_PROTOTYPES = 24
+PROTOTYPES_PER_CLASS = 64  # generic silhouettes rendered per class
+SUBJECT_PROTOTYPES = 64  # silhouettes rendered per subject
+PATTERN_PROTOTYPES = 24  # renders per pattern fitting the pattern centroids
 PATTERN_SHARE = 0.1
 """Objects with a smaller share of shade pixels count as plain."""
-PATTERN_MIN_SPREAD = 0.03
-SUBJECT_PROTOTYPES = 64
+PATTERN_MIN_SPREAD = 0.03  # floor of the pattern centroids' per-feature spread
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -76,6 +77,7 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
 
 @lru_cache(maxsize=None)
 def _scene_model(scene: str, details: bool) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """The scene's background segments as RGB endpoint pairs."""
     style = SCENES[scene]
     pairs = style.segments + (style.detail_segments if details else ())
     return tuple((np.array(style.colors[a], float), np.array(style.colors[b], float)) for a, b in pairs)
@@ -141,7 +143,10 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     out = mask.copy()
     for _ in range(radius):
         m = np.pad(out, 1)
-        out = out & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:] & m[:-2, :-2] & m[2:, 2:] & m[:-2, 2:] & m[2:, :-2]
+        h, w = out.shape
+        for dy in range(3):
+            for dx in range(3):
+                out = out & m[dy : dy + h, dx : dx + w]
     return out
 
 
@@ -173,13 +178,26 @@ def scene_scores(image: ImageLike) -> dict[str, float]:
 
 
 def classify_scene(image: ImageLike) -> tuple[str, float]:
-    """(scene, confidence): the scene whose background explains most pixels; softmax confidence."""
+    """(scene, confidence): the scene whose background explains most pixels; the confidence is
+    the softmax of `scene_scores` at SCENE_TEMPERATURE."""
     probs = _softmax(scene_scores(image), SCENE_TEMPERATURE)
     best = max(probs, key=probs.get)
     return best, probs[best]
 
 
 # ------------------------------------------------------------------------------------ segmentation
+
+
+def _color_segment(color: str) -> tuple[np.ndarray, np.ndarray]:
+    """The RGB segment a colour's pixels lie on: its shade to itself, widened by +-10 % light."""
+    c, s = np.array(COLORS[color], float), np.array(shade_of(color), float)
+    dark, light = (c, s) if c.sum() < s.sum() else (s, c)
+    return 0.9 * dark, np.minimum(1.1 * light, 255.0)
+
+
+def _color_distances(p: np.ndarray) -> dict[str, float]:
+    """Per named colour, the median distance of pixels p (n, 3) to its segment."""
+    return {c: float(np.median(_segment_distance(p, *_color_segment(c)))) for c in COLORS}
 
 
 def _two_medians(p: np.ndarray, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -199,21 +217,23 @@ def segment_object(image: ImageLike, scene: str | None = None) -> np.ndarray:
     """Bool (H, W) mask of the (largest) object; `scene` defaults to `classify_scene`'s answer."""
     p = _pixels(image)
     scene = scene or classify_scene(p)[0]
-    # The object's colours are seeded from pixels far from the background without its sparse
-    # details (a white object at night is not a star). Pixels then go to the nearer of the object
-    # and background models; the details join the background model unless the object shares
-    # their colours (then stray stars are specks that the largest component drops).
+    # The object model: the segment between two colour centres of the pixels far from the
+    # background (without its sparse details: a white object at night is not a star), joined by
+    # the segment of the nearest named colour (shade..colour), so a rare pattern colour is not
+    # lost. The details join the background model unless the object shares their colours
+    # (stray stars are then specks that the largest component drops).
     d_bg = background_distance(p, scene, details=False)
-    core = d_bg > OBJECT_CORE
-    if core.sum() < 3:
+    seeds = d_bg > OBJECT_CORE
+    if seeds.sum() < 3:
         return np.zeros(d_bg.shape, dtype=bool)
-    a, b = _two_medians(p[core])
-    d_obj = _segment_distance(p, a, b)
+    a, b = _two_medians(p[seeds])
+    dist = _color_distances(p[seeds])
+    named = min(dist, key=dist.get)
+    d_obj = np.minimum(_segment_distance(p, a, b), _segment_distance(p, *_color_segment(named)))
+    d_near = d_bg
     if background_distance(np.stack([a, b])[None], scene, details=True).max() > OBJECT_CORE:
-        d_bg_nearest = np.minimum(d_bg, background_distance(p, scene, details=True))
-    else:
-        d_bg_nearest = d_bg
-    return largest_component((d_obj < d_bg_nearest) & (d_bg > OBJECT_FLOOR))
+        d_near = np.minimum(d_bg, background_distance(p, scene, details=True))
+    return largest_component((d_obj < d_near) & (d_bg > OBJECT_FLOOR))
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -236,9 +256,9 @@ def layout_diversity(centers_by_prompt: dict[str, list[tuple[float, float]]]) ->
         raise ValueError("layout_diversity: centers_by_prompt is empty")
     per_prompt = []
     for prompt, centers in centers_by_prompt.items():
-        c = np.asarray(centers, dtype=np.float64).reshape(-1, 2) if len(centers) else np.zeros((0, 2))
-        if len(c) == 0:
+        if len(centers) == 0:
             raise ValueError(f"layout_diversity: prompt {prompt!r} has no centres")
+        c = np.asarray(centers, dtype=np.float64).reshape(-1, 2)  # (seeds, xy)
         per_prompt.append(float(c[:, 0].var() + c[:, 1].var()))
     return float(np.mean(per_prompt))
 
@@ -258,7 +278,7 @@ def shape_descriptor(mask: np.ndarray, size: int = DESCRIPTOR_SIZE) -> np.ndarra
     top, left = (side - h) // 2, (side - w) // 2
     square = np.zeros((side, side), dtype=np.float32)
     square[top : top + h, left : left + w] = crop
-    small = PIL.Image.fromarray(square, mode="F").resize((size, size), PIL.Image.BOX)
+    small = PIL.Image.fromarray(square).resize((size, size), PIL.Image.BOX)
     return np.asarray(small, dtype=np.float64).ravel()
 
 
@@ -284,9 +304,8 @@ def _class_bank() -> tuple[np.ndarray, np.ndarray]:
 def _subject_bank(subject: Subject) -> np.ndarray:
     """Descriptors of the subject over poses and sizes, (n, size^2), rendered at 64 px."""
     rng = np.random.default_rng(7)
-    return np.stack(
-        [shape_descriptor(render_mask(_random_pose(rng, subject.spec(), (0.25, 0.75)), 64)) for _ in range(SUBJECT_PROTOTYPES)]
-    )
+    poses = [_random_pose(rng, subject.spec(), (0.25, 0.75)) for _ in range(SUBJECT_PROTOTYPES)]
+    return np.stack([shape_descriptor(render_mask(spec, 64)) for spec in poses])
 
 
 def _l1(bank: np.ndarray, desc: np.ndarray) -> np.ndarray:
@@ -318,21 +337,13 @@ def classify_object(image: ImageLike, mask: np.ndarray | None = None) -> tuple[s
 # ------------------------------------------------------------------------------------ colour, pattern
 
 
-def _color_segment(color: str) -> tuple[np.ndarray, np.ndarray]:
-    """The RGB segment a colour's pixels lie on: its shade to itself, widened by +-10 % light."""
-    c, s = np.array(COLORS[color], float), np.array(shade_of(color), float)
-    dark, light = (c, s) if c.sum() < s.sum() else (s, c)
-    return 0.9 * dark, np.minimum(1.1 * light, 255.0)
-
-
 def color_scores(image: ImageLike, mask: np.ndarray | None = None) -> dict[str, float]:
     """Per named colour, its probability for the object (softmax of median pixel distances)."""
     mask = _mask_or_segment(image, mask)
     if not mask.any():
         return {c: 1.0 / len(COLORS) for c in COLORS}
-    p = _pixels(image)[_interior(mask)]
-    med = {c: float(np.median(_segment_distance(p, *_color_segment(c)))) for c in COLORS}
-    return _softmax({c: -d for c, d in med.items()}, COLOR_TEMPERATURE)
+    dist = _color_distances(_pixels(image)[_interior(mask)])
+    return _softmax({c: -d for c, d in dist.items()}, COLOR_TEMPERATURE)
 
 
 def object_color(image: ImageLike, mask: np.ndarray | None = None) -> str:
@@ -371,7 +382,7 @@ def pattern_features(image: ImageLike, mask: np.ndarray, color: str) -> np.ndarr
     horizontal = band & ((angle < 22.5) | (angle > 157.5))
     diagonal = band & ~vertical & ~horizontal
     total = float(power[band].sum()) + 1e-9
-    return np.array([share, power[vertical].sum() / total, power[horizontal].sum() / total, power[diagonal].sum() / total])
+    return np.array([share] + [power[sector].sum() / total for sector in (vertical, horizontal, diagonal)])
 
 
 @lru_cache(maxsize=None)
@@ -404,7 +415,9 @@ def pattern_scores(image: ImageLike, mask: np.ndarray | None = None, color: str 
     color = color or object_color(image, mask)
     f = pattern_features(image, mask, color)
     patterned = 1.0 / (1.0 + math.exp(-(f[0] - PATTERN_SHARE) / 0.02))
-    loglik = {p: float(-0.5 * (((f - mu) / sd) ** 2).sum() - np.log(sd).sum()) for p, (mu, sd) in _pattern_bank().items()}
+    loglik = {
+        p: float(-0.5 * (((f - mu) / sd) ** 2).sum() - np.log(sd).sum()) for p, (mu, sd) in _pattern_bank().items()
+    }
     given = _softmax(loglik, 1.0)
     return {"plain": 1.0 - patterned, **{p: patterned * q for p, q in given.items()}}
 
@@ -444,7 +457,9 @@ def subject_identity(image: ImageLike, subject: Subject, mask: np.ndarray | None
     return float(parts["color"] * parts["pattern"] * parts["shape"])
 
 
-def is_subject(image: ImageLike, subject: Subject, mask: np.ndarray | None = None, threshold: float = IDENTITY_THRESHOLD) -> bool:
+def is_subject(
+    image: ImageLike, subject: Subject, mask: np.ndarray | None = None, threshold: float = IDENTITY_THRESHOLD
+) -> bool:
     """Whether `subject_identity` reaches `threshold` (IDENTITY_THRESHOLD = 0.5)."""
     return subject_identity(image, subject, mask) >= threshold
 

@@ -97,7 +97,8 @@ def _star(x, y, s: ObjectSpec) -> Mask:
 def _vase(x, y, s: ObjectSpec) -> Mask:
     bw, nw = s.param("body"), s.param("neck")
     top = -1.45 if "tall" in s.extras else -1.0
-    m = ellipse(x, y, 0, 0.35, bw, 0.65) | rect(x, y, -nw, top + 0.2, nw, 0) | rect(x, y, -nw - 0.14, top, nw + 0.14, top + 0.22)
+    m = ellipse(x, y, 0, 0.35, bw, 0.65) | rect(x, y, -nw, top + 0.2, nw, 0)  # body, neck
+    m |= rect(x, y, -nw - 0.14, top, nw + 0.14, top + 0.22)  # lip
     if "ears" in s.extras:
         for side in (-1, 1):
             m |= ring(x, y, side * (nw + 0.3), -0.3, 0.3, 0.15) & (side * x > nw)

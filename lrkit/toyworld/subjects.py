@@ -98,7 +98,8 @@ class Subject:
                 rotation=float(rng.uniform(-PHOTO_ROTATION, PHOTO_ROTATION)),
             )
             brightness = 1.0 + float(rng.uniform(-PHOTO_BRIGHTNESS, PHOTO_BRIGHTNESS))
-            out.append(render(scene, [spec], resolution, caption_text=f"a photo of a {self.description}", brightness=brightness))
+            text = f"a photo of a {self.description}"
+            out.append(render(scene, [spec], resolution, caption_text=text, brightness=brightness))
         return out
 
     def render(

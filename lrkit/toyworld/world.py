@@ -82,7 +82,7 @@ class SceneStyle:
     phrase: str
     """Caption phrase after the object ("on the beach"); empty for the plain studio."""
     colors: dict[str, RGB]
-    """Named background colours the renderer draws with."""
+    """Named background colours the renderer draws with ("mid" ones only anchor blend segments)."""
     segments: tuple[tuple[str, str], ...]
     """Pairs of `colors` whose RGB segment holds every background pixel (gradients, blends)."""
     detail_segments: tuple[tuple[str, str], ...] = ()
@@ -117,9 +117,9 @@ SCENES: dict[str, SceneStyle] = {
         SceneStyle(
             "night",
             "under the night sky",
-            {"top": (8, 12, 40), "low": (28, 38, 88), "star": (255, 252, 225)},
+            {"top": (8, 12, 40), "mid": (18, 25, 64), "low": (28, 38, 88), "star": (255, 252, 225)},
             (("top", "low"),),
-            (("top", "star"), ("low", "star")),
+            (("top", "star"), ("mid", "star"), ("low", "star")),
         ),
         SceneStyle(
             "desert",
@@ -131,8 +131,9 @@ SCENES: dict[str, SceneStyle] = {
         SceneStyle(
             "brick",
             "in front of a brick wall",
-            {"brick": (165, 62, 48), "brick_dark": (128, 45, 36), "mortar": (205, 195, 180)},
-            (("brick", "brick_dark"), ("brick", "mortar"), ("brick_dark", "mortar")),
+            {"brick": (165, 62, 48), "brick_mid": (146, 54, 42), "brick_dark": (128, 45, 36),
+             "mortar": (205, 195, 180)},
+            (("brick", "brick_dark"), ("brick", "mortar"), ("brick_mid", "mortar"), ("brick_dark", "mortar")),
         ),
         SceneStyle(
             "studio",
