@@ -18,7 +18,7 @@ All contenders run in one process, interleaved: warm-up, then `--rounds` rounds 
 steps per contender (the order rotates every round), so machine load hits every side alike.
 Ratios are medians of per-round ratios. Peak memory is measured per side in a fresh process
 (`multiprocessing` spawn): `torch.cuda.max_memory_allocated` on CUDA, the peak RSS growth
-(`ru_maxrss`) on CPU.
+(`VmHWM`) on CPU. `--flops` only counts the FLOPs of each part of a step (meta tensors, instant).
 
     python bench/train_step.py                                   # CPU, tiny-random, 64 px, fp32
     python bench/train_step.py --device cuda --model sd15 --resolution 512 --precision bf16 --batch-size 4
@@ -50,14 +50,13 @@ from typing import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from config; never reach the Hub
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
 # diffusers and transformers import lazily; resolving the classes here keeps module imports out of
 # the memory probes' measurements (their baseline is taken after the imports).
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402,F401
-from diffusers.training_utils import compute_snr  # noqa: E402,F401
+from diffusers.training_utils import compute_snr  # noqa: E402,F401  (ConceptModel.loss imports it)
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
-
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lrkit.models import (_FINGERPRINTS, SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
                           TINY_VAE_CONFIG, BaseFingerprint, _unet_config_sha, build_tiny_random, fingerprint,
@@ -92,6 +91,7 @@ class BenchSpec:
     compile: bool = False
     channels_last: bool = False
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    control: bool = False  # time a second, identical reference too (A/A: the noise floor)
 
     @property
     def key(self) -> str:
@@ -157,6 +157,7 @@ def build_sd15_random(seed: int = 0):
 
 
 def build_pipe(spec: BenchSpec):
+    """A fresh base pipeline for one side (the same seeded weights every time)."""
     if spec.model == "tiny":
         return build_tiny_random(spec.seed)
     pipe = build_sd15_random(spec.seed)
@@ -216,7 +217,7 @@ def build_batches(config: TrainConfig, spec: BenchSpec) -> tuple[list[dict], lis
     dataset = PairedDataset(datamodule.instance, datamodule.prior)
     batches = []
     for b in range(NUM_BATCHES):
-        counters = range(b * spec.batch_size, (b + 1) * spec.batch_size)  # sample counters, as EpochSampler
+        counters = range(b * spec.batch_size, (b + 1) * spec.batch_size)  # sample counters
         batches.append(to_device(collate([dataset[i % len(dataset)] for i in counters]), spec.device))
     return batches, datamodule.cacheable_items()
 
@@ -312,6 +313,7 @@ def build_model(spec: BenchSpec, method: str, *, lrkit_side: bool):
 
 
 def reference_contender(spec: BenchSpec, method: str) -> Contender:
+    """The yardstick: `reference_loss` and a torch AdamW over the method's parameter groups."""
     config, _, model = build_model(spec, method, lrkit_side=False)
     batches, _ = build_batches(config, spec)
     groups = [g for g in model.method.param_groups(model) if g["params"]]
@@ -352,7 +354,7 @@ def lrkit_contenders(spec: BenchSpec, method: str, *, ablations: bool) -> list[C
             with lrkit_options(model, **options), autocast(spec):
                 loss, _ = model.loss(batch, generators)
             return optimizer_step(loss, opt, scaler, params, config.optim.max_grad_norm,
-                           lambda: model.method.before_optimizer_step(model, phase_step))
+                                  lambda: model.method.before_optimizer_step(model, phase_step))
         return step
 
     contenders = [Contender("lrkit", make_step(optimizer))]
@@ -484,8 +486,11 @@ def peak_memory_mb(spec: BenchSpec, method: str, side: str) -> dict[str, float]:
 
 
 def bench_method(spec: BenchSpec, method: str, *, measure_memory: bool = True) -> dict:
+    """Time the reference, lrkit and its ablations side by side; then each side's peak memory."""
     logger.info("%s: building the reference and lrkit models", method)
     contenders = [reference_contender(spec, method), *lrkit_contenders(spec, method, ablations=True)]
+    if spec.control:
+        contenders.append(Contender("reference copy", reference_contender(spec, method).step))
     per_round = time_contenders(contenders, spec)
     ref, full = per_round["reference"], per_round["lrkit"]
     ratio = median_ratio(ref, full)
@@ -501,19 +506,27 @@ def bench_method(spec: BenchSpec, method: str, *, measure_memory: bool = True) -
         options=options,
         seconds_per_step=per_round,
     )
+    if spec.control:
+        result["control"] = dict(zip(("median", "min", "max"), median_ratio(per_round["reference copy"], ref)))
     if measure_memory:
         logger.info("%s: measuring peak memory (one process per side)", method)
-        ref, lrkit = peak_memory_mb(spec, method, "reference"), peak_memory_mb(spec, method, "lrkit")
-        result.update(ref_peak_mb=ref["total"], lrkit_peak_mb=lrkit["total"],
-                      ref_steps_peak_mb=ref["steps"], lrkit_steps_peak_mb=lrkit["steps"])
+        ref_mem, lrkit_mem = peak_memory_mb(spec, method, "reference"), peak_memory_mb(spec, method, "lrkit")
+        result.update(ref_peak_mb=ref_mem["total"], lrkit_peak_mb=lrkit_mem["total"],
+                      ref_steps_peak_mb=ref_mem["steps"], lrkit_steps_peak_mb=lrkit_mem["steps"])
     return result
 
 
 def what_bought_it(result: dict, spec: BenchSpec) -> str:
-    parts = [f"{name} {o['median']:.2f}x" for name, o in sorted(result["options"].items(), key=lambda kv: -kv[1]["median"])]
+    """The ablation factors, largest first ("latent cache 1.10x": the step is 1.10x slower without it)."""
+    options = sorted(result["options"].items(), key=lambda kv: -kv[1]["median"])
+    parts = [f"{name} {o['median']:.2f}x" for name, o in options]
     if spec.channels_last:
         parts.append("channels-last (not ablated)")
-    return ", ".join(parts) or "-"
+    text = ", ".join(parts) or "-"
+    if "control" in result:
+        c = result["control"]
+        text += f"; A/A noise: {c['median']:.2f}x [{c['min']:.2f}-{c['max']:.2f}]"
+    return text
 
 
 # ---------------------------------------------------------------------------- FLOP count
@@ -651,14 +664,14 @@ def markdown_section(spec: BenchSpec, machine: dict, results: list[dict], comman
         f"### {spec.key}",
         "",
         f"{machine['date']} · CPU {machine['cpu']}, {machine['usable_cores']} cores usable "
-        f"({machine['torch_threads']} torch threads; load average {machine['load_average']} at start, "
+        f"({machine['torch_threads']} torch thread(s); load average {machine['load_average']} at start, "
         f"{machine['load_average_end']} at end; CPU pressure 10 s/60 s {machine['cpu_pressure']} at start, "
         f"{machine['cpu_pressure_end']} at end){gpu} · "
         f"torch {machine['torch']}, diffusers {machine['diffusers']}, peft {machine['peft']}, "
         f"transformers {machine['transformers']} · lrkit {machine['lrkit_commit']} · {machine['wall_seconds']:.0f} s",
         "",
-        f"`{command}`: {spec.rounds} interleaved rounds of {spec.steps} steps per contender after "
-        f"{spec.warmup} warm-up steps. Ratio: median over rounds of (reference time / lrkit time) in the same "
+        f"`{command}`: {spec.rounds} interleaved rounds of {spec.steps} step(s) per contender after "
+        f"{spec.warmup} warm-up step(s). Ratio: median over rounds of (reference time / lrkit time) in the same "
         f"round, [min-max] over rounds; steps/s: each contender's own median, so under changing load they "
         f"need not divide to the ratio. Peak memory: {memory}, one fresh process per side; in brackets the "
         f"growth during the training steps alone (over the memory held once the side is built).",
@@ -703,10 +716,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
     parser.add_argument("--steps", type=int, default=8, help="timed steps per contender per round")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (the ratio is their median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender first")
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of " + ", ".join(METHOD_NAMES))
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES),
+                        help="comma-separated subset of " + ", ".join(METHOD_NAMES))
     parser.add_argument("--compile", action="store_true", help="torch.compile lrkit's UNet (also ablated)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for lrkit's UNet")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--control", action="store_true",
+                        help="also time a second, identical reference (A/A): how far apart two equal sides land")
     parser.add_argument("--flops", action="store_true",
                         help="only count each part's FLOPs on meta tensors (instant; no timing, no weights)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/train_step-<device>.json)")
@@ -730,7 +746,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
     spec = BenchSpec(device=args.device, model=args.model, resolution=args.resolution, batch_size=args.batch_size,
                      precision=args.precision, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
                      seed=args.seed, compile=args.compile, channels_last=args.channels_last,
-                     threads=args.threads or (1 if args.device == "cpu" else None))
+                     threads=args.threads or (1 if args.device == "cpu" else None), control=args.control)
     return spec, args
 
 

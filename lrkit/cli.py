@@ -101,11 +101,28 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
+def _toyworld(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lrkit toyworld", description="The toy world's embedded base model.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    pre = sub.add_parser("pretrain", help="pretrain the toy base model on the toy world (CPU, time-budgeted)")
+    pre.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, pipeline/ (the export)")
+    pre.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for the whole run")
+    pre.add_argument("--seed", type=int, default=0, help="seeds initialisation, data, noise and caption dropout")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pre.add_argument("--max-steps", type=int, default=None, help="stop the UNet phase after this many steps")
+    args = parser.parse_args(argv)
+    from lrkit.toyworld.pretrain import pretrain
+
+    print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, max_steps=args.max_steps))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a concept from photos (YAML config + overrides) and write its bundle"),
     "export": (_export, "write a concept bundle from a training checkpoint"),
     "generate": (_generate, "generate images of a concept (vanilla | personalized | layout | layout-retouch)"),
     "run": (_run, "photos -> concept -> layout-retouch images + contact sheet, in one job"),
+    "toyworld": (_toyworld, "toy world: `toyworld pretrain` trains the embedded toy base model"),
 }
 
 

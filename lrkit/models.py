@@ -93,9 +93,11 @@ def compute_fingerprint(unet: torch.nn.Module, base_id: str) -> BaseFingerprint:
     probe: list[float] = []
     for name, tensor in items[::stride][:_PROBE_TENSORS]:
         flat = tensor.detach().reshape(-1)
-        # Evenly spaced positions, the same for every dtype the weights may be loaded in.
-        idx = torch.linspace(0, flat.numel() - 1, _PROBE_VALUES).round().long()
-        probe.extend(float(v) for v in flat[idx.to(flat.device)].float().cpu())
+        # Evenly spaced positions in exact integer arithmetic (float32 positions overflow on tensors
+        # with more than 2**24 elements, such as SD 1.5's up-block convolutions).
+        n = flat.numel()
+        idx = torch.tensor([k * (n - 1) // (_PROBE_VALUES - 1) for k in range(_PROBE_VALUES)], device=flat.device)
+        probe.extend(float(v) for v in flat[idx].float().cpu())
     return BaseFingerprint(id=base_id, unet_config_sha256=_unet_config_sha(unet), weight_probe=probe)
 
 
@@ -331,9 +333,19 @@ def load_base(
 
 
 def _load_toy():
-    raise BaseModelError(
-        "the embedded toy base model is not built yet in this version of lrkit; use 'tiny-random' "
-        "or a diffusers model (hub id, local folder or .safetensors file)"
+    """The embedded toy base model (DESIGN section 7): fp16 safetensors shipped in lrkit/assets/toy/
+    (made by `lrkit toyworld pretrain`, see its MODEL_CARD.md), loaded offline as float32."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(str(resources.files("lrkit") / "assets" / "toy"))
+    if not (path / "model_index.json").is_file():
+        raise BaseModelError(
+            "the embedded toy base model is not built yet in this version of lrkit; use 'tiny-random' "
+            "or a diffusers model (hub id, local folder or .safetensors file)"
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        str(path), torch_dtype=torch.float32, use_safetensors=True, safety_checker=None,
+        requires_safety_checker=False, local_files_only=True,
     )
 
 

@@ -273,3 +273,20 @@ def test_config_only_for_single_files(saved):
         load_base("tiny-random", config=folder)
     with pytest.raises(BaseModelError, match="config= applies only to single-file"):
         load_base(folder, config=folder)
+
+
+def test_fingerprint_of_tensors_larger_than_float32_can_index():
+    """SD 1.5's up-block convolutions hold ~29.5M weights (> 2**24): probe positions must stay in range."""
+    import torch.nn as nn
+
+    from lrkit.models import compute_fingerprint
+
+    class Big(nn.Module):
+        config = {"kind": "big"}
+
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.arange(2**24 + 3, dtype=torch.float32), requires_grad=False)
+
+    probe = compute_fingerprint(Big(), "big").weight_probe
+    assert probe[0] == 0.0 and probe[-1] == float(2**24 + 2)  # first and last element, exactly

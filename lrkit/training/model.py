@@ -113,22 +113,30 @@ class ConceptModel(nn.Module):
 
     def latent_params(self, batch: dict) -> torch.Tensor:
         """(batch, 2*C, h, w) mean and log-variance of the VAE posterior: cached or encoded now."""
-        if self._latent_cache:
-            keys = zip(batch["source"], batch["photo_index"].tolist(), batch["flipped"].tolist())
-            return torch.stack([self._latent_cache[(s, i, bool(f))] for s, i, f in keys])
+        if self.config.cache_latents:
+            keys = list(zip(batch["source"], batch["photo_index"].tolist(), batch["flipped"].tolist()))
+            missing = [k for k in keys if k not in self._latent_cache]
+            if missing:
+                raise RuntimeError(f"cache_latents is on but {missing[0]} was not cached; call cache_latents() first")
+            return torch.stack([self._latent_cache[k] for k in keys])
         with torch.no_grad():
             px = batch["pixel_values"].to(self.vae.device, self.vae.dtype)
             return self.vae.encode(px).latent_dist.parameters
 
     @torch.no_grad()
-    def cache_latents(self, items: list[dict]) -> None:
+    def cache_latents(self, items: list[dict], batch_size: int = 8) -> None:
         """Encode deterministic samples once: key (source, photo_index, flipped) -> latent mean/logvar."""
+        todo = {}
         for item in items:
             key = (item.get("source", "instance"), int(item["photo_index"]), bool(item["flipped"]))
-            if key in self._latent_cache:
-                continue
-            px = item["pixel_values"].unsqueeze(0).to(self.vae.device, self.vae.dtype)
-            self._latent_cache[key] = self.vae.encode(px).latent_dist.parameters[0].detach()
+            if key not in self._latent_cache:
+                todo[key] = item["pixel_values"]
+        keys = list(todo)
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start:start + batch_size]
+            px = torch.stack([todo[k] for k in chunk]).to(self.vae.device, self.vae.dtype)
+            params = self.vae.encode(px).latent_dist.parameters.detach()
+            self._latent_cache.update(zip(chunk, params))
 
     # ------------------------------------------------------------------ loss
 
@@ -185,12 +193,12 @@ class ConceptModel(nn.Module):
 
         n = int(batch.get("num_instance", bsz))
         instance_loss = per_sample[:n].mean()
-        logs = {"loss/instance": float(instance_loss.detach())}
+        logs = {"loss/instance": instance_loss.detach()}  # tensors: no device sync per step
         loss = instance_loss
         if n < bsz:
             prior_loss = per_sample[n:].mean()
             loss = loss + cfg.dreambooth.prior_loss_weight * prior_loss
-            logs["loss/prior"] = float(prior_loss.detach())
+            logs["loss/prior"] = prior_loss.detach()
         return loss, logs
 
     # ------------------------------------------------------------------ inference view

@@ -218,12 +218,16 @@ class PersonalizationModule(L.LightningModule):
         generators = [torch.Generator().manual_seed(step_seed(self.config.seed, counter, 1 + (source == "class")))
                       for counter, source in zip(batch["counter"].tolist(), batch["source"])]
         loss, logs = self.model.loss(batch, generators)
-        if not torch.isfinite(loss):
+        if self.global_step % self.config.log_every_n_steps == 0 and not torch.isfinite(loss):  # a sync: not every step
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; lower optim.lr or use precision 32")
         self.log("loss", loss, prog_bar=True, on_step=True, batch_size=batch["num_instance"])
         for key, value in logs.items():
             self.log(key, value, on_step=True, batch_size=batch["num_instance"])
         return loss
+
+    def transfer_batch_to_device(self, batch: dict, device, dataloader_idx: int) -> dict:
+        """Only the pixels go to the device; indices and captions stay on the CPU (no syncs to read them)."""
+        return dict(batch, pixel_values=batch["pixel_values"].to(device, non_blocking=True))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.method.before_optimizer_step(self.model, self.global_step)
@@ -249,7 +253,8 @@ class PersonalizationModule(L.LightningModule):
                 raise ImportError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'lrkit[bnb]'") from err
             optimizer = bnb.optim.AdamW8bit(groups, betas=opt.betas, eps=opt.eps)
         else:
-            fused = all(p.is_cuda for g in groups for p in g["params"])
+            # Fused AdamW (one kernel for all parameters) on CUDA and CPU.
+            fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
             optimizer = torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps, fused=fused or None)
         schedule = _lr_lambda(opt.lr_scheduler, opt.warmup_steps, self.config.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,590 @@
+"""Pretraining the embedded toy base model on the toy world (DESIGN section 7, issue 4 item 2).
+
+`pretrain(out, minutes=60, seed=0)` builds a tiny Stable-Diffusion-architecture model from config
+and trains it on (rendered image, caption) pairs from `lrkit.toyworld.sample`, within a wall-clock
+budget on a CPU:
+
+1. Data: a pool of rendered samples (`pool_size` seeds), refreshed by `refresh_per_step` fresh
+   seeds at every UNet step, so the model keeps seeing new pictures without paying the renderer
+   for a whole batch each step.
+2. VAE (`vae_fraction` of the budget): a plain autoencoder (L1 + MSE reconstruction plus a small
+   KL term), then frozen. The latent scaling factor is 1 / std of the pool's latents, as in SD.
+3. UNet + CLIP text encoder (the rest of the budget): epsilon-prediction DDPM loss with min-SNR
+   weighting (Hang et al. 2023, gamma 5), SD's noise schedule, 10 % empty captions (so
+   classifier-free guidance works), AdamW with warmup and cosine decay over the remaining time,
+   EMA of both trained models (exported).
+
+Checkpoints (safetensors + `state.json`) go to `OUT/checkpoint` every `checkpoint_minutes` and at
+the end; `resume=True` continues from there, counting the time already spent. The exported
+pipeline (fp16 safetensors, loaded back as float32) goes to `OUT/pipeline`. Training loss is
+logged to `OUT/log.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lrkit.toyworld.render import sample
+from lrkit.toyworld.world import COLORS, SCENE_NAMES, ObjectSpec, caption, compatible_colors
+
+logger = logging.getLogger(__name__)
+
+# The toy model's architecture: SD's layout at a small scale. A 4x VAE (64 px -> 16x16x4 latents);
+# a UNet with cross-attention at the 16x16 and 8x8 levels (down and up) and in the 4x4 mid block,
+# so Layout-and-Retouch's decoder swap layers (self-attention at the two highest resolutions with
+# attention) and its cross-attention maps exist; a 3-layer CLIP text encoder with the real CLIP
+# vocabulary (49408 tokens, 77 positions) and hidden size 64, which keeps the embedding table at
+# 6.3 MB in fp16.
+TOY_RESOLUTION = 64
+TOY_TEXT_HIDDEN = 64
+TOY_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=TOY_TEXT_HIDDEN,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TOY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=16,
+    sample_size=TOY_RESOLUTION,
+)
+TOY_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=TOY_TEXT_HIDDEN,
+    intermediate_size=4 * TOY_TEXT_HIDDEN,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=TOY_TEXT_HIDDEN,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+POOL_SEED_BASE = 1_000_003  # pool seeds are POOL_SEED_BASE * (seed + 1) + i: disjoint from small test seeds
+
+
+@dataclass
+class PretrainConfig:
+    """Options of `pretrain`; every field is saved in `state.json`."""
+
+    minutes: float = 60.0
+    """Wall-clock budget for the whole run (all phases, export included)."""
+    seed: int = 0
+    """Seeds model initialisation, data seeds, noise and caption dropout."""
+    max_steps: int | None = None
+    """Stop the UNet phase after this many steps (smoke tests), whatever the time."""
+    vae_steps: int | None = None
+    """Stop the VAE phase after this many steps (smoke tests), whatever the time."""
+    pool_size: int = 3072
+    """Rendered samples kept in memory."""
+    refresh_per_step: int = 3
+    """Pool entries replaced by freshly rendered seeds at every UNet step."""
+    vae_fraction: float = 0.2
+    """Share of the budget for the VAE phase."""
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    batch_size: int = 24
+    lr: float = 6e-4
+    """Peak learning rate of the UNet + text encoder (AdamW)."""
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    checkpoint_minutes: float = 5.0
+    export_reserve_minutes: float = 0.5
+    """Time kept at the end for the final checkpoint and the export."""
+    num_threads: int = 2
+
+    def __post_init__(self):
+        if self.minutes <= 0:
+            raise ValueError(f"pretrain: minutes must be > 0, got {self.minutes}")
+        if not 0.0 < self.vae_fraction < 1.0:
+            raise ValueError(f"pretrain: vae_fraction must be in (0, 1), got {self.vae_fraction}")
+        if self.pool_size < self.batch_size or self.pool_size < self.vae_batch_size:
+            raise ValueError(f"pretrain: pool_size ({self.pool_size}) must be >= the batch sizes")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"pretrain: caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def build_toy_components(seed: int = 0):
+    """(vae, text_encoder, unet) of the toy architecture, randomly initialised from `seed`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TOY_VAE_CONFIG)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TOY_TEXT_CONFIG))
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(**TOY_UNET_CONFIG)
+    return vae, text_encoder, unet
+
+
+def assemble_pipeline(vae, text_encoder, unet):
+    """A `StableDiffusionPipeline` around the components, with the shipped CLIP tokenizer and DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lrkit.models import SD_SCHEDULER_CONFIG, load_clip_tokenizer
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def export_pipeline(vae, text_encoder, unet, out: str | Path) -> Path:
+    """Save the pipeline to `out` with fp16 safetensors weights (the models are not changed)."""
+    import copy
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    half = [copy.deepcopy(m).to(torch.float16) for m in (vae, text_encoder, unet)]
+    assemble_pipeline(*half).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def _to_tensor(image) -> torch.Tensor:
+    """PIL RGB -> float (3, H, W) in [-1, 1]."""
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class SamplePool:
+    """Rendered toy-world samples: images in [-1, 1], caption token ids, and (after the VAE phase)
+    latent posterior means and stds. Entries are replaced in place by fresh seeds."""
+
+    def __init__(self, tokenizer, size: int, seed: int):
+        self.tokenizer = tokenizer
+        self.size = size
+        self.base = POOL_SEED_BASE * (seed + 1)
+        self.next_seed = 0
+        self.images = torch.empty(size, 3, TOY_RESOLUTION, TOY_RESOLUTION)
+        self.ids = torch.empty(size, tokenizer.model_max_length, dtype=torch.long)
+        self.latent_mean: torch.Tensor | None = None
+        self.latent_std: torch.Tensor | None = None
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def _render(self, slots: list[int]) -> None:
+        captions = []
+        for slot in slots:
+            s = sample(self.base + self.next_seed, resolution=TOY_RESOLUTION)
+            self.next_seed += 1
+            self.images[slot] = _to_tensor(s.image)
+            captions.append(s.caption)
+        self.ids[slots] = self.tokenize(captions)
+
+    def fill(self, progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        chunk = 256
+        for start in tqdm(range(0, self.size, chunk), desc="render pool", disable=not progress):
+            self._render(list(range(start, min(start + chunk, self.size))))
+
+    def refresh(self, n: int, rng: np.random.Generator, vae=None, scaling: float = 1.0) -> None:
+        """Replace `n` random entries with fresh seeds (and their latents, when encoded)."""
+        if n <= 0:
+            return
+        slots = sorted(set(int(i) for i in rng.choice(self.size, size=n, replace=False)))
+        self._render(slots)
+        if vae is not None and self.latent_mean is not None:
+            mean, std = encode(vae, self.images[slots])
+            self.latent_mean[slots] = mean
+            self.latent_std[slots] = std
+
+    def encode_all(self, vae, batch: int = 128) -> None:
+        means, stds = [], []
+        for start in range(0, self.size, batch):
+            mean, std = encode(vae, self.images[start:start + batch])
+            means.append(mean)
+            stds.append(std)
+        self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, std) of the VAE for images in [-1, 1] (unscaled latent space)."""
+    dist = vae.encode(images).latent_dist
+    return dist.mean, dist.std
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict:
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in state.items():
+                out[f"{names[p]}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str], tensors: dict) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{names[p]}::{k}" in tensors]
+            if keys:
+                optimizer.state[p] = {k: tensors[f"{names[p]}::{k}"].clone() for k in keys}
+
+
+class EMA:
+    """Exponential moving average of a module's float parameters (decay warmed up as (1+n)/(10+n))."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict({**module.state_dict(), **self.shadow})
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod[t]
+    return a / (1 - a)
+
+
+def _lr_at(step: int, frac: float, cfg: PretrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to 10 % over the phase's time fraction."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def pretrain(
+    out: str | Path,
+    minutes: float = 60.0,
+    seed: int = 0,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    vae_steps: int | None = None,
+    **overrides,
+) -> Path:
+    """Pretrain the toy base model within `minutes` of wall clock; returns `OUT/pipeline`.
+
+    `overrides` are further `PretrainConfig` fields (batch_size, lr, pool_size, ...).
+    """
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    from lrkit.models import SD_SCHEDULER_CONFIG, load_clip_tokenizer
+
+    out = Path(out)
+    ckpt = out / "checkpoint"
+    state_path = ckpt / "state.json"
+    cfg = PretrainConfig(minutes=minutes, seed=seed, max_steps=max_steps, vae_steps=vae_steps, **overrides)
+    torch.set_num_threads(cfg.num_threads)
+    start = time.monotonic()
+    state = {"phase": "vae", "vae_step": 0, "step": 0, "elapsed": 0.0, "scaling_factor": None,
+             "pool_next_seed": 0, "vae_seconds": 0.0}
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"pretrain: resume=True but {state_path} does not exist")
+        state.update(json.loads(state_path.read_text())["state"])
+        logger.info("resuming from %s: phase %s, step %d, %.1f min spent", ckpt, state["phase"], state["step"],
+                    state["elapsed"] / 60)
+    elif state_path.exists():
+        raise FileExistsError(f"pretrain: {out} already holds a run; pass resume=True (--resume) or a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(exist_ok=True)
+    budget = cfg.minutes * 60.0
+
+    def elapsed() -> float:
+        return state["elapsed"] + time.monotonic() - start
+
+    vae, text_encoder, unet = build_toy_components(cfg.seed)
+    tokenizer = load_clip_tokenizer()
+    pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed)
+    rng = np.random.default_rng([cfg.seed, state["step"], state["vae_step"]])
+    torch.manual_seed(cfg.seed * 7919 + state["step"] + state["vae_step"])
+
+    def save_checkpoint(extra: dict[str, dict[str, torch.Tensor]]) -> None:
+        tmp = out / "checkpoint.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for name, tensors in extra.items():
+            _save_tensors(tensors, tmp / f"{name}.safetensors")
+        saved = {**state, "elapsed": elapsed(), "pool_next_seed": pool.next_seed}
+        (tmp / "state.json").write_text(json.dumps({"state": saved, "config": asdict(cfg)}, indent=1))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
+        logger.info("checkpoint at phase %s step %d (%.1f min)", state["phase"], state["step"], elapsed() / 60)
+
+    # ---------------------------------------------------------------- phase 1: the VAE
+    if state["phase"] == "vae":
+        pool.fill()
+        vae_deadline = cfg.vae_fraction * budget
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        names = {p: n for n, p in vae.named_parameters()}
+        if resume and (ckpt / "vae.safetensors").is_file():
+            vae.load_state_dict(_load_tensors(ckpt / "vae.safetensors"))
+            _load_optimizer_tensors(optimizer, names, _load_tensors(ckpt / "vae_optimizer.safetensors"))
+        vae.train()
+        bar = tqdm(desc="vae", unit="step")
+        last_ckpt = time.monotonic()
+        while True:
+            if cfg.vae_steps is not None:
+                if state["vae_step"] >= cfg.vae_steps:
+                    break
+            elif elapsed() >= vae_deadline:
+                break
+            idx = torch.from_numpy(rng.choice(cfg.pool_size, size=cfg.vae_batch_size, replace=False))
+            images = pool.images[idx]
+            posterior = vae.encode(images).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+            loss = rec + cfg.vae_kl_weight * posterior.kl().mean()
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.vae_lr * min(1.0, (state["vae_step"] + 1) / 50)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["vae_step"] += 1
+            bar.update(1)
+            bar.set_postfix(rec=f"{rec.item():.4f}")
+            if state["vae_step"] % 20 == 0:
+                _log(out, {"phase": "vae", "step": state["vae_step"], "rec": rec.item(), "t": elapsed()})
+            if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
+                save_checkpoint({"vae": vae.state_dict(), "vae_optimizer": _optimizer_tensors(optimizer, names)})
+                last_ckpt = time.monotonic()
+        bar.close()
+        vae.eval().requires_grad_(False)
+        pool.encode_all(vae)
+        scaling = float(1.0 / pool.latent_mean.add(pool.latent_std * torch.randn_like(pool.latent_std)).std())
+        state.update(phase="unet", scaling_factor=scaling, vae_seconds=elapsed())
+        logger.info("VAE: %d steps, latent scaling factor %.4f", state["vae_step"], scaling)
+        del optimizer
+        save_checkpoint({"vae": vae.state_dict(), "pool": _pool_tensors(pool)})
+    else:
+        vae.load_state_dict(_load_tensors(ckpt / "vae.safetensors"))
+        vae.eval().requires_grad_(False)
+        tensors = _load_tensors(ckpt / "pool.safetensors")
+        pool.ids, pool.latent_mean, pool.latent_std = tensors["ids"], tensors["latent_mean"], tensors["latent_std"]
+        pool.images.zero_()  # the UNet phase needs only latents; refreshed entries are re-rendered
+        pool.next_seed = state["pool_next_seed"]
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    scaling = state["scaling_factor"]
+
+    # ---------------------------------------------------------------- phase 2: UNet + text encoder
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    names = {p: f"unet.{n}" for n, p in unet.named_parameters()}
+    names.update({p: f"text_encoder.{n}" for n, p in text_encoder.named_parameters()})
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
+    if state["phase"] == "unet" and (ckpt / "unet.safetensors").is_file():
+        unet.load_state_dict(_load_tensors(ckpt / "unet.safetensors"))
+        text_encoder.load_state_dict(_load_tensors(ckpt / "text_encoder.safetensors"), strict=False)
+        _load_optimizer_tensors(optimizer, names, _load_tensors(ckpt / "optimizer.safetensors"))
+        ema = _load_tensors(ckpt / "ema.safetensors")
+        ema_unet.shadow = {k[5:]: v for k, v in ema.items() if k.startswith("unet.")}
+        ema_text.shadow.update({k[13:]: v for k, v in ema.items() if k.startswith("text_encoder.")})
+
+    def unet_checkpoint() -> dict:
+        return {
+            "vae": vae.state_dict(),
+            "pool": _pool_tensors(pool),
+            "unet": unet.state_dict(),
+            "text_encoder": {k: v for k, v in text_encoder.state_dict().items() if v.is_floating_point()},
+            "optimizer": _optimizer_tensors(optimizer, names),
+            "ema": {**{f"unet.{k}": v for k, v in ema_unet.shadow.items()},
+                    **{f"text_encoder.{k}": v for k, v in ema_text.shadow.items()}},
+        }
+
+    noise_scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    empty_ids = pool.tokenize([""])[0]
+    unet_start = state["vae_seconds"]
+    unet_deadline = budget - cfg.export_reserve_minutes * 60.0
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(desc="unet", unit="step", initial=state["step"])
+    last_ckpt = time.monotonic()
+    running = None
+    while state["phase"] == "unet":
+        if cfg.max_steps is not None:
+            if state["step"] >= cfg.max_steps:
+                break
+        elif elapsed() >= unet_deadline:
+            break
+        step = state["step"]
+        frac = (elapsed() - unet_start) / max(1.0, unet_deadline - unet_start)
+        if cfg.max_steps is not None:
+            frac = step / cfg.max_steps
+        pool.refresh(cfg.refresh_per_step, rng, vae)
+        idx = torch.from_numpy(rng.choice(cfg.pool_size, size=cfg.batch_size, replace=False))
+        latents = (pool.latent_mean[idx] + pool.latent_std[idx] * torch.randn_like(pool.latent_std[idx])) * scaling
+        ids = pool.ids[idx].clone()
+        drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.caption_dropout)
+        ids[drop] = empty_ids
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        encoder_hidden_states = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states).sample
+        snr = _snr(alphas_cumprod, t)
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+        mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (weight * mse).mean()
+        lr = _lr_at(step, frac, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema_unet.update(unet, step)
+        ema_text.update(text_encoder, step)
+        state["step"] += 1
+        running = mse.mean().item() if running is None else 0.98 * running + 0.02 * mse.mean().item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+        if state["step"] % 10 == 0:
+            _log(out, {"phase": "unet", "step": state["step"], "loss": running, "lr": lr, "t": elapsed()})
+        if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
+            save_checkpoint(unet_checkpoint())
+            last_ckpt = time.monotonic()
+    bar.close()
+    state["final_loss"] = running if running is not None else state.get("final_loss")
+    save_checkpoint(unet_checkpoint())
+
+    # ---------------------------------------------------------------- export (EMA weights)
+    ema_unet.copy_to(unet)
+    ema_text.copy_to(text_encoder)
+    pipeline_dir = export_pipeline(vae, text_encoder.eval(), unet.eval(), out / "pipeline")
+    logger.info("exported %s after %d UNet steps (%.1f min, loss %s)", pipeline_dir, state["step"],
+                elapsed() / 60, state["final_loss"])
+    return pipeline_dir
+
+
+def _pool_tensors(pool: SamplePool) -> dict[str, torch.Tensor]:
+    return {"ids": pool.ids, "latent_mean": pool.latent_mean, "latent_std": pool.latent_std}
+
+
+# ------------------------------------------------------------------------------------ fidelity
+
+
+def fidelity_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """`n` (prompt, scene, class, colour): "a photo of a {colour} {class} {scene phrase}", from the
+    world's caption builder, with a colour the world puts on that scene."""
+    from lrkit.toyworld.world import CLASSES
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene = SCENE_NAMES[int(rng.integers(len(SCENE_NAMES)))]
+        colors = compatible_colors(scene)
+        color = colors[int(rng.integers(len(colors)))]
+        cls = CLASSES[int(rng.integers(len(CLASSES)))]
+        out.append((caption(scene, [ObjectSpec(cls=cls, color=color)], 0), scene, cls, color))
+    return out
+
+
+@torch.no_grad()
+def measure_fidelity(pipe, n: int = 56, seed: int = 0, steps: int = 25, guidance: float = 6.0,
+                     batch: int = 8) -> dict:
+    """Generate `n` prompt x seed samples and score scene, class and colour with the exact scorers."""
+    from lrkit.toyworld.scorers import classify_object, classify_scene, object_color, segment_object
+
+    items = fidelity_prompts(n, seed)
+    hits = {"scene": 0, "class": 0, "color": 0}
+    rows = []
+    for start in range(0, n, batch):
+        chunk = items[start:start + batch]
+        gens = [torch.Generator().manual_seed(seed * 100_000 + start + i) for i in range(len(chunk))]
+        images = pipe([c[0] for c in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                      height=TOY_RESOLUTION, width=TOY_RESOLUTION, generator=gens).images
+        for (prompt, scene, cls, color), image in zip(chunk, images):
+            got_scene = classify_scene(image)[0]
+            mask = segment_object(image, got_scene)
+            got_cls = classify_object(image, mask)[0]
+            got_color = object_color(image, mask) if mask.any() else None
+            hits["scene"] += got_scene == scene
+            hits["class"] += got_cls == cls
+            hits["color"] += got_color == color
+            rows.append({"prompt": prompt, "scene": got_scene, "class": got_cls, "color": got_color})
+    return {"n": n, "steps": steps, "guidance": guidance,
+            **{f"{k}_accuracy": v / n for k, v in hits.items()}, "samples": rows}
+
+
+__all__ = [
+    "PretrainConfig",
+    "TOY_TEXT_CONFIG",
+    "TOY_UNET_CONFIG",
+    "TOY_VAE_CONFIG",
+    "assemble_pipeline",
+    "build_toy_components",
+    "export_pipeline",
+    "fidelity_prompts",
+    "measure_fidelity",
+    "pretrain",
+]
