@@ -235,6 +235,8 @@ class TrainConfig:
     """Lightning strategy: auto, ddp, ..."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet (and the text encoder when it trains)."""
+    compile: bool = False
+    """torch.compile the UNet (in place: checkpoint and export names are unchanged). Costs a compile at start."""
     cache_latents: bool = False
     """Encode each photo (and its flip) once with the VAE instead of every step."""
     cache_text_embeddings: bool = False

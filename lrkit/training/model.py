@@ -58,6 +58,8 @@ class ConceptModel(nn.Module):
             self.unet.enable_gradient_checkpointing()
             if not self.method.text_encoder_frozen():
                 self.text_encoder.gradient_checkpointing_enable()
+        if config.compile:
+            self.unet.compile()  # in place: state_dict keys stay the same
         self._text_cache: dict[str, torch.Tensor] = {}
         self._latent_cache: dict[tuple, torch.Tensor] = {}
 
