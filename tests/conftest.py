@@ -20,3 +20,23 @@ def tiny_pipe():
         return load_base("tiny-random" if seed == 0 else f"tiny-random:{seed}")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def vase_photos(tmp_path_factory):
+    """`vase_photos(n)` -> a folder with the first n shipped vase photos (built once per n)."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "data" / "subjects" / "vase"
+    folders = {}
+
+    def make(n: int = 2) -> Path:
+        if n not in folders:
+            folder = tmp_path_factory.mktemp(f"vase{n}")
+            for photo in sorted(source.glob("*.jpg"))[:n]:
+                shutil.copy(photo, folder / photo.name)
+            folders[n] = folder
+        return folders[n]
+
+    return make

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("00.jpg", "01.jpg"):
-        shutil.copy(ROOT / "data/subjects/vase" / name, folder / name)
-    return folder
+def photos(vase_photos) -> Path:
+    return vase_photos(2)
 
 
 @pytest.fixture(scope="module")

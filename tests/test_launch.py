@@ -6,7 +6,6 @@ These start real subprocesses (CPU, gloo); each takes 10-40 s.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +21,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("00.jpg", "01.jpg", "02.jpg"):
-        shutil.copy(ROOT / "data/subjects/vase" / name, folder / name)
-    return folder
+def photos(vase_photos) -> Path:
+    return vase_photos(3)
 
 
 def train_args(out: Path, photos: Path, *extra: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -26,11 +25,8 @@ PROMPT = {"lora": "a photo of sks vase", "dreambooth": "a photo of sks vase",
 
 
 @pytest.fixture(scope="session")
-def two_photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("00.jpg", "01.jpg"):
-        shutil.copy(ROOT / "data/subjects/vase" / name, folder / name)
-    return folder
+def two_photos(vase_photos) -> Path:
+    return vase_photos(2)
 
 
 def cli_overrides(out: Path, photos: Path, steps: int = 4) -> list[str]:

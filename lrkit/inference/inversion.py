@@ -34,7 +34,7 @@ _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 # --------------------------------------------------------------------------- encoding
 
 
-def _resize_center_crop(image: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
+def center_square(image: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
     """Resize so that the short side is `resolution`, then crop the centre square."""
     width, height = image.size
     scale = resolution / min(width, height)
@@ -66,7 +66,7 @@ def encode_image(pipe, image: PIL.Image.Image, resolution: int, generator=None) 
             "reference image is %dx%d; resized (short side) and centre-cropped to %dx%d",
             *image.size, resolution, resolution,
         )
-        image = _resize_center_crop(image, resolution)
+        image = center_square(image, resolution)
     vae = pipe.vae
     pixels = pipe.image_processor.preprocess(image)  # (1, 3, H, W) in [-1, 1]
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)

@@ -142,15 +142,6 @@ class _Embeds:
     tokens: list[list[int]] = field(default_factory=list)  # subject token positions per row
 
 
-def center_square(image: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to `size` and center-crop a square (the reference's preprocessing)."""
-    scale = size / min(image.size)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 class LayoutRetouchPipeline:
     """Personalized generation with Layout-and-Retouch on a stock diffusers `StableDiffusionPipeline`.
 
@@ -461,6 +452,7 @@ class LayoutRetouchPipeline:
 
     def _reference_mask(self, path: Path, photo: Image.Image, trajectory, embeds, prompt, options) -> torch.Tensor:
         """M_R at latent resolution: from the bundle's masks/ or computed once (SAM, else attention) and stored."""
+        from lrkit.inference.inversion import center_square
         from lrkit.masks import box_from_attention, load_mask_png, minmax, otsu_threshold, resize_map
 
         grid = tuple(trajectory.shape[-2:])
