@@ -295,3 +295,19 @@ def test_other_schedulers_match_stock(pipes, bundles):
     np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
     with pytest.raises(InferenceError, match="ddim"):
         GenerationOptions(mode="layout-retouch", scheduler="euler")
+
+
+def test_explicit_swap_layers(pipes, monkeypatch):
+    import lrkit.masks
+
+    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.ones_like(attn))
+    pipe = pipes["ti"]
+    one = ["up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor"]
+    assert [l.name for l in pipe._swap_layers(GenerationOptions(swap_layers=one))] == one
+    single = ours(pipe, PROMPT["ti"], lam=0.25, swap_layers=one)[0]
+    default = ours(pipe, PROMPT["ti"], lam=0.25)[0]
+    assert np.abs(as_np(single.image) - as_np(default.image)).mean() > 1e-4  # fewer swap layers, another image
+    with pytest.raises(InferenceError, match="cross-attention"):
+        ours(pipe, PROMPT["ti"], swap_layers=[one[0].replace("attn1", "attn2")])
+    with pytest.raises(InferenceError, match="not an attention layer"):
+        ours(pipe, PROMPT["ti"], swap_layers=["up_blocks.7.attentions.0.transformer_blocks.0.attn1.processor"])

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from lrkit.attention import (AttentionCache, AttentionStore, AttentionStoreProcessor, MultiSourceSwapProcessor,
-                             RecordingProcessor, SwapState, cross_layers_at, decoder_self_layers, processors)
+                             RecordingProcessor, SwapState, attention_layers, cross_layers_at, decoder_self_layers,
+                             processors)
 from lrkit.concept import Concept, ConceptError
 from lrkit.models import load_base
 
@@ -67,6 +68,8 @@ class GenerationOptions:
     """First step (fraction of T) with the attention swap on (default: retouch_start)."""
     swap_levels: int = 2
     """Decoder self-attention at this many highest resolutions swaps in the reference."""
+    swap_layers: list[str] | None = None
+    """Explicit swap layers (self-attention processor names, e.g. 'up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor'); overrides swap_levels."""
     alpha: float = 0.5
     """Weight of the SAM mask against the cross-attention map in the target mask."""
     tau: float = 0.5
@@ -369,7 +372,16 @@ class LayoutRetouchPipeline:
         return LayoutResult(latents=latents, trajectory=torch.stack(trajectory), maps=torch.stack(maps))
 
     def _swap_layers(self, options: GenerationOptions):
-        return decoder_self_layers(self.pipe.unet, options.swap_levels)
+        if not options.swap_layers:
+            return decoder_self_layers(self.pipe.unet, options.swap_levels)
+        layers = {l.name: l for l in attention_layers(self.pipe.unet)}
+        unknown = [n for n in options.swap_layers if n not in layers]
+        if unknown:
+            raise InferenceError(f"swap_layers: {unknown[0]!r} is not an attention layer of this UNet")
+        cross = [n for n in options.swap_layers if not layers[n].is_self]
+        if cross:
+            raise InferenceError(f"swap_layers: {cross[0]!r} is a cross-attention layer; the swap needs self-attention (attn1)")
+        return [layers[n] for n in options.swap_layers]
 
     @staticmethod
     def _start(options: GenerationOptions) -> int:
