@@ -93,10 +93,11 @@ def compute_fingerprint(unet: torch.nn.Module, base_id: str) -> BaseFingerprint:
     probe: list[float] = []
     for name, tensor in items[::stride][:_PROBE_TENSORS]:
         flat = tensor.detach().reshape(-1)
-        # Evenly spaced positions in exact integer arithmetic (float32 positions overflow on tensors
-        # with more than 2**24 elements, such as SD 1.5's up-block convolutions).
+        # Evenly spaced positions round(k * (n - 1) / last), in exact integer arithmetic: float32
+        # positions overflow on tensors with more than 2**24 elements (SD 1.5's up-block convs).
         n = flat.numel()
-        idx = torch.tensor([k * (n - 1) // (_PROBE_VALUES - 1) for k in range(_PROBE_VALUES)], device=flat.device)
+        last = _PROBE_VALUES - 1
+        idx = torch.tensor([(2 * k * (n - 1) + last) // (2 * last) for k in range(_PROBE_VALUES)], device=flat.device)
         probe.extend(float(v) for v in flat[idx].float().cpu())
     return BaseFingerprint(id=base_id, unet_config_sha256=_unet_config_sha(unet), weight_probe=probe)
 

@@ -133,7 +133,8 @@ class Generation:
 class LayoutResult:
     latents: torch.Tensor  # (B, C, h, w) final
     trajectory: torch.Tensor  # (T+1, B, C, h, w): z_0 .. z_T
-    maps: torch.Tensor  # (T, B, h, w) subject cross-attention per step (conditional rows)
+    maps: torch.Tensor | None  # (T, B, h, w) subject cross-attention per step (conditional rows), if recorded
+    embeds: "_Embeds | None" = None  # y* embeddings of stage 1's personalized phase, reused by stage 2
 
 
 @dataclass
@@ -164,6 +165,7 @@ class LayoutRetouchPipeline:
         self.use_scheduler("ddim")
         self.has_lora = "lora" in concept.files
         self._kv_memo: dict = {}
+        self._prompt_memo: dict = {}
         pipe.set_progress_bar_config(disable=True)
 
     # ------------------------------------------------------------------ construction
@@ -183,6 +185,10 @@ class LayoutRetouchPipeline:
         concept.apply(pipe, force=force)
         return cls(pipe, concept, vanilla_unet=vanilla_unet, vanilla_text_encoder=vanilla_te,
                    segmenter=load_segmenter(sam_checkpoint, device=pipe.device), cache=TrajectoryCache(cache_dir))
+
+    def clear_caches(self) -> None:
+        """Free the memoized reference keys/values and prompt embeddings (the disk cache stays)."""
+        self._kv_memo, self._prompt_memo = {}, {}
 
     def use_scheduler(self, name: str) -> None:
         """Switch the pipeline's scheduler (built once per name from the base model's config)."""
@@ -251,6 +257,10 @@ class LayoutRetouchPipeline:
                 return list(range(start, start + len(sub)))
         raise InferenceError(f"phrase {phrase!r} not found in prompt {prompt!r} after tokenization")
 
+    def _phrase_in(self, prompt: str) -> str:
+        """The words standing for the subject in `prompt`: `<token> <class>` if present, else the token."""
+        return self.subject_phrase() if self.subject_phrase() in prompt else self.concept.token
+
     def _embed(self, prompts: list[str], phrase_of, negative: str, *, vanilla: bool) -> _Embeds:
         ctx = self.vanilla() if vanilla else contextlib.nullcontext()
         with ctx:
@@ -309,7 +319,7 @@ class LayoutRetouchPipeline:
                 context = AttentionCache(rows=list(range(2 * len(seeds))),
                                          steps=range(self._swap_from(options), options.num_inference_steps))
             layout = self._layout([prompt] * len(seeds), [plain] * len(seeds), generators, options, lam, height,
-                                  width, vanilla_phrase, context)
+                                  width, vanilla_phrase, context, record_maps=retouch)
         images = layout.latents
         masks = reference = None
         if retouch:
@@ -332,13 +342,12 @@ class LayoutRetouchPipeline:
     # ------------------------------------------------------------------ stage 1
 
     def _layout(self, prompts, plain_prompts, generators, options: GenerationOptions, lam: float, height, width,
-                vanilla_phrase: str, context: AttentionCache | None = None) -> LayoutResult:
+                vanilla_phrase: str, context: AttentionCache | None = None, record_maps: bool = False) -> LayoutResult:
         """Step-blended denoising: ε(z, y) for i < λ·T, then ε*(z, y*); guidance in both phases."""
         pipe, steps = self.pipe, options.num_inference_steps
         batch = len(prompts)
         switch = options.step_index(lam)
-        star = self._embed(prompts, lambda p: self.subject_phrase() if self.subject_phrase() in p else self.concept.token,
-                           options.negative_prompt, vanilla=False) if switch < steps else None
+        star = self._embed(prompts, self._phrase_in, options.negative_prompt, vanilla=False) if switch < steps else None
         vanilla = self._embed(plain_prompts, lambda p: vanilla_phrase, options.negative_prompt, vanilla=True) \
             if switch > 0 else None
         dtype = (star or vanilla).cond.dtype
@@ -349,27 +358,39 @@ class LayoutRetouchPipeline:
         grid = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         store = AttentionStore(rows=list(range(batch, 2 * batch)), tokens=[], size=grid)
         trajectory, maps = [latents], []
+        timesteps = pipe.scheduler.timesteps
+
+        def denoise(i: int, embeds: _Embeds) -> None:
+            nonlocal latents
+            t = timesteps[i]
+            store.tokens = embeds.tokens
+            if context is not None:
+                context.step = i
+            latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            noise = pipe.unet(latent_in, t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
+                              return_dict=False)[0]
+            uncond, cond = noise.chunk(2)
+            latents = pipe.scheduler.step(uncond + options.guidance_scale * (cond - uncond), t, latents, **extra,
+                                          return_dict=False)[0]
+            trajectory.append(latents)
+            if record_maps:
+                maps.append(store.take())
+
         with contextlib.ExitStack() as hooks:
             for unet in {id(u): u for u in (pipe.unet, self.vanilla_unet) if u is not None}.values():
-                chosen = self._store_processors(store, grid)
+                chosen = self._store_processors(store, grid) if record_maps else {}
                 if context is not None and unet is pipe.unet:  # record C for stage 2 (personalized steps only)
                     chosen.update({l.name: RecordingProcessor(context, l.name, "out") for l in self._swap_layers(options)})
-                hooks.enter_context(processors(unet, chosen))
-            for i, t in enumerate(pipe.scheduler.timesteps):
-                embeds = vanilla if i < switch else star
-                store.tokens = embeds.tokens
-                if context is not None:
-                    context.step = i
-                with self.vanilla() if i < switch else contextlib.nullcontext():
-                    latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                    noise = pipe.unet(latent_in, t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
-                                      return_dict=False)[0]
-                uncond, cond = noise.chunk(2)
-                noise = uncond + options.guidance_scale * (cond - uncond)
-                latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-                trajectory.append(latents)
-                maps.append(store.take())
-        return LayoutResult(latents=latents, trajectory=torch.stack(trajectory), maps=torch.stack(maps))
+                if chosen:
+                    hooks.enter_context(processors(unet, chosen))
+            if switch > 0:
+                with self.vanilla():  # phase 1: the vanilla model on y (adapters switched once)
+                    for i in range(switch):
+                        denoise(i, vanilla)
+            for i in range(switch, steps):  # phase 2: the personalized model on y*
+                denoise(i, star)
+        return LayoutResult(latents=latents, trajectory=torch.stack(trajectory),
+                            maps=torch.stack(maps) if record_maps else None, embeds=star)
 
     def _swap_layers(self, options: GenerationOptions):
         if not options.swap_layers:
@@ -410,8 +431,7 @@ class LayoutRetouchPipeline:
         self.pipe.scheduler.set_timesteps(steps, device=self.device)
         trajectory = ddim_invert(self.pipe, latents, cond, steps).to(cond.dtype)  # (T+1, 1, C, h, w)
         grid = tuple(latents.shape[-2:])
-        phrase = self.subject_phrase() if self.subject_phrase() in prompt else self.concept.token
-        store = AttentionStore(rows=[0], tokens=[self.token_positions(prompt, phrase)], size=grid)
+        store = AttentionStore(rows=[0], tokens=[self.token_positions(prompt, self._phrase_in(prompt))], size=grid)
         start = min(self._start(options), steps - 1)
         with processors(self.pipe.unet, self._store_processors(store, grid)):
             self.pipe.unet(trajectory[start], self.pipe.scheduler.timesteps[start], encoder_hidden_states=cond)
@@ -444,7 +464,9 @@ class LayoutRetouchPipeline:
         photo.load()
         photo = photo.convert("RGB")
         prompt = f"a photo of {self.subject_phrase()}"
-        embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
+        if prompt not in self._prompt_memo:
+            self._prompt_memo = {prompt: self.pipe.encode_prompt(prompt, self.device, 1, False)[0]}
+        embeds = self._prompt_memo[prompt]
         if height != width:
             raise InferenceError("layout-retouch needs a square image size (height == width)")
         key = self.cache.key(concept=self.concept.name, base=self.concept.base.unet_config_sha256,
@@ -540,8 +562,7 @@ class LayoutRetouchPipeline:
         start, swap_from = self._start(options), self._swap_from(options)
         pipe.scheduler.set_timesteps(steps, device=self.device)
         photo, ref_traj, ref_embeds, ref_mask, ref_key = self._reference(options, height, width)
-        star = self._embed([prompt] * batch, lambda p: self.subject_phrase() if self.subject_phrase() in p else self.concept.token,
-                           options.negative_prompt, vanilla=False)
+        star = layout.embeds or self._embed([prompt] * batch, self._phrase_in, options.negative_prompt, vanilla=False)
         sam = self._target_sam_masks(layout.latents, layout.maps, height, width)
         grid = tuple(layout.latents.shape[-2:])
         cached = context is not None
