@@ -17,14 +17,15 @@ are wrapped on the instance, for timing only): stage 1 (`_layout`), reference in
 (`_reference`), R K/V recording (`_reference_kv`), stage 2 (`_retouch` without the former two) and
 VAE decoding (`_decode`). A forward pre-hook counts UNet calls and their batch rows: the ratio follows
 the calls where a fixed cost per call dominates (a tiny model on a CPU), the rows where the UNet's
-arithmetic does (SD-1.5 at 512 px on a GPU). Peak memory is measured per
-configuration in a fresh spawned process (CUDA: `max_memory_allocated`; CPU: peak RSS), and the
+arithmetic does (SD-1.5 at 512 px on a GPU). Times are wall clock on CUDA and the process's CPU time on
+the CPU (one torch thread by default; the wall clock is reported beside it). Peak memory is measured
+per configuration in a fresh spawned process (CUDA: `max_memory_allocated`; CPU: peak RSS), and the
 recorded attention caches are sized with `AttentionCache.nbytes()`.
 
     python bench/generate.py                                   # CPU, tiny-random, 64 px, 20 steps, fp32
-    python bench/generate.py --device cuda --model sd15 --resolution 512 --steps 50 --dtype fp16
+    python bench/generate.py --device cuda --model sd15 --resolution 512 --steps 50 --dtype fp16 --repeats 8
 
-Results: a markdown table on stdout and in `--markdown`, JSON at `--out`.
+Results: a markdown table on stdout and in bench/RESULTS.md (its "Generation" section), JSON at `--out`.
 """
 
 from __future__ import annotations
@@ -32,21 +33,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime as dt
 import gc
-import json
 import logging
-import multiprocessing as mp
 import os
-import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,41 +53,41 @@ from lrkit.attention import AttentionCache  # noqa: E402
 from lrkit.concept import Concept, TokenSpec, write_bundle  # noqa: E402
 from lrkit.inference import GenerationOptions, LayoutRetouchPipeline  # noqa: E402
 from lrkit.lora_io import save_diffusers_lora  # noqa: E402
-from lrkit.models import _FINGERPRINTS, BaseFingerprint, _unet_config_sha, build_tiny_random, fingerprint  # noqa: E402
+from lrkit.models import build_tiny_random, fingerprint  # noqa: E402
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/ (already there for `python bench/...`)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (ROOT, RESULTS_MD, CommonSpec, common_parser, common_spec_fields,  # noqa: E402
+                     finish_machine_info, machine_info, machine_line, memory_now_and_peak, reset_peak, run_spawned,
+                     start_run, synchronize, write_json, write_results_section)
 
 logger = logging.getLogger("bench.generate")
 
-ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_PHOTO = ROOT / "data" / "subjects" / "vase" / "00.jpg"
 PROMPT = "a photo of sks vase on the beach"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What this benchmark runs of lrkit (a dirty tree here is flagged next to the commit).
 LRKIT_PATHS = ["lrkit/inference", "lrkit/attention.py", "lrkit/masks.py", "lrkit/concept.py", "lrkit/models.py",
                "lrkit/lora_io.py"]
+RESULTS_HEADING = "Generation (layout-retouch vs plain diffusers)"  # the "## " section of RESULTS.md this script writes
 MARKDOWN_NOTES = "#### What the numbers mean"  # hand-written text from this heading on survives a re-run
 
 
 @dataclass(frozen=True)
-class BenchSpec:
-    """One benchmark configuration (picklable: the memory probes rebuild everything from it)."""
+class BenchSpec(CommonSpec):
+    """One benchmark configuration: `CommonSpec`'s fields (device, model, resolution, batch size, seed,
+    threads) and the generation's."""
 
-    device: str = "cpu"
-    model: str = "tiny"
-    resolution: int = 64
     steps: int = 20
     dtype: str = "fp32"
     repeats: int = 15
     warmup: int = 1
-    batch_size: int = 1
     guidance_scale: float = 7.5
     lam: float = 0.3
-    seed: int = 0
-    threads: int | None = None  # torch CPU threads (None: torch's default)
 
     @property
     def key(self) -> str:
-        threads = f" ({self.threads} thread{'s' * (self.threads > 1)})" if self.threads else ""
-        return (f"{self.device}{threads}, {self.model}, {self.resolution} px, {self.steps} steps, "
+        return (f"{self.device_label}, {self.model}, {self.resolution} px, {self.steps} steps, "
                 f"batch {self.batch_size}, {self.dtype}")
 
 
@@ -120,9 +114,10 @@ PART_LABELS = {"_layout": "stage 1", "_reference": "reference", "_reference_kv":
                "_decode": "decode", "other": "other"}
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def clock(device: str):
+    """The clock the table reads: wall time on CUDA; on the CPU the process's CPU time, which the other
+    jobs on a shared machine do not inflate (with one torch thread it is the wall time of an idle machine)."""
+    return time.perf_counter if device == "cuda" else time.process_time
 
 
 # ---------------------------------------------------------------------------- models and the concept
@@ -134,17 +129,10 @@ def build_base(spec: BenchSpec):
         pipe = build_tiny_random(spec.seed)
         fingerprint(pipe)
         return pipe
-    sys.path.insert(0, str(ROOT / "bench"))
-    from train_step import build_sd15_random  # SD-1.5's architecture, random weights
+    from train_step import build_sd15_random  # SD-1.5's architecture, random weights (one definition)
 
     pipe = build_sd15_random(spec.seed)
-    try:
-        fingerprint(pipe, "sd15-random")
-    except IndexError:
-        # lrkit.models.compute_fingerprint indexes with a float32 linspace, which rounds past the end of
-        # tensors with more than 2**24 elements (SD-1.5's up-block convs): register one without weight probe.
-        logger.warning("lrkit could not fingerprint the SD-1.5-sized UNet; registering one without weight probe")
-        _FINGERPRINTS[pipe.unet] = BaseFingerprint(id="sd15-random", unet_config_sha256=_unet_config_sha(pipe.unet))
+    fingerprint(pipe, "sd15-random")
     return pipe
 
 
@@ -189,6 +177,7 @@ class PartTimer:
 
     def __init__(self, device: str):
         self.device = device
+        self.clock = clock(device)
         self.active = False
         self.times: dict[str, float] = {}
         self.cache_bytes: dict[str, int] = {}
@@ -204,13 +193,13 @@ class PartTimer:
             if not self.active:
                 return method(*args, **kwargs)
             synchronize(self.device)
-            start = time.perf_counter()
+            start = self.clock()
             self._stack.append(0.0)
             try:
                 result = method(*args, **kwargs)
                 synchronize(self.device)
             finally:
-                elapsed = time.perf_counter() - start
+                elapsed = self.clock() - start
                 inner = self._stack.pop()
                 if self._stack:
                     self._stack[-1] += elapsed
@@ -280,21 +269,22 @@ class Bench:
         return [g.image for g in self.pipeline.generate(PROMPT, self.seeds, self.options(config))]
 
     def timed(self, config: Config) -> dict:
-        """Seconds per image, the breakdown, UNet rows and cache sizes of one measured generation."""
+        """Seconds per image (`clock` and wall), the breakdown, UNet calls/rows and cache sizes of one generation."""
         self.prepare(config)
         self.timer.reset()
         self.timer.active, self.unet_calls, self.unet_rows = True, 0, 0
         synchronize(self.spec.device)
-        start = time.perf_counter()
+        start, wall_start = self.timer.clock(), time.perf_counter()
         self.run(config)
         synchronize(self.spec.device)
-        total = time.perf_counter() - start
+        total, wall = self.timer.clock() - start, time.perf_counter() - wall_start
         self.timer.active = False
         n = len(self.seeds)
         parts = {name: self.timer.times.get(name, 0.0) / n for name in PARTS} if not config.plain else {}
         if parts:
             parts["other"] = total / n - sum(parts.values())
-        return dict(seconds=total / n, parts=parts, unet_calls=self.unet_calls, unet_rows=self.unet_rows / n,
+        return dict(seconds=total / n, wall_seconds=wall / n, parts=parts, unet_calls=self.unet_calls,
+                    unet_rows=self.unet_rows / n,
                     context_cache_bytes=self.timer.cache_bytes.get("_layout", 0),
                     reference_cache_bytes=self.timer.cache_bytes.get("_reference_kv", 0))
 
@@ -312,32 +302,12 @@ def bench_timings(spec: BenchSpec, bundle: Path) -> dict[str, list[dict]]:
             for config in CONFIGS[k:] + CONFIGS[:k]:
                 rounds[config.name].append(bench.timed(config))
             logger.info("round %d/%d: %s", r + 1, spec.repeats,
-                        ", ".join(f"{name} {m[-1]['seconds']:.3f} s" for name, m in rounds.items()))
+                        ", ".join(f"{name} {m[-1]['seconds']:.3f} s ({m[-1]['wall_seconds']:.3f} s wall)"
+                                  for name, m in rounds.items()))
         return rounds
 
 
 # ---------------------------------------------------------------------------- peak memory
-
-
-def _status_kb(field: str) -> int:
-    """A `/proc/self/status` field in KiB (VmRSS: resident now, VmHWM: peak resident)."""
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
-def _memory_now_and_peak(device: str) -> tuple[float, float]:
-    if device == "cuda":
-        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
-    return _status_kb("VmRSS") / 1024, _status_kb("VmHWM") / 1024
-
-
-def _reset_peak(device: str) -> None:
-    """CUDA: reset the allocator's peak; CPU: writing 5 to /proc/self/clear_refs resets VmHWM.
-    (`ru_maxrss` would not do: Linux carries it across fork+exec into a spawned child.)"""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 def _memory_probe(spec: BenchSpec, bundle: str, config: Config, queue) -> None:
@@ -346,17 +316,17 @@ def _memory_probe(spec: BenchSpec, bundle: str, config: Config, queue) -> None:
     `max_memory_allocated`); `call`: peak over the memory held just before the measured call."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    after_imports = _memory_now_and_peak(spec.device)[0] if spec.device != "cuda" else 0.0
+    after_imports = memory_now_and_peak(spec.device)[0] if spec.device != "cuda" else 0.0
     with tempfile.TemporaryDirectory(prefix="lrkit-bench-mem-") as work:
         bench = Bench(spec, Path(bundle), Path(work))
         bench.run(config)
         bench.prepare(config)
-        _reset_peak(spec.device)
-        before = _memory_now_and_peak(spec.device)[0]
+        reset_peak(spec.device)
+        before = memory_now_and_peak(spec.device)[0]
         bench.timer.active = True  # to size the attention caches
         bench.run(config)
         synchronize(spec.device)
-        peak = _memory_now_and_peak(spec.device)[1]
+        peak = memory_now_and_peak(spec.device)[1]
         queue.put(dict(total_mb=peak - after_imports, call_mb=peak - before,
                        context_cache_bytes=bench.timer.cache_bytes.get("_layout", 0),
                        reference_cache_bytes=bench.timer.cache_bytes.get("_reference_kv", 0)))
@@ -364,14 +334,7 @@ def _memory_probe(spec: BenchSpec, bundle: str, config: Config, queue) -> None:
 
 def peak_memory(spec: BenchSpec, bundle: Path, config: Config) -> dict:
     """Peak memory of one configuration, in a fresh (spawned) process so configurations cannot mix."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_probe, args=(spec, str(bundle), config, queue))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"memory probe for {config.name!r} failed (exit code {proc.exitcode})")
-    return queue.get()
+    return run_spawned(_memory_probe, (spec, str(bundle), config), repr(config.name))
 
 
 # ---------------------------------------------------------------------------- summary
@@ -379,21 +342,26 @@ def peak_memory(spec: BenchSpec, bundle: Path, config: Config) -> dict:
 
 def summarize(rounds: dict[str, list[dict]], memory: dict[str, dict]) -> list[dict]:
     """Per contender: median s/image, the per-round ratio to plain (median, min, max), median parts."""
-    plain = [m["seconds"] for m in rounds[CONFIGS[0].name]]
+    plain = rounds[CONFIGS[0].name]
     rows = []
     for config in CONFIGS:
         measured = rounds[config.name]
-        ratios = [m["seconds"] / p for m, p in zip(measured, plain)]
+        ratios = [m["seconds"] / p["seconds"] for m, p in zip(measured, plain)]
+        wall_ratios = [m["wall_seconds"] / p["wall_seconds"] for m, p in zip(measured, plain)]
         row = dict(config=config.name, plain=config.plain, cache_attention=config.cache_attention,
                    state=None if config.plain else config.state,
                    seconds_per_image=statistics.median(m["seconds"] for m in measured),
                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                   wall_seconds_per_image=statistics.median(m["wall_seconds"] for m in measured),
+                   wall_ratio=statistics.median(wall_ratios), wall_ratio_min=min(wall_ratios),
+                   wall_ratio_max=max(wall_ratios),
                    unet_calls=statistics.median(m["unet_calls"] for m in measured),
                    unet_rows_per_image=statistics.median(m["unet_rows"] for m in measured),
                    parts={k: statistics.median(m["parts"][k] for m in measured) for k in measured[0]["parts"]},
                    context_cache_bytes=max(m["context_cache_bytes"] for m in measured),
                    reference_cache_bytes=max(m["reference_cache_bytes"] for m in measured),
-                   per_round_seconds=[m["seconds"] for m in measured])
+                   per_round_seconds=[m["seconds"] for m in measured],
+                   per_round_wall_seconds=[m["wall_seconds"] for m in measured])
         if config.name in memory:
             row["memory"] = memory[config.name]
         rows.append(row)
@@ -420,68 +388,31 @@ def caching_buys(rounds: dict[str, list[dict]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- reporting
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "-"
-
-
-def cpu_pressure() -> str:
-    """Linux PSI: share of time some task waited for a CPU (10 s and 60 s averages)."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return "-"
-    values = dict(kv.split("=") for kv in line.split()[1:])
-    return f"{values['avg10']}% / {values['avg60']}%"
-
-
-def machine_info(spec: BenchSpec) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", *LRKIT_PATHS], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        commit += " (uncommitted changes in the inference code)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "-"
-    return dict(
-        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
-        torch_threads=torch.get_num_threads(), load_average=[round(x, 2) for x in os.getloadavg()],
-        cpu_pressure=cpu_pressure(),
-        gpu=torch.cuda.get_device_name() if spec.device == "cuda" else None,
-        python=platform.python_version(), torch=torch.__version__, diffusers=_version("diffusers"),
-        peft=_version("peft"), transformers=_version("transformers"), lrkit_commit=commit,
-    )
-
-
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:.2f}" if nbytes else "-"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], device: str) -> str:
     part_names = ["_layout", "_reference", "_reference_kv", "_retouch", "_decode", "other"]
-    header = ("| configuration | s/image | × plain [min-max] | UNet calls (× plain) | UNet rows/image (× plain) | "
+    wall = device != "cuda"  # on the CPU the wall-clock figures come as extra columns
+    header = ("| configuration | s/image | × plain [min-max] | "
+              + ("wall s/image | × plain, wall [min-max] | " if wall else "")
+              + "UNet calls (× plain) | UNet rows/image (× plain) | "
               + " | ".join(PART_LABELS[p] for p in part_names)
               + " | peak MB (call) | caches MB: C / R |")
-    lines = [header, "|" + "---|" * (len(part_names) + 7)]
+    lines = [header, "|" + "---|" * (len(part_names) + 7 + 2 * wall)]
     for r in rows:
         parts = [f"{r['parts'][p]:.3f}" if r["parts"] else "" for p in part_names]
         mem = r.get("memory")
         mem_cell = f"{mem['total_mb']:.0f} ({mem['call_mb']:.0f})" if mem else "-"
         caches = f"{_mb(r['context_cache_bytes'])} / {_mb(r['reference_cache_bytes'])}" if not r["plain"] else "-"
         ratio = "1" if r["plain"] else f"**{r['ratio']:.2f}x** [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]"
-        lines.append(f"| {r['config']} | {r['seconds_per_image']:.3f} | {ratio} "
+        wall_cells = ""
+        if wall:
+            wall_ratio = "1" if r["plain"] else \
+                f"{r['wall_ratio']:.2f}x [{r['wall_ratio_min']:.2f}-{r['wall_ratio_max']:.2f}]"
+            wall_cells = f"| {r['wall_seconds_per_image']:.3f} | {wall_ratio} "
+        lines.append(f"| {r['config']} | {r['seconds_per_image']:.3f} | {ratio} {wall_cells}"
                      f"| {r['unet_calls']:.0f} ({r['unet_calls_ratio']:.2f}x) "
                      f"| {r['unet_rows_per_image']:.0f} ({r['unet_rows_ratio']:.2f}x) | " + " | ".join(parts)
                      + f" | {mem_cell} | {caches} |")
@@ -489,10 +420,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def markdown_section(spec: BenchSpec, machine: dict, rows: list[dict], buys: dict[str, float], command: str) -> str:
-    gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
+    """This run's "### `spec.key`" subsection of the RESULTS.md section `RESULTS_HEADING`."""
     memory = ("torch.cuda.max_memory_allocated (all of it: weights included)" if spec.device == "cuda" else
               "peak RSS (VmHWM) over the RSS after imports")
     by = {r["config"]: r for r in rows}
+    timing = ("Times: wall clock, CUDA synchronized." if spec.device == "cuda" else
+              "Times: the process's CPU time (`time.process_time`), which the other jobs on a shared machine "
+              "do not inflate while this one waits for a core; the wall-clock figures sit beside them (they "
+              "also hold the I/O waits of the cold runs' cache writes).")
     summary = (
         f"Layout-retouch / plain: cold cache **{by['batched R/C/X, cold']['ratio']:.2f}x** batched, "
         f"**{by['cached attention, cold']['ratio']:.2f}x** with attention caching; reference cached "
@@ -503,24 +438,17 @@ def markdown_section(spec: BenchSpec, machine: dict, rows: list[dict], buys: dic
         + ", ".join(f"{k} {v:.2f}x" for k, v in buys.items()) + "."
     )
     return "\n".join([
-        "## Generation (layout-retouch vs plain diffusers)",
-        "",
         f"### {spec.key}",
         "",
-        f"{machine['date']} · CPU {machine['cpu']}, {machine['usable_cores']} cores usable "
-        f"({machine['torch_threads']} torch thread(s); load average {machine['load_average']} at start, "
-        f"{machine['load_average_end']} at end; CPU pressure 10 s/60 s {machine['cpu_pressure']} at start, "
-        f"{machine['cpu_pressure_end']} at end){gpu} · "
-        f"torch {machine['torch']}, diffusers {machine['diffusers']}, peft {machine['peft']}, "
-        f"transformers {machine['transformers']} · lrkit {machine['lrkit_commit']} · {machine['wall_seconds']:.0f} s",
+        machine_line(machine),
         "",
         f"`{command}`: prompt {PROMPT!r}, a random LoRA concept (UNet + text encoder), DDIM, "
         f"{spec.steps} steps, guidance {spec.guidance_scale}, λ = {spec.lam} (retouch and swap from step "
         f"{GenerationOptions(num_inference_steps=spec.steps, lam=spec.lam).step_index(spec.lam)}), swap levels 2, "
         f"no SAM checkpoint (attention-only masks), batch {spec.batch_size}. {spec.warmup} warm-up generation(s) "
         f"per contender, then {spec.repeats} interleaved rounds of one generation each, the order rotating. "
-        f"s/image and the breakdown (s/image, exclusive: stage 2 excludes the reference and R K/V, which it "
-        f"calls) are medians over rounds; × plain is the median over rounds of the ratio within a round, "
+        f"{timing} s/image and the breakdown (s/image, exclusive: stage 2 excludes the reference and R K/V, "
+        f"which it calls) are medians over rounds; × plain is the median over rounds of the ratio within a round, "
         f"[min-max] over rounds. UNet calls per generation and UNet rows per image (batch rows summed over "
         f"the calls): × plain would follow the calls where a fixed cost per call dominates (a tiny model), "
         f"the rows where the UNet's arithmetic does (a GPU at 512 px). Peak memory: {memory}, one fresh process "
@@ -528,34 +456,18 @@ def markdown_section(spec: BenchSpec, machine: dict, rows: list[dict], buys: dic
         f"generation alone. Caches: `AttentionCache.nbytes()` of the context (C) cache recorded in stage 1 "
         f"and of the memoized reference (R) K/V.",
         "",
-        markdown_table(rows),
+        markdown_table(rows, spec.device),
         "",
         summary,
         "",
     ])
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Write `section`, keeping hand-written notes from the `MARKDOWN_NOTES` heading on."""
-    notes = ""
-    if path.is_file():
-        text = path.read_text()
-        if MARKDOWN_NOTES in text:
-            notes = "\n" + text[text.index(MARKDOWN_NOTES):]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(section + notes)
-
-
 # ---------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny",
-                        help="tiny: lrkit's tiny-random model; sd15: SD-1.5-sized, random weights")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser = common_parser(__doc__)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (both sides)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (medians over them)")
@@ -565,36 +477,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
     parser.add_argument("--lam", type=float, default=0.3, help="λ: fraction of steps on the vanilla model")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/generate-<device>.json)")
-    parser.add_argument("--markdown", type=Path, default=None,
-                        help="markdown section (default bench/results/generate-<device>.md)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default on CPU: 1; OpenMP stalls badly when the cores are shared)")
+    parser.add_argument("--markdown", type=Path, default=RESULTS_MD,
+                        help=f"markdown file whose '{RESULTS_HEADING}' section gets this run's table "
+                             f"(hand-written notes from '{MARKDOWN_NOTES}' on in the replaced subsection are kept)")
     args = parser.parse_args(argv)
-    if args.resolution < 8 or args.resolution % 8:
-        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    common = common_spec_fields(parser, args)
     if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
         parser.error("--steps, --repeats and --batch-size must be >= 1, --warmup >= 0")
     if not 0.0 <= args.lam < 1.0:
         parser.error(f"--lam must be in [0, 1) (λ = 1 leaves no retouch steps), got {args.lam}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    spec = BenchSpec(device=args.device, model=args.model, resolution=args.resolution, steps=args.steps,
-                     dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
-                     guidance_scale=args.guidance_scale, lam=args.lam, seed=args.seed,
-                     threads=args.threads or (1 if args.device == "cpu" else None))
+    spec = BenchSpec(**common, steps=args.steps, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                     guidance_scale=args.guidance_scale, lam=args.lam)
     return spec, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("lrkit", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     spec, args = parse_args(argv)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    command = " ".join(["python bench/generate.py", *(sys.argv[1:] if argv is None else argv)])
-    machine = machine_info(spec)
+    command = start_run("generate.py", spec.threads, argv)
+    machine = machine_info(spec.device, watched_paths=LRKIT_PATHS,
+                           dirty_note="uncommitted changes in the inference code")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lrkit-bench-bundle-") as tmp:
         bundle = make_bundle(spec, build_base(spec), Path(tmp) / "concept")
@@ -604,21 +505,17 @@ def main(argv: list[str] | None = None) -> int:
                 memory[config.name] = peak_memory(spec, bundle, config)
                 logger.info("peak memory, %s: %s", config.name, memory[config.name])
         rounds = bench_timings(spec, bundle)
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    machine["cpu_pressure_end"] = cpu_pressure()
-    machine["wall_seconds"] = round(time.perf_counter() - started, 1)
+    finish_machine_info(machine, started)
 
     rows = summarize(rounds, memory)
     buys = caching_buys(rounds)
     section = markdown_section(spec, machine, rows, buys, command)
     print(section)
-    markdown = args.markdown or ROOT / "bench" / "results" / f"generate-{spec.device}.md"
-    write_markdown(markdown, section)
+    write_results_section(args.markdown, RESULTS_HEADING, section, spec.key, keep_from=MARKDOWN_NOTES)
     out = args.out or ROOT / "bench" / "results" / f"generate-{spec.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(spec=dataclasses.asdict(spec), command=command, machine=machine, results=rows,
-                                   caching_buys=buys), indent=2) + "\n")
-    logger.info("wrote %s and %s (%.0f s)", out, markdown, machine["wall_seconds"])
+    write_json(out, spec=dataclasses.asdict(spec), command=command, machine=machine, results=rows,
+               caching_buys=buys)
+    logger.info("wrote %s and %s (%.0f s)", out, args.markdown, machine["wall_seconds"])
     return 0
 
 

@@ -30,16 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
-import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -58,47 +52,45 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import compute_snr  # noqa: E402,F401  (ConceptModel.loss imports it)
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lrkit.models import (_FINGERPRINTS, SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
-                          TINY_VAE_CONFIG, BaseFingerprint, _unet_config_sha, build_tiny_random, fingerprint,
-                          load_clip_tokenizer)
+from lrkit.models import (SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_random, fingerprint, load_clip_tokenizer)  # noqa: E402
 from lrkit.training.config import METHOD_NAMES, TrainConfig, load_config  # noqa: E402
 from lrkit.training.model import ConceptModel, step_seed  # noqa: E402
 from lrkit.training.module import ConceptDataModule, PairedDataset, PersonalizationModule, collate  # noqa: E402
 from lrkit.training.tokens import expand_prompt  # noqa: E402
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/ (already there for `python bench/...`)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (ROOT, RESULTS_MD, CommonSpec, common_parser, common_spec_fields,  # noqa: E402
+                     finish_machine_info, machine_info, machine_line, memory_now_and_peak, reset_peak, run_spawned,
+                     start_run, synchronize, write_json, write_results_section)
+
 logger = logging.getLogger("bench.train_step")
 
-ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "data" / "subjects" / "vase"
 PRECISIONS = {"fp32": "32", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+RESULTS_HEADING = "Training step"  # the "## " section of RESULTS.md this script writes
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_BATCHES = 8  # distinct batches cycled through (different photos and flips)
 
 
 @dataclass(frozen=True)
-class BenchSpec:
-    """One benchmark configuration (picklable: the memory probes rebuild everything from it)."""
+class BenchSpec(CommonSpec):
+    """One benchmark configuration: `CommonSpec`'s fields (device, model, resolution, batch size, seed,
+    threads) and the training step's."""
 
-    device: str = "cpu"
-    model: str = "tiny"
-    resolution: int = 64
-    batch_size: int = 1
     precision: str = "fp32"
     steps: int = 8
     rounds: int = 15
     warmup: int = 3
-    seed: int = 0
     compile: bool = False
     channels_last: bool = False
-    threads: int | None = None  # torch CPU threads (None: torch's default)
     control: bool = False  # time a second, identical reference too (A/A: the noise floor)
 
     @property
     def key(self) -> str:
         """The RESULTS.md subsection this configuration owns."""
         extras = "".join([", compile" if self.compile else "", ", channels-last" if self.channels_last else ""])
-        threads = f" ({self.threads} thread{'s' * (self.threads > 1)})" if self.threads else ""
-        return (f"{self.device}{threads}, {self.model}, {self.resolution} px, batch {self.batch_size}, "
+        return (f"{self.device_label}, {self.model}, {self.resolution} px, batch {self.batch_size}, "
                 f"{self.precision}{extras}")
 
 
@@ -161,15 +153,7 @@ def build_pipe(spec: BenchSpec):
     if spec.model == "tiny":
         return build_tiny_random(spec.seed)
     pipe = build_sd15_random(spec.seed)
-    try:
-        fingerprint(pipe, "sd15-random")
-    except IndexError:
-        # lrkit.models.compute_fingerprint picks probe positions with a float32 linspace, which rounds
-        # past the end of tensors with more than 2**24 elements (SD-1.5's up-block convs). Until that is
-        # fixed, register an empty probe so ConceptModel can be built (the bench never compares bases).
-        logger.warning("lrkit could not fingerprint the SD-1.5-sized UNet (float32 linspace index); "
-                       "registering a fingerprint without weight probe")
-        _FINGERPRINTS[pipe.unet] = BaseFingerprint(id="sd15-random", unet_config_sha256=_unet_config_sha(pipe.unet))
+    fingerprint(pipe, "sd15-random")
     return pipe
 
 
@@ -194,11 +178,6 @@ def autocast(spec: BenchSpec):
     if spec.precision == "fp32":
         return nullcontext()
     return torch.autocast(spec.device, dtype=AUTOCAST_DTYPES[spec.precision])
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------- data
@@ -273,23 +252,23 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
 @contextmanager
 def lrkit_options(model: ConceptModel, *, cache_latents: bool = True, cache_text: bool = True,
                   unet: torch.nn.Module | None = None):
-    """Run `model` with some speed options taken away (the ablations).
-
-    `ConceptModel` uses its latent cache whenever it is filled, so the ablation sets the cache aside
-    (a private attribute: there is no public switch); the text cache follows `config`.
-    """
-    saved = model.config, model._latent_cache, model.unet
+    """Run `model` with some speed options taken away (the ablations): both caches follow `config`
+    (with `cache_latents` on, `ConceptModel.loss` requires every latent to be cached, so the ablation turns
+    the option off rather than emptying the cache)."""
+    saved = model.config, model.unet
+    off = {}
     if not cache_text:
-        model.config = dataclasses.replace(model.config, cache_text_embeddings=False)
+        off["cache_text_embeddings"] = False
     if not cache_latents:
-        model._latent_cache = {}
+        off["cache_latents"] = False
+    if off:
+        model.config = dataclasses.replace(model.config, **off)
     if unet is not None:
         model.unet = unet
     try:
         yield
     finally:
-        model.config, model._latent_cache = saved[0], saved[1]
-        model.unet = saved[2]
+        model.config, model.unet = saved
 
 
 @dataclass
@@ -390,7 +369,8 @@ def time_contenders(contenders: list[Contender], spec: BenchSpec) -> dict[str, l
         return (time.perf_counter() - start) / n
 
     for c in contenders:
-        run(c, spec.warmup)
+        if spec.warmup:  # (--warmup 0 is allowed)
+            run(c, spec.warmup)
     per_round: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(spec.rounds):
         order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
@@ -413,12 +393,6 @@ def median_ratio(num: list[float], den: list[float]) -> tuple[float, float, floa
 # ---------------------------------------------------------------------------- peak memory
 
 
-def _status_kb(field: str) -> int:
-    """A `/proc/self/status` field in KiB (VmRSS: resident now, VmHWM: peak resident)."""
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1))
-
-
 class _PeakMemory:
     """Peak memory since `reset()`, over what was held at the reset, in MB.
 
@@ -430,22 +404,13 @@ class _PeakMemory:
     def __init__(self, device: str):
         self.device = device
 
-    def _now_and_peak(self) -> tuple[float, float]:
-        if self.device == "cuda":
-            return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
-        return _status_kb("VmRSS") / 1024, _status_kb("VmHWM") / 1024
-
     def reset(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-        self.base = self._now_and_peak()[0]
+        reset_peak(self.device)
+        self.base = memory_now_and_peak(self.device)[0]
 
     def growth(self) -> float:
         synchronize(self.device)
-        return self._now_and_peak()[1] - self.base
+        return memory_now_and_peak(self.device)[1] - self.base
 
 
 def _peak_memory_probe(spec: BenchSpec, method: str, side: str, queue) -> None:
@@ -472,14 +437,7 @@ def _peak_memory_probe(spec: BenchSpec, method: str, side: str, queue) -> None:
 
 def peak_memory_mb(spec: BenchSpec, method: str, side: str) -> dict[str, float]:
     """Peak memory of one side, measured in a fresh (spawned) process so the sides cannot mix."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_probe, args=(spec, method, side, queue))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"memory probe for {method}/{side} failed (exit code {proc.exitcode})")
-    return queue.get()
+    return run_spawned(_peak_memory_probe, (spec, method, side), f"{method}/{side}")
 
 
 # ---------------------------------------------------------------------------- one method
@@ -601,49 +559,6 @@ def flop_section(spec: BenchSpec, rows: list[dict], command: str, machine: dict)
 # ---------------------------------------------------------------------------- reporting
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "-"
-
-
-def cpu_pressure() -> str:
-    """Linux PSI: share of time some task waited for a CPU (10 s and 60 s averages)."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return "-"
-    values = dict(kv.split("=") for kv in line.split()[1:])
-    return f"{values['avg10']}% / {values['avg60']}%"
-
-
-def machine_info(spec: BenchSpec) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "-"
-    info = dict(
-        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
-        torch_threads=torch.get_num_threads(), load_average=[round(x, 2) for x in os.getloadavg()],
-        cpu_pressure=cpu_pressure(),
-        gpu=torch.cuda.get_device_name() if spec.device == "cuda" else None,
-        python=platform.python_version(), torch=torch.__version__, diffusers=_version("diffusers"),
-        peft=_version("peft"), transformers=_version("transformers"), lrkit_commit=commit,
-    )
-    return info
-
-
 def markdown_table(results: list[dict]) -> str:
     header = ("| method | ref steps/s | lrkit steps/s | ratio (lrkit/ref) [min-max] | ref peak MB (steps) "
               "| lrkit peak MB (steps) | what bought it (lrkit time without it / with it) |")
@@ -658,17 +573,11 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def markdown_section(spec: BenchSpec, machine: dict, results: list[dict], command: str) -> str:
-    gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
     memory = "torch.cuda.max_memory_allocated" if spec.device == "cuda" else "peak RSS (VmHWM) over the RSS after imports"
     return "\n".join([
         f"### {spec.key}",
         "",
-        f"{machine['date']} · CPU {machine['cpu']}, {machine['usable_cores']} cores usable "
-        f"({machine['torch_threads']} torch thread(s); load average {machine['load_average']} at start, "
-        f"{machine['load_average_end']} at end; CPU pressure 10 s/60 s {machine['cpu_pressure']} at start, "
-        f"{machine['cpu_pressure_end']} at end){gpu} · "
-        f"torch {machine['torch']}, diffusers {machine['diffusers']}, peft {machine['peft']}, "
-        f"transformers {machine['transformers']} · lrkit {machine['lrkit_commit']} · {machine['wall_seconds']:.0f} s",
+        machine_line(machine),
         "",
         f"`{command}`: {spec.rounds} interleaved rounds of {spec.steps} step(s) per contender after "
         f"{spec.warmup} warm-up step(s). Ratio: median over rounds of (reference time / lrkit time) in the same "
@@ -681,36 +590,11 @@ def markdown_section(spec: BenchSpec, machine: dict, results: list[dict], comman
     ])
 
 
-def write_results_md(path: Path, section: str, key: str) -> None:
-    """Put `section` under "## Training step", replacing the subsection of the same configuration."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if "## Training step" not in text:
-        text = text.rstrip("\n") + "\n\n## Training step\n\n"
-    start = text.index("## Training step")
-    end_match = re.compile(r"^## ", re.M).search(text, start + 1)
-    end = end_match.start() if end_match else len(text)
-    body = text[start:end]
-    heading = f"### {key}\n"
-    if heading in body:
-        s = body.index(heading)
-        nxt = re.compile(r"^### ", re.M).search(body, s + 1)
-        body = body[:s] + section + "\n" + (body[nxt.start():] if nxt else "")
-    else:
-        body = body.rstrip("\n") + "\n\n" + section + "\n"
-    text = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[end:] if end < len(text) else "")
-    path.write_text(text)
-
-
 # ---------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny",
-                        help="tiny: lrkit's tiny-random model; sd15: SD-1.5-sized, random weights")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser = common_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per contender per round")
@@ -726,44 +610,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
     parser.add_argument("--flops", action="store_true",
                         help="only count each part's FLOPs on meta tensors (instant; no timing, no weights)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/train_step-<device>.json)")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "bench" / "RESULTS.md",
-                        help="markdown file whose 'Training step' section gets this run's table")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default on CPU: 1; OpenMP stalls badly when the cores are shared)")
+    parser.add_argument("--markdown", type=Path, default=RESULTS_MD,
+                        help=f"markdown file whose '{RESULTS_HEADING}' section gets this run's table")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
         parser.error(f"--methods: {unknown or 'none given'} not in {list(METHOD_NAMES)}")
-    if args.resolution < 8 or args.resolution % 8:
-        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    common = common_spec_fields(parser, args)
     if min(args.steps, args.rounds, args.batch_size) < 1 or args.warmup < 0:
         parser.error("--steps, --rounds and --batch-size must be >= 1, --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     args.methods = methods
-    spec = BenchSpec(device=args.device, model=args.model, resolution=args.resolution, batch_size=args.batch_size,
-                     precision=args.precision, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
-                     seed=args.seed, compile=args.compile, channels_last=args.channels_last,
-                     threads=args.threads or (1 if args.device == "cpu" else None), control=args.control)
+    spec = BenchSpec(**common, precision=args.precision, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
+                     compile=args.compile, channels_last=args.channels_last, control=args.control)
     return spec, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("lrkit", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     spec, args = parse_args(argv)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    command = " ".join(["python bench/train_step.py", *(sys.argv[1:] if argv is None else argv)])
-    machine = machine_info(spec)
+    command = start_run("train_step.py", spec.threads, argv)
+    machine = machine_info(spec.device)
     if args.flops:
         rows = flop_estimate(spec, args.methods)
         section = flop_section(spec, rows, command, machine)
         print(section)
-        write_results_md(args.markdown, section, section.splitlines()[0][4:])
+        write_results_section(args.markdown, RESULTS_HEADING, section, section.splitlines()[0][4:])
         return 0
     started = time.perf_counter()
     results = []
@@ -772,17 +643,13 @@ def main(argv: list[str] | None = None) -> int:
         result["what_bought_it"] = what_bought_it(result, spec)
         results.append(result)
         logger.info("%s: ratio %.2fx (%s)", method, result["ratio"], result["what_bought_it"])
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    machine["cpu_pressure_end"] = cpu_pressure()
-    machine["wall_seconds"] = round(time.perf_counter() - started, 1)
+    finish_machine_info(machine, started)
 
     section = markdown_section(spec, machine, results, command)
     print(section)
-    write_results_md(args.markdown, section, spec.key)
+    write_results_section(args.markdown, RESULTS_HEADING, section, spec.key)
     out = args.out or ROOT / "bench" / "results" / f"train_step-{spec.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(spec=dataclasses.asdict(spec), command=command, machine=machine,
-                                   results=results), indent=2) + "\n")
+    write_json(out, spec=dataclasses.asdict(spec), command=command, machine=machine, results=results)
     logger.info("wrote %s and %s (%.0f s)", out, args.markdown, machine["wall_seconds"])
     return 0
 
