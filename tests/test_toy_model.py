@@ -76,7 +76,7 @@ def test_pretrain_smoke_writes_a_loadable_pipeline_and_resumes(tmp_path):
 
     from lrkit.toyworld.pretrain import pretrain
 
-    small = dict(pool_size=16, batch_size=4, vae_batch_size=4, refresh_per_step=1, warmup_steps=2)
+    small = dict(pool_size=16, batch_size=4, vae_batch_size=4, refresh_per_step=1, warmup_steps=2, num_threads=1)
     out = pretrain(tmp_path, minutes=5, seed=3, max_steps=2, vae_steps=2, **small)
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]
     assert (state["phase"], state["vae_step"], state["step"]) == ("unet", 2, 2)

@@ -330,7 +330,8 @@ class LayoutRetouchPipeline:
         for b, seed in enumerate(seeds):
             mask = None
             if masks is not None:
-                mask = Image.fromarray((masks[b].float().cpu().numpy() * 255).astype("uint8")).resize((width, height))
+                mask = Image.fromarray((masks[b].float().cpu().numpy() * 255).astype("uint8"))
+                mask = mask.resize((width, height), Image.Resampling.NEAREST)  # a binary mask stays binary
             out.append(Generation(prompt_index, prompt, seed, decoded[b], layouts[b], mask, reference))
         return out
 

@@ -7,8 +7,8 @@ budget on a CPU:
 1. Data: a pool of rendered samples (`pool_size` seeds), refreshed by `refresh_per_step` fresh
    seeds at every UNet step, so the model keeps seeing new pictures without paying the renderer
    for a whole batch each step.
-2. VAE (`vae_fraction` of the budget): a plain autoencoder (L1 + MSE reconstruction plus a small
-   KL term), then frozen. The latent scaling factor is 1 / std of the pool's latents, as in SD.
+2. VAE (`vae_fraction` of the budget): a plain autoencoder (L1 + MSE reconstruction, object pixels
+   weighted up by the renderer's masks, plus a small KL term), then frozen. The latent scaling factor is 1 / std of the pool's latents, as in SD.
 3. UNet + CLIP text encoder (the rest of the budget): epsilon-prediction DDPM loss with min-SNR
    weighting (Hang et al. 2023, gamma 5), SD's noise schedule, 10 % empty captions (so
    classifier-free guidance works), AdamW with warmup and cosine decay over the remaining time,
@@ -102,11 +102,13 @@ class PretrainConfig:
     """Rendered samples kept in memory."""
     refresh_per_step: int = 3
     """Pool entries replaced by freshly rendered seeds at every UNet step."""
-    vae_fraction: float = 0.2
+    vae_fraction: float = 0.3
     """Share of the budget for the VAE phase."""
     vae_batch_size: int = 8
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
+    vae_object_weight: float = 8.0
+    """Extra reconstruction weight of object pixels (from the renderer's ground-truth masks)."""
     batch_size: int = 24
     lr: float = 6e-4
     """Peak learning rate of the UNet + text encoder (AdamW)."""
@@ -197,6 +199,7 @@ class SamplePool:
         self.base = POOL_SEED_BASE * (seed + 1)
         self.next_seed = 0
         self.images = torch.empty(size, 3, TOY_RESOLUTION, TOY_RESOLUTION)
+        self.masks = torch.zeros(size, 1, TOY_RESOLUTION, TOY_RESOLUTION, dtype=torch.bool)
         self.ids = torch.empty(size, tokenizer.model_max_length, dtype=torch.long)
         self.latent_mean: torch.Tensor | None = None
         self.latent_std: torch.Tensor | None = None
@@ -211,6 +214,7 @@ class SamplePool:
             s = sample(self.base + self.next_seed, resolution=TOY_RESOLUTION)
             self.next_seed += 1
             self.images[slot] = _to_tensor(s.image)
+            self.masks[slot, 0] = torch.from_numpy(s.object_mask)
             captions.append(s.caption)
         self.ids[slots] = self.tokenize(captions)
 
@@ -334,16 +338,23 @@ def pretrain(
 
     `overrides` are further `PretrainConfig` fields (batch_size, lr, pool_size, ...).
     """
+    cfg = PretrainConfig(minutes=minutes, seed=seed, max_steps=max_steps, vae_steps=vae_steps, **overrides)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        return _pretrain(Path(out), cfg, resume)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from lrkit.models import SD_SCHEDULER_CONFIG, load_clip_tokenizer
 
-    out = Path(out)
     ckpt = out / "checkpoint"
     state_path = ckpt / "state.json"
-    cfg = PretrainConfig(minutes=minutes, seed=seed, max_steps=max_steps, vae_steps=vae_steps, **overrides)
-    torch.set_num_threads(cfg.num_threads)
     start = time.monotonic()
     state = {"phase": "vae", "vae_step": 0, "step": 0, "elapsed": 0.0, "scaling_factor": None,
              "pool_next_seed": 0, "vae_seconds": 0.0}
@@ -403,7 +414,11 @@ def pretrain(
             images = pool.images[idx]
             posterior = vae.encode(images).latent_dist
             recon = vae.decode(posterior.sample()).sample
-            rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+            # Object pixels weigh `vae_object_weight` times more: the objects are small and carry the
+            # class, colour and pattern, while a background texture (bricks) would otherwise win.
+            weight = 1.0 + cfg.vae_object_weight * pool.masks[idx].float()
+            err = (recon - images).abs()
+            rec = (weight * (err + err**2)).mean() / weight.mean()
             loss = rec + cfg.vae_kl_weight * posterior.kl().mean()
             for group in optimizer.param_groups:
                 group["lr"] = cfg.vae_lr * min(1.0, (state["vae_step"] + 1) / 30)
