@@ -1,0 +1,107 @@
+"""The embedded toy base model: offline loading, architecture, size, fidelity; its pretraining code."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrkit.attention import attention_layers, cross_layers_at, decoder_self_layers
+from lrkit.models import load_base
+
+TOY_DIR = Path(__file__).resolve().parents[1] / "lrkit" / "assets" / "toy"
+MAX_ASSET_BYTES = 20 * 1024 * 1024
+# Measured on the shipped weights (MODEL_CARD.md): 7/8 scenes right over the 8 prompts below with
+# seeds 0-7 (25 DDIM steps, guidance 6); 5/8 and 6/8 with seeds 100-107 and 200-207. A random model
+# scores about 1/8. The threshold leaves a margin of two misses below the measurement.
+FIDELITY_PROMPTS = [
+    ("a photo of a red ball on the beach", "beach"),
+    ("a photo of a blue cube in the snow", "snow"),
+    ("a photo of a yellow star under the night sky", "night"),
+    ("a photo of a red vase on the grass", "grass"),
+    ("a photo of a blue mug in the desert", "desert"),
+    ("a photo of a yellow teapot in front of a brick wall", "brick"),
+    ("a photo of a yellow cone on the beach", "beach"),
+    ("a photo of a red mushroom in the snow", "snow"),
+]
+MIN_SCENE_HITS = 5
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return load_base("toy")
+
+
+def test_toy_loads_offline_as_float32(toy_pipe):
+    import os
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert toy_pipe.unet.dtype == torch.float32 and toy_pipe.vae.dtype == torch.float32
+    config = toy_pipe.text_encoder.config
+    assert (config.vocab_size, config.max_position_embeddings) == (49408, 77)
+    assert len(toy_pipe.tokenizer) == 49408
+    assert toy_pipe.vae.config.scaling_factor != pytest.approx(0.18215)  # measured, not SD's
+
+
+def test_toy_has_cross_attention_at_two_resolutions_and_swap_layers(toy_pipe):
+    unet = toy_pipe.unet
+    cross_levels = {layer.level for layer in attention_layers(unet) if layer.is_cross and layer.place != "mid"}
+    assert len(cross_levels) >= 2
+    assert {layer.place for layer in attention_layers(unet) if layer.is_cross} >= {"down", "up"}
+    assert len({layer.level for layer in decoder_self_layers(unet)}) == 2
+    assert cross_layers_at(unet)  # the maps Layout-and-Retouch reads
+
+
+def test_toy_assets_fit_the_budget():
+    files = [p for p in TOY_DIR.rglob("*") if p.is_file()]
+    assert (TOY_DIR / "model_index.json").is_file() and (TOY_DIR / "MODEL_CARD.md").is_file()
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) == 3  # vae, text encoder, unet
+    assert sum(p.stat().st_size for p in files) <= MAX_ASSET_BYTES
+
+
+def test_toy_generations_show_the_prompted_scene(toy_pipe):
+    from lrkit.toyworld import classify_scene
+
+    prompts = [p for p, _ in FIDELITY_PROMPTS]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    images = toy_pipe(prompts, num_inference_steps=25, guidance_scale=6.0, height=64, width=64,
+                      generator=generators).images
+    hits = sum(classify_scene(image)[0] == scene for image, (_, scene) in zip(images, FIDELITY_PROMPTS))
+    assert hits >= MIN_SCENE_HITS, f"{hits}/{len(prompts)} generations show the prompted scene"
+
+
+def test_pretrain_smoke_writes_a_loadable_pipeline_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from lrkit.toyworld.pretrain import pretrain
+
+    small = dict(pool_size=16, batch_size=4, vae_batch_size=4, refresh_per_step=1, warmup_steps=2, num_threads=1)
+    out = pretrain(tmp_path, minutes=5, seed=3, max_steps=2, vae_steps=2, **small)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]
+    assert (state["phase"], state["vae_step"], state["step"]) == ("unet", 2, 2)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, use_safetensors=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    assert pipe.vae.config.scaling_factor == pytest.approx(state["scaling_factor"])
+    assert next(pipe.unet.parameters()).dtype == torch.float32
+    with pytest.raises(FileExistsError):
+        pretrain(tmp_path, minutes=5, seed=3, max_steps=2, vae_steps=2, **small)
+
+    pretrain(tmp_path, minutes=5, seed=3, resume=True, max_steps=3, vae_steps=2, **small)
+    resumed = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]
+    assert (resumed["vae_step"], resumed["step"]) == (2, 3)  # the VAE phase is not redone
+    assert resumed["elapsed"] > state["elapsed"]
+    again = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, use_safetensors=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    for key, value in pipe.vae.state_dict().items():  # the frozen VAE carried over
+        torch.testing.assert_close(again.vae.state_dict()[key], value)
+
+
+def test_pretrain_rejects_bad_options(tmp_path):
+    from lrkit.toyworld.pretrain import pretrain
+
+    with pytest.raises(ValueError, match="minutes"):
+        pretrain(tmp_path, minutes=0)
+    with pytest.raises(FileNotFoundError, match="resume"):
+        pretrain(tmp_path, minutes=1, resume=True)
