@@ -40,3 +40,28 @@ def vase_photos(tmp_path_factory):
         return folders[n]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def capture_trained_model():
+    """`with capture_trained_model() as captured:` -> captured["model"] is the ConceptModel a training run exported."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def capture():
+        import lrkit.training.train as train_mod
+
+        captured = {}
+        original = train_mod.export_concept
+
+        def export(model, config, out_dir, **kw):
+            captured["model"] = model
+            return original(model, config, out_dir, **kw)
+
+        train_mod.export_concept = export
+        try:
+            yield captured
+        finally:
+            train_mod.export_concept = original
+
+    return capture

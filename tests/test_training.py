@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 
-import lrkit.training.train as train_mod
 from lrkit.cli import main
 from lrkit.concept import Concept
 from lrkit.models import build_tiny_random, load_base
@@ -48,23 +47,13 @@ _TRAINED: dict[str, Trained] = {}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, two_photos):
+def trained(tmp_path_factory, two_photos, capture_trained_model):
     def get(method: str) -> Trained:
         if method not in _TRAINED:
             out = tmp_path_factory.mktemp(f"run-{method}")
-            captured = {}
-            original = train_mod.export_concept
-
-            def capture(model, config, out_dir, **kw):
-                captured["model"] = model
-                return original(model, config, out_dir, **kw)
-
-            train_mod.export_concept = capture
-            try:
+            with capture_trained_model() as captured:
                 code = main(["train", "--config", str(ROOT / f"configs/train/{method}.yaml"),
                              *cli_overrides(out, two_photos)])
-            finally:
-                train_mod.export_concept = original
             assert code == 0
             _TRAINED[method] = Trained(captured["model"], out / "concept", out)
         return _TRAINED[method]

@@ -105,27 +105,15 @@ def test_step_sampler_is_a_function_of_the_step():
     assert [c for pair in zip(*ranks) for c in pair] == full
 
 
-def test_mixed_precision_options_and_validation_images(photos, tmp_path):
+def test_mixed_precision_options_and_validation_images(photos, tmp_path, capture_trained_model):
     out = tmp_path / "run"
-    captured = {}
-    import lrkit.training.train as train_mod
-
-    original = train_mod.export_concept
-
-    def capture(model, config, out_dir, **kw):
-        captured["model"] = model
-        return original(model, config, out_dir, **kw)
-
-    train_mod.export_concept = capture
-    try:
+    with capture_trained_model() as captured:
         bundle = train_concept(
             small_config(photos), output_dir=str(out), max_steps=4, precision="bf16-mixed", accelerator="cpu",
             gradient_checkpointing=True, min_snr_gamma=5.0, noise_offset=0.05, cache_latents=True,
             optim={"optimizer": "adamw8bit", "lr": 1e-3}, log_every_n_steps=1,
             validation={"prompts": ["a photo of {token} {class}"], "every_n_steps": 2, "num_inference_steps": 2},
         )
-    finally:
-        train_mod.export_concept = original
     model = captured["model"]
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     assert model.unet.conv_in.weight.dtype == torch.bfloat16  # frozen weights in the autocast dtype
