@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Callable
 
+from lrkit.evaluation.cli import main as _eval
+
 
 def _train(argv: list[str]) -> int:
     from lrkit.training import train_concept
@@ -64,7 +66,8 @@ def _generate(argv: list[str]) -> int:
     from lrkit.inference import LayoutRetouchPipeline
     from lrkit.jobs import fill_prompts, generate_to_folder
 
-    parser = _generation_parser("lrkit generate", "Generate images of a concept (vanilla, personalized, layout, layout-retouch).")
+    parser = _generation_parser("lrkit generate", "Generate images of a concept (vanilla, personalized, layout, "
+                                "layout-retouch, dual-reference: --options.style_reference IMAGE).")
     parser.add_argument("--concept", required=True, help="concept bundle folder")
     parser.add_argument("--force", type=bool, default=False, help="apply the concept even to another base model")
     parser.add_argument("--layout_image", default=None, help="retouch into this image instead of a generated layout")
@@ -101,6 +104,28 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    from lrkit.demo import DEMO_PROMPTS, DEMO_SEEDS, DEMO_SUBJECT, run_demo
+    from lrkit.toyworld.subjects import SUBJECTS
+
+    parser = argparse.ArgumentParser(
+        prog="lrkit demo",
+        description="Toy subject photos -> LoRA concept -> personalized and layout-retouch images, a grid PNG "
+                    "and exact toy-world scores. Offline, CPU, a few minutes.")
+    parser.add_argument("--out", default="outputs/demo", help="output folder (re-running reuses what is there)")
+    parser.add_argument("--subject", default=DEMO_SUBJECT, choices=sorted(SUBJECTS), help="the toy subject")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help=f"a prompt with '{{}}' for the subject (repeatable; default: {list(DEMO_PROMPTS)})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEMO_SEEDS), help="seeds")
+    parser.add_argument("--max-steps", type=int, default=None, help="LoRA training steps (default: the toy recipe's)")
+    args = parser.parse_args(argv)
+    train = {"max_steps": args.max_steps} if args.max_steps else None
+    result = run_demo(args.out, subject=args.subject, prompts=args.prompt or DEMO_PROMPTS, seeds=args.seeds,
+                      train_overrides=train)
+    print(result.summary())
+    return 0
+
+
 def _toyworld(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lrkit toyworld", description="The toy world's embedded base model.")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -122,7 +147,9 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (_export, "write a concept bundle from a training checkpoint"),
     "generate": (_generate, "generate images of a concept (vanilla | personalized | layout | layout-retouch)"),
     "run": (_run, "photos -> concept -> layout-retouch images + contact sheet, in one job"),
+    "demo": (_demo, "toy subject photos -> LoRA concept -> layout-retouch grid, offline on a CPU in minutes"),
     "toyworld": (_toyworld, "toy world: `toyworld pretrain` trains the embedded toy base model"),
+    "eval": (_eval, "benchmark modes x concepts x prompts x seeds: CLIP-I/T, DINO, layout diversity, table, plots"),
 }
 
 

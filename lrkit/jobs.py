@@ -44,19 +44,26 @@ def fill_prompts(prompts: list[str], concept: Concept, *, require_token: bool = 
 
 def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: str | os.PathLike, options, *,
                        intermediates: bool = False, skip_existing: bool = True,
-                       layout_image=None) -> list[tuple[str, list[Path]]]:
-    """Every prompt x seed into `out_dir` (skipping finished images), with a progress bar; returns paths per prompt."""
+                       layout_image=None, indices: list[int] | None = None) -> list[tuple[str, list[Path]]]:
+    """Every prompt x seed into `out_dir` (skipping finished images), with a progress bar; returns paths per prompt.
+
+    `indices` limits the work to those prompt indices (file names keep their index in `prompts`).
+    """
     from lrkit.inference.outputs import image_path, save_generation
 
     out = Path(out_dir)
+    wanted = list(range(len(prompts))) if indices is None else sorted(set(indices))
+    if any(not 0 <= i < len(prompts) for i in wanted):
+        raise ValueError(f"indices {wanted} must lie in [0, {len(prompts)})")
     done: list[tuple[str, list[Path]]] = []
-    todo = [(i, p, s) for i, p in enumerate(prompts) for s in seeds
+    todo = [(i, prompts[i], s) for i in wanted for s in seeds
             if not (skip_existing and image_path(out, i, s).is_file())]
-    skipped = len(prompts) * len(seeds) - len(todo)
+    skipped = len(wanted) * len(seeds) - len(todo)
     if skipped:
-        logger.info("%d of %d images already exist in %s; skipping them", skipped, len(prompts) * len(seeds), out)
+        logger.info("%d of %d images already exist in %s; skipping them", skipped, len(wanted) * len(seeds), out)
     with tqdm(total=len(todo), desc="generating", unit="img", disable=not todo) as bar:
-        for index, prompt in enumerate(prompts):
+        for index in wanted:
+            prompt = prompts[index]
             pending = [s for i, _, s in todo if i == index]
             if pending:
                 for gen in pipeline.generate(prompt, pending, options, prompt_index=index, layout_image=layout_image):
@@ -64,6 +71,30 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
                     bar.update(1)
             done.append((prompt, [image_path(out, index, s) for s in seeds]))
     return done
+
+
+def default_resolution(base: str) -> int:
+    """64 px for the built-in bases (tiny-random, toy), 512 for anything else (SD 1.5-sized)."""
+    from lrkit.models import BUILTIN_BASES
+
+    return BUILTIN_RESOLUTION if base.split(":")[0] in BUILTIN_BASES else 512
+
+
+def train_or_reuse(photos: str | os.PathLike, class_word: str, train_dir: str | os.PathLike, *, base: str,
+                   method: str = "lora", resolution: int | None = None, train_overrides: dict | None = None) -> Concept:
+    """The concept bundle in TRAIN_DIR/concept, trained from `photos` unless it is already there."""
+    from lrkit.training import train_concept
+
+    bundle = Path(train_dir) / "concept"
+    if (bundle / MANIFEST).is_file():
+        logger.info("reusing the concept bundle %s", bundle)
+    else:
+        logger.info("training a %s concept from %s", method, photos)
+        overrides = {"base": base, "method": method, "output_dir": str(train_dir),
+                     "data": {"photos": str(photos), "class_word": class_word,
+                              "resolution": resolution or default_resolution(base)}}
+        train_concept(overrides, **(train_overrides or {}))
+    return Concept.load(bundle)
 
 
 def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[str], *, base: str = "tiny-random",
@@ -77,23 +108,12 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
     """
     from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
     from lrkit.inference.outputs import contact_sheet, save_png
-    from lrkit.models import BUILTIN_BASES
-    from lrkit.training import train_concept
 
     out = Path(out_dir)
-    train_dir = out / "concept"
-    bundle = train_dir / "concept"
     seeds = list(seeds if seeds is not None else [0, 1])
-    if resolution is None:
-        resolution = BUILTIN_RESOLUTION if base.split(":")[0] in BUILTIN_BASES else 512
-    if (bundle / MANIFEST).is_file():
-        logger.info("reusing the concept bundle %s", bundle)
-    else:
-        logger.info("phase 1/2: training a %s concept from %s", method, photos)
-        overrides = {"base": base, "method": method, "output_dir": str(train_dir),
-                     "data": {"photos": str(photos), "class_word": class_word, "resolution": resolution}}
-        train_concept(overrides, **(train_overrides or {}))
-    concept = Concept.load(bundle)
+    resolution = resolution or default_resolution(base)
+    concept = train_or_reuse(photos, class_word, out / "concept", base=base, method=method, resolution=resolution,
+                             train_overrides=train_overrides)
     filled = fill_prompts(prompts, concept)
     options = options or GenerationOptions(height=resolution, width=resolution)
     logger.info("phase 2/2: %s for %d prompts x %d seeds", options.mode, len(filled), len(seeds))
@@ -103,4 +123,4 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
     return save_png(contact_sheet(done), out / "contact_sheet.png")
 
 
-__all__ = ["fill_prompts", "generate_to_folder", "photos_to_images", "read_prompts"]
+__all__ = ["default_resolution", "fill_prompts", "generate_to_folder", "photos_to_images", "read_prompts", "train_or_reuse"]

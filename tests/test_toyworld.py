@@ -370,3 +370,35 @@ def test_subject_render_places_it_where_asked():
     assert s.scene.name == "grass" and s.objects[0].extras == sub.extras
     cx, cy, scale = center_and_scale(segment_object(s.image))
     assert abs(cx - 0.3) <= 0.02 and abs(cy - 0.7) <= 0.02 and abs(scale - 0.4) <= 0.03
+
+
+def test_scene_of_reads_the_scene_phrase_back_from_captions():
+    from lrkit.toyworld import scene_of
+
+    rng = np.random.default_rng(0)
+    for scene in SCENE_NAMES:
+        obj = random_object(rng, scene, (0.3, 0.6))
+        text = caption(scene, [obj], template=1)
+        assert scene_of(text) == (None if scene == "studio" else scene), text
+    assert scene_of("a photo of <sks> vase in front of a brick wall") == "brick"
+    assert scene_of("a photo of <sks> vase") is None
+
+
+def test_score_image_reports_the_subject_scene_and_placement():
+    from lrkit.toyworld import score_image
+
+    sub = SUBJECTS["toy_ball"]
+    s = sub.render("snow", cx=0.35, cy=0.6, scale=0.45)
+    record = score_image(s.image, sub, "snow")
+    assert record["scene"] == "snow" and record["scene_ok"] and record["is_subject"]
+    assert record["object_class"] == "ball" and abs(record["scale"] - 0.45) <= 0.03
+    assert abs(record["center"][0] - 0.35) <= 0.02 and abs(record["center"][1] - 0.6) <= 0.02
+    # another object of the subject's class is not the subject; a wrong prompted scene is not a hit
+    other = render(random_scene(np.random.default_rng(1), "grass"),
+                   [random_object(np.random.default_rng(2), "grass", (0.4, 0.5), cls="cube")], 64)
+    record = score_image(other.image, sub, "beach")
+    assert record["scene_ok"] is False and record["is_subject"] is False and record["object_class"] == "cube"
+    # an empty scene: nothing found, identity 0
+    empty = render(random_scene(np.random.default_rng(3), "desert"), [], 64)
+    record = score_image(empty.image, sub, "desert")
+    assert record["center"] is None and record["identity"] == 0.0 and record["scene_ok"]

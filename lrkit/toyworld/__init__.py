@@ -11,7 +11,7 @@ from a seed (same seed, same bytes) at any resolution (64 px by default):
   shape parameters; `COLORS`: red, orange, yellow, green, blue, purple, white, black;
   `PATTERNS`: plain, striped, dotted, checked (in a darker shade of the colour). A colour never
   appears on a scene whose background comes near it (`compatible_colors`). Objects sit anywhere
-  in the frame, 15-60 % of its side, turned by up to 15 degrees.
+  in the frame, 30-70 % of its side, turned by up to 15 degrees.
 - Captions: "a photo of a red striped vase on the beach", "a blue cube and a yellow ball in the
   snow"; every word is one CLIP token.
 - Subjects (`SUBJECTS`, `Subject`): unique objects with features no generic class member has,
@@ -35,6 +35,7 @@ from lrkit.toyworld.scorers import (
     layout_diversity,
     object_color,
     object_pattern,
+    score_image,
     segment_object,
     subject_identity,
 )
@@ -50,6 +51,7 @@ from lrkit.toyworld.world import (
     caption,
     caption_words,
     compatible_colors,
+    scene_of,
 )
 
 __all__ = [
@@ -79,6 +81,8 @@ __all__ = [
     "render",
     "render_mask",
     "sample",
+    "scene_of",
+    "score_image",
     "segment_object",
     "subject_identity",
 ]

@@ -464,6 +464,28 @@ def is_subject(
     return subject_identity(image, subject, mask) >= threshold
 
 
+def score_image(image: ImageLike, subject: Subject | None = None, scene: str | None = None) -> dict:
+    """Everything the bench reads off one generation, as plain numbers.
+
+    `scene` (prompted scene) adds `scene_ok`; `subject` adds `identity` (`subject_identity`) and
+    `is_subject`. The object is segmented against the detected scene's background (a generation
+    that drew another scene than the prompted one still has its object found); `center` and
+    `scale` are None when no object is found.
+    """
+    detected, _ = classify_scene(image)
+    mask = segment_object(image, detected)
+    record: dict = {"scene": detected, "center": None, "scale": None, "object_class": None}
+    if scene is not None:
+        record["scene_ok"] = detected == scene
+    if mask.any():
+        cx, cy, scale = center_and_scale(mask)
+        record.update(center=(cx, cy), scale=scale, object_class=classify_object(image, mask)[0])
+    if subject is not None:
+        identity = subject_identity(image, subject, mask) if mask.any() else 0.0
+        record.update(identity=identity, is_subject=identity >= IDENTITY_THRESHOLD)
+    return record
+
+
 __all__ = [
     "IDENTITY_THRESHOLD",
     "background_distance",
@@ -481,6 +503,7 @@ __all__ = [
     "pattern_features",
     "pattern_scores",
     "scene_scores",
+    "score_image",
     "segment_object",
     "shape_descriptor",
     "subject_identity",

@@ -279,6 +279,12 @@ def caption(scene: str, objects: list[ObjectSpec] | tuple[ObjectSpec, ...], temp
     return CAPTION_TEMPLATES[template].format(objects=objs, scene=(" " + phrase) if phrase else "")
 
 
+def scene_of(text: str) -> str | None:
+    """The scene whose caption phrase `text` contains ("... on the beach" -> "beach"), else None."""
+    found = [name for name, style in SCENES.items() if style.phrase and style.phrase in text]
+    return max(found, key=lambda name: len(SCENES[name].phrase)) if found else None
+
+
 def caption_words() -> list[str]:
     """Every word a caption can contain."""
     words = {"a", "an", "and"}
@@ -305,6 +311,7 @@ __all__ = [
     "SceneSpec",
     "SceneStyle",
     "caption",
+    "scene_of",
     "caption_words",
     "color_contrast",
     "compatible_colors",
