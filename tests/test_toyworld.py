@@ -35,7 +35,7 @@ from lrkit.toyworld import (
     sample,
     segment_object,
 )
-from lrkit.toyworld.render import box_size, place, random_object
+from lrkit.toyworld.render import SCALE_RANGE, box_size, place, random_object
 from lrkit.toyworld.scorers import background_distance, largest_component
 from lrkit.toyworld.world import MIN_CONTRAST, TINT_MAX, color_contrast, random_scene, shade_of
 
@@ -121,7 +121,7 @@ def test_every_scene_has_colours_and_objects_stay_in_frame():
     for i in range(100):
         spec = random_object(rng, SCENE_NAMES[i % len(SCENE_NAMES)])
         w, h = box_size(spec)
-        assert 0.15 <= spec.scale <= 0.6 and abs(spec.rotation) <= 15
+        assert SCALE_RANGE[0] <= spec.scale <= SCALE_RANGE[1] and abs(spec.rotation) <= 15
         assert w / 2 - 1e-9 <= spec.cx <= 1 - w / 2 + 1e-9 and h / 2 - 1e-9 <= spec.cy <= 1 - h / 2 + 1e-9
         assert color_contrast(spec.color, SCENE_NAMES[i % len(SCENE_NAMES)]) >= MIN_CONTRAST
 

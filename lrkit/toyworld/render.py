@@ -30,8 +30,10 @@ from lrkit.toyworld.world import (
     shade_of,
 )
 
-SCALE_RANGE = (0.15, 0.6)  # object size (larger bbox side / image side) of random samples
-MULTI_SCALE_RANGE = (0.15, 0.42)  # the same with two or more objects
+# Object size (larger bbox side / image side) of random samples. The floor keeps a silhouette of at least
+# ~19 px (~5 latent px in the toy model's 4x VAE): smaller objects lose their class shape in the latents.
+SCALE_RANGE = (0.3, 0.7)
+MULTI_SCALE_RANGE = (0.25, 0.45)  # the same with two or more objects
 MAX_ROTATION = 15.0  # degrees, random samples
 
 
