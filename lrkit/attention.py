@@ -253,15 +253,7 @@ def reference_attention(q, k_ref, v_ref, k_x, v_x, ref_keep, *, return_weights: 
     q, k_x, v_x: (pairs, heads, n, d); k_ref, v_ref: (heads, n_ref, d); ref_keep: (n_ref,) bool.
     Returns (pairs, heads, n, d), and the attention weights (pairs, heads, n, n_ref + n) if asked.
     """
-    pairs = q.shape[0]
-    keys = torch.cat([k_ref.expand(pairs, -1, -1, -1), k_x], dim=2)  # (pairs, heads, n_ref + n, d)
-    values = torch.cat([v_ref.expand(pairs, -1, -1, -1), v_x], dim=2)
-    allowed = torch.cat([ref_keep.to(q.device), torch.ones(k_x.shape[2], dtype=torch.bool, device=q.device)])
-    bias = torch.zeros(1, allowed.shape[0], dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-    if not return_weights:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
-    weights = (q @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)
-    return weights @ values, weights
+    return multi_source_attention(q, [(k_ref, v_ref, ref_keep)], k_x, v_x, return_weights=return_weights)
 
 
 class MultiSourceSwapProcessor:
@@ -367,4 +359,146 @@ class RecordingProcessor:
             else:
                 entry = (out[rows].detach(),)
             cache.data[(self.name, cache.step)] = entry
+        return _project(attn, out, q.dtype)
+
+
+# ---------------------------------------------------------------------------- dual reference (DESIGN §6.1)
+
+
+def multi_source_attention(q, sources, k_x, v_x, *, return_weights: bool = False):
+    """Attention(Q_X, [K_1 ⊙ M_1 ; … ; K_n ⊙ M_n ; K_X], [V_1 ⊙ M_1 ; … ; V_n ⊙ M_n ; V_X]).
+
+    The target attends to its own tokens and to the tokens of each source (a reference image) that
+    its mask keeps; a source token outside its mask gets a −∞ bias, i.e. exactly zero weight.
+    q, k_x, v_x: (rows, heads, n, d); `sources`: (k, v, keep) or (k, v, keep, weight) with k, v
+    (heads, n_s, d), keep (n_s,) bool and weight > 0 (default 1) multiplying the softmax weight of
+    the source's kept tokens before normalisation (a log(weight) bias). Returns (rows, heads, n, d),
+    and the weights (rows, heads, n, Σ n_s + n), columns in source order then the target's own, if asked.
+    """
+    rows = q.shape[0]
+    keys, values, bias = [], [], []
+    for k, v, keep, *weight in sources:
+        keys.append(k.expand(rows, -1, -1, -1))
+        values.append(v.expand(rows, -1, -1, -1))
+        log_weight = math.log(weight[0]) if weight else 0.0
+        bias.append(torch.full(keep.shape, log_weight, dtype=q.dtype, device=q.device)
+                    .masked_fill(~keep.to(q.device), float("-inf")))
+    keys, values = torch.cat(keys + [k_x], dim=2), torch.cat(values + [v_x], dim=2)  # (rows, heads, N, d)
+    bias = torch.cat(bias + [torch.zeros(k_x.shape[2], dtype=q.dtype, device=q.device)])[None]  # (1, N)
+    if not return_weights:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+    weights = (q @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)  # (rows, heads, n, N)
+    return weights @ values, weights
+
+
+DUAL_PHASES = ("off", "customize", "stylize")
+
+
+@dataclass
+class DualReferenceState:
+    """What the dual-reference processors read during one UNet call (DESIGN §6.1, DRP-Diff).
+
+    Every batch row is a target row (X_u and X_c of each seed). The references' keys/values per
+    (layer, step) were recorded beforehand by `RecordingProcessor(what="kv")`: `custom` for the
+    customization reference, `style` for the style reference. Masks are float maps at latent
+    resolution, resized to each layer's grid with nearest neighbour and read as `> 0.5`:
+    `custom_mask`, `style_mask` (h, w) the references' subjects (foregrounds), `target_mask`
+    (rows, h, w) the target's subject. `phase` is "off", "customize" (early) or "stylize" (late).
+    `custom_weight` / `style_weight` multiply the softmax weight of every token of that reference
+    (1: plain concatenation). With `record_weights`, each processor stores its attention weights in
+    `weights[layer name]`.
+    """
+
+    custom: AttentionCache
+    style: AttentionCache
+    custom_mask: torch.Tensor  # (h, w)
+    style_mask: torch.Tensor  # (h, w)
+    target_mask: torch.Tensor  # (rows, h, w)
+    phase: str = "off"
+    step: int = 0
+    custom_weight: float = 1.0
+    style_weight: float = 1.0
+    record_weights: bool = False
+    weights: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
+
+    def set_target(self, mask: torch.Tensor) -> None:
+        self.target_mask = mask
+        self._cache = {}
+
+    def set_phase(self, phase: str) -> None:
+        if phase not in DUAL_PHASES:
+            raise ValueError(f"phase must be one of {list(DUAL_PHASES)}, got {phase!r}")
+        self.phase = phase
+
+    def masks_at(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(customization foreground (h*w,) bool, style foreground (h*w,) bool, target (rows, h*w, 1) float)."""
+        if grid not in self._cache:
+            def resized(m: torch.Tensor) -> torch.Tensor:  # (..., h, w) -> (..., h*w) at the layer's grid
+                m = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]).float(), size=grid, mode="nearest")
+                return m.reshape(m.shape[0], -1)
+
+            target = (resized(self.target_mask) > 0.5).float()
+            self._cache[grid] = (resized(self.custom_mask)[0] > 0.5, resized(self.style_mask)[0] > 0.5,
+                                 target.reshape(self.target_mask.shape[0], -1, 1))
+        return self._cache[grid]
+
+
+class DualReferenceProcessor:
+    """Self-attention of the target with both references' features (DESIGN §6.1, DRP-Diff).
+
+    With M the target's subject mask, M_C / M_S the customization / style references' subject masks:
+
+    customize (early steps)::
+
+        fg = Attention(Q_X, [K_C ⊙ M_C ; K_X], [V_C ⊙ M_C ; V_X])                  the subject's texture
+        bg = Attention(Q_X, [K_C ⊙ M_C ; K_S ⊙ M_S ; K_X], [V_C ⊙ M_C ; V_S ⊙ M_S ; V_X])
+                                     customized texture-disentangled matrix: only foreground textures
+                                     of both references, so neither reference's background leaks in
+        out_X = M ⊙ fg + (1 − M) ⊙ bg
+
+    stylize (late steps)::
+
+        fg = Attention(Q_X, [K_S ⊙ (1 − M_S) ; K_X], [V_S ⊙ (1 − M_S) ; V_X])
+                                     style-disentangled matrix: the style reference's background only
+        out_X = M ⊙ fg + (1 − M) ⊙ Attention(Q_X, K_X, V_X)
+
+    Every token of C (of S) enters the softmax with its weight multiplied by the state's
+    `custom_weight` (`style_weight`), 1 by default. With the phase "off" this is exactly the stock
+    processor's computation.
+    """
+
+    def __init__(self, state: DualReferenceState, aspect: float = 1.0, name: str = ""):
+        self.state = state
+        self.aspect = aspect
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None:
+            raise AttentionLayerError("DualReferenceProcessor belongs on self-attention layers (attn1)")
+        q, k, v, out = _self_attention(attn, hidden_states)
+        state = self.state
+        if state.phase != "off":
+            custom_fg, style_fg, blend = state.masks_at(_grid(q.shape[2], self.aspect))
+            k_s, v_s = state.style.get(self.name, state.step)
+            recorded = {}
+
+            def attend(part: str, sources):
+                if not state.record_weights:
+                    return multi_source_attention(q, sources, k, v)
+                result, recorded[part] = multi_source_attention(q, sources, k, v, return_weights=True)
+                return result
+
+            if state.phase == "customize":
+                k_c, v_c = state.custom.get(self.name, state.step)
+                subject = (k_c, v_c, custom_fg, state.custom_weight)
+                fg = attend("fg", [subject])
+                bg = attend("bg", [subject, (k_s, v_s, style_fg, state.style_weight)])
+            else:
+                fg = attend("fg", [(k_s, v_s, ~style_fg, state.style_weight)])
+                bg = out
+            if state.record_weights:
+                state.weights[self.name] = recorded
+            m = blend.to(out.dtype).unsqueeze(1)  # (rows, 1, n, 1)
+            out = m * fg + (1 - m) * bg
         return _project(attn, out, q.dtype)

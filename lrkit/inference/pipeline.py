@@ -3,7 +3,8 @@
 Two explicit loops: stage 1 (`_layout`) draws a diverse layout with the vanilla model for the first
 λ·T steps and the personalized model after; stage 2 (`_retouch`) runs the reference (R), context (C)
 and target (X) paths in one batched UNet call per step, with the multi-source attention swap in the
-decoder self-attention layers and adaptive mask blending.
+decoder self-attention layers and adaptive mask blending. Mode `dual-reference` (DESIGN §6.1) runs its
+own loop in `lrkit.inference.dual_reference`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lrkit.models import load_base
 
 logger = logging.getLogger(__name__)
 
-MODES = ("vanilla", "personalized", "layout", "layout-retouch")
+MODES = ("vanilla", "personalized", "layout", "layout-retouch", "dual-reference")
 SCHEDULERS = {  # name -> diffusers class name
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
@@ -45,9 +46,10 @@ class GenerationOptions:
     """Options of one `LayoutRetouchPipeline` call (also the YAML under configs/infer/)."""
 
     mode: str = "layout-retouch"
-    """vanilla | personalized | layout | layout-retouch."""
+    """vanilla | personalized | layout | layout-retouch | dual-reference."""
     scheduler: str = "ddim"
-    """ddim | euler | euler_a | dpm++ | pndm (layout-retouch needs ddim: its reference path is DDIM-inverted)."""
+    """ddim | euler | euler_a | dpm++ | pndm (layout-retouch and dual-reference need ddim: their references are
+    DDIM-inverted)."""
     num_inference_steps: int = 50
     """Denoising steps T (DDIM)."""
     guidance_scale: float = 7.5
@@ -83,6 +85,29 @@ class GenerationOptions:
     cache_attention: bool = True
     """Reuse what earlier passes computed: C's swap-layer outputs recorded in stage 1, R's keys/values
     recorded once per reference. Stage 2 then runs only the target rows (faster, costs memory)."""
+    style_reference: str | None = None
+    """Style image (mode dual-reference, required there): its background's palette and texture go onto the subject."""
+    style_subject: str | None = None
+    """Word for the style image's foreground content, e.g. 'ball' (dual-reference): its cross-attention (and SAM) masks
+    that content out of the style; unset, the whole style image counts as style."""
+    custom_reference: str | None = None
+    """Customization reference photo (dual-reference); default: the concept's reference photo `reference`."""
+    switch: float | None = None
+    """Dual-reference: fraction of T where customization hands over to style (default: from the references'
+    grey-level entropies, H_C / (H_C + H_S), clamped to [switch_min, switch_max])."""
+    switch_min: float = 0.2
+    """Lower clamp of the entropy-derived switch (fraction of T)."""
+    switch_max: float = 0.8
+    """Upper clamp of the entropy-derived switch (fraction of T)."""
+    customize: bool = True
+    """Dual-reference: the early (customization) phase on."""
+    stylize: bool = True
+    """Dual-reference: the late (style) phase on."""
+    custom_weight: float = 1.0
+    """Dual-reference: multiplies the attention weight of the customization reference's tokens (1: plain concatenation)."""
+    style_weight: float = 1.0
+    """Dual-reference: multiplies the attention weight of the style reference's tokens (1: plain concatenation; large:
+    the subject's queries are rebuilt from the style image's background alone)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,6 +131,26 @@ class GenerationOptions:
             )
         if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.tau <= 1.0:
             raise InferenceError(f"alpha and tau must be in [0, 1], got alpha={self.alpha}, tau={self.tau}")
+        self._check_dual_reference()
+
+    def _check_dual_reference(self) -> None:
+        if self.mode == "dual-reference" and self.scheduler != "ddim":
+            raise InferenceError(f"mode 'dual-reference' needs scheduler 'ddim' (got {self.scheduler!r}): "
+                                 "its references are DDIM-inverted")
+        if self.mode != "dual-reference":
+            given = [name for name in ("style_reference", "style_subject", "custom_reference", "switch")
+                     if getattr(self, name) is not None]
+            if given:
+                raise InferenceError(f"{given[0]} is an option of mode 'dual-reference' (mode is {self.mode!r}); "
+                                     "set mode: dual-reference or leave it unset")
+        if self.switch is not None and not 0.0 <= self.switch <= 1.0:
+            raise InferenceError(f"switch must be in [0, 1] (a fraction of the steps), got {self.switch}")
+        if not (self.custom_weight > 0 and self.style_weight > 0):
+            raise InferenceError(f"custom_weight and style_weight must be > 0, got custom_weight={self.custom_weight}, "
+                                 f"style_weight={self.style_weight}")
+        if not 0.0 <= self.switch_min <= self.switch_max <= 1.0:
+            raise InferenceError(f"need 0 <= switch_min <= switch_max <= 1, got switch_min={self.switch_min}, "
+                                 f"switch_max={self.switch_max}")
 
     def step_index(self, fraction: float) -> int:
         """Index of the first step i with i >= fraction * T."""
@@ -123,6 +168,7 @@ class Generation:
     layout: Image.Image | None = None
     mask: Image.Image | None = None
     reference: Image.Image | None = None
+    style: Image.Image | None = None  # dual-reference: the style reference as used (square, generation size)
 
     @property
     def stem(self) -> str:
@@ -166,6 +212,7 @@ class LayoutRetouchPipeline:
         self.has_lora = "lora" in concept.files
         self._kv_memo: dict = {}
         self._prompt_memo: dict = {}
+        self._dual_memo: dict = {}  # dual-reference: recorded reference keys/values, the latest references only
         pipe.set_progress_bar_config(disable=True)
 
     # ------------------------------------------------------------------ construction
@@ -188,7 +235,7 @@ class LayoutRetouchPipeline:
 
     def clear_caches(self) -> None:
         """Free the memoized reference keys/values and prompt embeddings (the disk cache stays)."""
-        self._kv_memo, self._prompt_memo = {}, {}
+        self._kv_memo, self._prompt_memo, self._dual_memo = {}, {}, {}
 
     def use_scheduler(self, name: str) -> None:
         """Switch the pipeline's scheduler (built once per name from the base model's config)."""
@@ -300,6 +347,10 @@ class LayoutRetouchPipeline:
         width = options.width or self.concept.resolution
         self.use_scheduler(options.scheduler)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        if options.mode == "dual-reference":
+            if layout_image is not None:
+                raise InferenceError("layout_image needs mode 'layout-retouch', not 'dual-reference'")
+            return self._dual_reference(prompt, seeds, generators, options, prompt_index, height, width)
         plain = self.vanilla_prompt(prompt, options.vanilla_phrase)
         vanilla_phrase = options.vanilla_phrase or self.concept.class_word
         if options.mode == "vanilla":
@@ -333,6 +384,21 @@ class LayoutRetouchPipeline:
                 mask = Image.fromarray((masks[b].float().cpu().numpy() * 255).astype("uint8"))
                 mask = mask.resize((width, height), Image.Resampling.NEAREST)  # a binary mask stays binary
             out.append(Generation(prompt_index, prompt, seed, decoded[b], layouts[b], mask, reference))
+        return out
+
+    def _dual_reference(self, prompt: str, seeds: list[int], generators, options: GenerationOptions,
+                        prompt_index: int, height: int, width: int) -> list[Generation]:
+        """Mode dual-reference (DESIGN §6.1): the loop lives in `lrkit.inference.dual_reference`."""
+        from lrkit.inference.dual_reference import denoise_dual_reference
+
+        result = denoise_dual_reference(self, prompt, generators, options, height, width)
+        decoded = self._decode(result.latents, generators)
+        out = []
+        for b, seed in enumerate(seeds):
+            mask = Image.fromarray((result.masks[b].float().cpu().numpy() * 255).astype("uint8"))
+            mask = mask.resize((width, height), Image.Resampling.NEAREST)
+            out.append(Generation(prompt_index, prompt, seed, decoded[b], None, mask, result.custom.image,
+                                  result.style.image))
         return out
 
     def _decode(self, latents: torch.Tensor, generators) -> list[Image.Image]:

@@ -1,0 +1,288 @@
+"""Dual-reference personalization: a subject from a customization reference, a look from a style reference.
+
+DESIGN §6.1, after DRP-Diff ("Taming Text Alignment for Personalization: Disentangling Foreground
+Customization and Background Style"). Inputs: the concept with one of its reference photos (or any
+photo of the subject, `custom_reference`) as the customization reference C, a style image S
+(`style_reference`), and a prompt y* with the concept token.
+
+The target X is denoised like the personalized pipeline (ε*, y*, classifier-free guidance). Both
+references are DDIM-inverted with ε* (cached on disk like the retouch stage's reference) and their
+self-attention keys/values are recorded at the dual layers (`swap_levels` / `swap_layers`, the
+retouch stage's layers) for every step, once per reference. In those layers, with M the target's
+subject mask and M_C, M_S the references' subject masks (`DualReferenceProcessor`):
+
+- customize, steps 1 <= i < s: the target's foreground queries attend to [K_C ⊙ M_C ; K_X] (the
+  subject's texture); its background queries are reconstructed with keys built from the foreground
+  textures of BOTH references, [K_C ⊙ M_C ; K_S ⊙ M_S ; K_X] ("customized texture-disentangled
+  matrix"): no reference background is reachable, so the prompt decides the background;
+- stylize, steps s <= i < T: the target's foreground queries attend to [K_S ⊙ (1 − M_S) ; K_X]
+  with the matching values ("style-disentangled matrix"): the style image's background (its
+  palette and texture) goes onto the subject, its content does not; background queries keep their
+  own attention.
+
+`custom_weight` / `style_weight` (default 1) multiply the softmax weight of every token of C / S
+before normalisation (a log-weight bias): 1 is the plain concatenation above; a large style weight
+rebuilds the subject's queries from the style image's background alone.
+
+The switch step s comes from the references' information entropy (`entropy_switch`):
+
+    H(I) = −Σ_k p_k log2 p_k      p_k: share of pixels with grey level k (PIL "L": L = (299 R + 587 G
+                                  + 114 B) / 1000, 256 levels), of the square crop that is inverted
+    s / T = clamp(H_C / (H_C + H_S), switch_min, switch_max)      (0.5 when H_C + H_S = 0)
+
+i.e. ρ / (1 + ρ) for the entropy ratio ρ = H_C / H_S: a busier subject gets more customization
+steps, a busier style more style steps; the clamp (default [0.2, 0.8]) keeps both phases. The
+`switch` option overrides it. The target mask M at step i is the min-max-normalised
+cross-attention of the subject token in X's conditional row at step i − 1, thresholded at `tau`
+(`lrkit.masks.blend_target_mask` with alpha = 0); step 0 has no map yet and runs without control.
+Reference masks come from the retouch stage's segmenters: the concept's stored/computed reference
+mask, and for other images the phrase's cross-attention box prompting SAM, or the thresholded map
+(`AttentionSegmenter`) without SAM. A style image without `style_subject` has no foreground: all
+of it counts as style.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+
+from lrkit.attention import (AttentionCache, AttentionStore, DualReferenceProcessor, DualReferenceState,
+                             RecordingProcessor, processors)
+from lrkit.inference.pipeline import InferenceError
+
+logger = logging.getLogger(__name__)
+
+GREY_LEVELS = 256
+
+
+# ---------------------------------------------------------------------------- the switch step
+
+
+def image_entropy(image: PIL.Image.Image) -> float:
+    """Shannon entropy in bits of the grey-level histogram: H = −Σ_k p_k log2 p_k over 256 PIL "L" levels."""
+    grey = np.asarray(image.convert("L"))
+    counts = np.bincount(grey.reshape(-1), minlength=GREY_LEVELS)
+    p = counts[counts > 0] / grey.size
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no -0.0 for a constant image
+
+
+def entropy_switch(custom_entropy: float, style_entropy: float, low: float = 0.2, high: float = 0.8) -> float:
+    """Switch fraction s / T = clamp(H_C / (H_C + H_S), low, high); 0.5 (then clamped) when both are 0."""
+    if custom_entropy < 0 or style_entropy < 0:
+        raise ValueError(f"entropies must be >= 0, got {custom_entropy} and {style_entropy}")
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+    total = custom_entropy + style_entropy
+    share = custom_entropy / total if total > 0 else 0.5
+    return min(max(share, low), high)
+
+
+def switch_step(options, custom_image: PIL.Image.Image, style_image: PIL.Image.Image) -> int:
+    """The first step of the style phase: `options.switch`, else the entropy rule, as a step index."""
+    if options.switch is not None:
+        fraction = options.switch
+    else:
+        h_c, h_s = image_entropy(custom_image), image_entropy(style_image)
+        fraction = entropy_switch(h_c, h_s, options.switch_min, options.switch_max)
+        logger.info("dual-reference: entropy H_C = %.3f bits, H_S = %.3f bits -> switch at %.3f of the steps",
+                    h_c, h_s, fraction)
+    return options.step_index(fraction)
+
+
+def phase_at(step: int, switch: int, options) -> str:
+    """The dual processors' phase at `step`: off at step 0 (no target mask yet), customize before `switch`,
+    stylize from it on; a phase turned off in the options is "off"."""
+    if step == 0:
+        return "off"
+    if step < switch:
+        return "customize" if options.customize else "off"
+    return "stylize" if options.stylize else "off"
+
+
+# ---------------------------------------------------------------------------- references
+
+
+@dataclass
+class Reference:
+    """One reference image as the loop uses it."""
+
+    image: PIL.Image.Image  # the square crop at the generation size (what is inverted)
+    trajectory: torch.Tensor  # (T+1, 1, C, h, w): its DDIM inversion under ε*
+    embeds: torch.Tensor  # (1, tokens, dim): the prompt it was inverted with
+    mask: torch.Tensor  # (h, w) float {0, 1}: its subject (foreground) at latent resolution
+    key: str  # the inversion's cache key: identifies the reference for the key/value memo
+
+
+def _open_image(path: str, option: str) -> PIL.Image.Image:
+    """The image at `path`, EXIF-rotated, as RGB; errors name the option."""
+    file = Path(path)
+    if not file.is_file():
+        raise InferenceError(f"{option} {path!r} does not exist; give the path of an image file "
+                             f"(CLI: --options.{option} PATH)")
+    try:
+        with PIL.Image.open(file) as image:
+            image.load()
+            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError) as err:
+        raise InferenceError(f"{option} {path!r} is not a readable image ({err})") from err
+
+
+def _subject_mask(pipeline, image: PIL.Image.Image, trajectory, embeds, prompt: str, phrase: str,
+                  steps: int) -> torch.Tensor:
+    """(h, w) float mask of `phrase` in `image`: its cross-attention mid-way through the trajectory gives a box
+    for SAM, or (no SAM) is thresholded itself (`AttentionSegmenter`)."""
+    from lrkit.masks import AttentionSegmenter, box_from_attention, minmax, resize_map
+
+    unet = pipeline.pipe.unet
+    grid = tuple(trajectory.shape[-2:])
+    store = AttentionStore(rows=[0], tokens=[pipeline.token_positions(prompt, phrase)], size=grid)
+    i = steps // 2
+    with processors(unet, pipeline._store_processors(store, grid)):
+        unet(trajectory[i], pipeline.pipe.scheduler.timesteps[i], encoder_hidden_states=embeds)
+    attn = minmax(store.take()[0])
+    if pipeline.segmenter is not None:
+        mask = pipeline.segmenter(image, box_from_attention(attn, image.size))
+    else:
+        mask = AttentionSegmenter(attn)(image)
+    return (resize_map(mask.float(), grid) >= 0.5).float().to(pipeline.device)
+
+
+def _image_reference(pipeline, image: PIL.Image.Image, prompt: str, phrase: str | None, options,
+                     size: int) -> Reference:
+    """A reference from an image: square crop, DDIM inversion with ε* and `prompt` (cached), mask of `phrase`."""
+    from lrkit.inference.inversion import center_square, ddim_invert, encode_image, image_digest
+
+    pipe = pipeline.pipe
+    square = center_square(image, size)
+    embeds = pipe.encode_prompt(prompt, pipeline.device, 1, False)[0]
+    concept = pipeline.concept
+    key = pipeline.cache.key(kind="dual-reference", concept=concept.name, base=concept.base.unet_config_sha256,
+                             weights=concept.weights_digest(), reference=image_digest(square),
+                             scheduler=dict(pipe.scheduler.config), steps=options.num_inference_steps,
+                             resolution=size, prompt=prompt, dtype=str(embeds.dtype))
+
+    def invert():
+        latents = encode_image(pipe, square, size)
+        return ddim_invert(pipe, latents, embeds, options.num_inference_steps)
+
+    trajectory, _ = pipeline.cache.get_or_compute(key, invert)
+    trajectory = trajectory.to(pipeline.device, embeds.dtype)
+    grid = tuple(trajectory.shape[-2:])
+    if phrase is None:
+        mask = torch.zeros(grid, device=pipeline.device)
+    else:
+        mask = _subject_mask(pipeline, square, trajectory, embeds, prompt, phrase, options.num_inference_steps)
+    return Reference(square, trajectory, embeds, mask, key)
+
+
+def custom_reference(pipeline, options, size: int) -> Reference:
+    """C: `options.custom_reference` (inverted with `a photo of <token> <class>`), else the concept's reference
+    photo `options.reference` (the retouch stage's R: same inversion cache and stored mask)."""
+    from lrkit.inference.inversion import center_square
+
+    if options.custom_reference is not None:
+        image = _open_image(options.custom_reference, "custom_reference")
+        phrase = pipeline.subject_phrase()
+        return _image_reference(pipeline, image, f"a photo of {phrase}", phrase, options, size)
+    photo, trajectory, embeds, mask, key = pipeline._reference(options, size, size)
+    return Reference(center_square(photo, size), trajectory, embeds, (mask >= 0.5).float(), key)
+
+
+def style_reference(pipeline, options, size: int) -> Reference:
+    """S: `options.style_reference`, inverted with `a photo of a <style_subject>` (or the empty prompt)."""
+    if options.style_reference is None:
+        raise InferenceError("mode 'dual-reference' needs a style reference image: set style_reference "
+                             "(CLI: --options.style_reference PATH; Python: style_reference='style.png')")
+    image = _open_image(options.style_reference, "style_reference")
+    subject = options.style_subject
+    prompt = f"a photo of a {subject}" if subject else ""
+    return _image_reference(pipeline, image, prompt, subject, options, size)
+
+
+def reference_kv(pipeline, references: list[Reference], layers, steps: int) -> list[AttentionCache]:
+    """Each reference's keys/values at `layers` for every step: one pass over its trajectory, memoized on the
+    pipeline for the references of the latest call."""
+    unet = pipeline.pipe.unet
+    names = tuple(l.name for l in layers)
+    memo = {k: v for k, v in pipeline._dual_memo.items() if k in {(r.key, names, steps) for r in references}}
+    for ref in references:
+        memo_key = (ref.key, names, steps)
+        if memo_key in memo:
+            continue
+        cache = AttentionCache(rows=[0], steps=range(steps))
+        with processors(unet, {name: RecordingProcessor(cache, name, "kv") for name in names}):
+            for i in range(steps):
+                cache.step = i
+                unet(ref.trajectory[i], pipeline.pipe.scheduler.timesteps[i], encoder_hidden_states=ref.embeds,
+                     return_dict=False)
+        memo[memo_key] = cache
+    pipeline._dual_memo = memo
+    return [memo[(r.key, names, steps)] for r in references]
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class DualResult:
+    latents: torch.Tensor  # (B, C, h, w) final
+    masks: torch.Tensor  # (B, h, w) the target's subject mask at the last step
+    custom: Reference
+    style: Reference
+    switch: int  # first step of the style phase
+
+
+@torch.no_grad()
+def denoise_dual_reference(pipeline, prompt: str, generators, options, height: int, width: int) -> DualResult:
+    """The dual-reference loop (module docstring): personalized denoising of X with the dual processors."""
+    from lrkit.masks import blend_target_mask
+
+    if height != width:
+        raise InferenceError(f"dual-reference needs a square image size (height == width), got {height}x{width}")
+    pipe, steps, batch = pipeline.pipe, options.num_inference_steps, len(generators)
+    pipe.scheduler.set_timesteps(steps, device=pipeline.device)
+    style = style_reference(pipeline, options, height)  # first: a missing style image fails before any inversion
+    custom = custom_reference(pipeline, options, height)
+    switch = switch_step(options, custom.image, style.image)
+    layers = pipeline._swap_layers(options)
+    custom_kv, style_kv = reference_kv(pipeline, [custom, style], layers, steps)
+
+    star = pipeline._embed([prompt] * batch, pipeline._phrase_in, options.negative_prompt, vanilla=False)
+    embeds = torch.cat([star.uncond, star.cond])  # rows: X_u (B), X_c (B)
+    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, pipeline.device,
+                                   generators)
+    extra = pipe.prepare_extra_step_kwargs(generators, options.eta)
+    grid = tuple(latents.shape[-2:])
+    store = AttentionStore(rows=list(range(batch, 2 * batch)), tokens=star.tokens, size=grid)
+    state = DualReferenceState(custom=custom_kv, style=style_kv, custom_mask=custom.mask, style_mask=style.mask,
+                               target_mask=torch.zeros(2 * batch, *grid, device=pipeline.device),
+                               custom_weight=options.custom_weight, style_weight=options.style_weight)
+    chosen = pipeline._store_processors(store, grid)
+    chosen.update({l.name: DualReferenceProcessor(state, grid[0] / grid[1], l.name) for l in layers})
+    masks = torch.zeros(batch, *grid, device=pipeline.device)
+    attn = None
+    with processors(pipe.unet, chosen):
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            if attn is not None:  # M from the previous call's subject map
+                masks = torch.stack([blend_target_mask(attn[b], None, 0.0, options.tau)
+                                     for b in range(batch)]).to(pipeline.device)
+            state.set_target(torch.cat([masks, masks]))
+            state.set_phase(phase_at(i, switch, options))
+            state.step = i
+            latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            noise = pipe.unet(latent_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            uncond, cond = noise.chunk(2)
+            latents = pipe.scheduler.step(uncond + options.guidance_scale * (cond - uncond), t, latents, **extra,
+                                          return_dict=False)[0]
+            attn = store.take()
+    return DualResult(latents=latents, masks=masks, custom=custom, style=style, switch=switch)
+
+
+__all__ = ["DualResult", "Reference", "custom_reference", "denoise_dual_reference", "entropy_switch", "image_entropy",
+           "phase_at", "reference_kv", "style_reference", "switch_step"]
