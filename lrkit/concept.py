@@ -53,6 +53,10 @@ class TokenSpec:
     num_vectors: int = 1
     initializer: str | None = None
     mask: str | None = None  # per-token mask for multi-concept bundles (relative path)
+    masks: dict[str, str] = field(default_factory=dict)
+    """Multi-concept bundles: {ref path: mask path} of this token in each reference that shows it."""
+    class_word: str | None = None
+    """Multi-concept bundles: this token's class (default: the bundle's `class_word`)."""
 
 
 @dataclass
@@ -95,6 +99,27 @@ class Concept:
     def subject_phrase(self) -> str:
         """`<token> <class>`, the phrase prompts use for the subject."""
         return f"{self.token} {self.class_word}".strip()
+
+    def for_token(self, token: str) -> "Concept":
+        """This concept seen as a single-token concept of `token` (multi-concept bundles, DESIGN §6.3).
+
+        The view lists `token` first (so `.token` and `subject_phrase()` are its), only the
+        references that show it, and its masks as the reference masks, so Layout-and-Retouch
+        (which reads `.token`, `refs` and `masks`) works for any one token of the bundle. All tokens
+        stay in `tokens`: `apply` still loads every learned vector. Weights and folder are shared.
+        """
+        import dataclasses
+
+        names = [t.token for t in self.tokens]
+        if token not in names:
+            raise ConceptError(f"concept {self.name!r} has no token {token!r}; its tokens are {names}")
+        spec = self.tokens[names.index(token)]
+        tokens = [spec] + [t for t in self.tokens if t.token != token]
+        if not spec.masks:  # a single-token bundle, or a token without masks: refs and masks as they are
+            return dataclasses.replace(self, tokens=tokens, class_word=spec.class_word or self.class_word)
+        refs = [r for r in self.refs if r in spec.masks]
+        return dataclasses.replace(self, tokens=tokens, class_word=spec.class_word or self.class_word,
+                                   refs=refs, masks=dict(spec.masks))
 
     def file(self, key: str) -> Path:
         if self.path is None:
@@ -198,6 +223,11 @@ class Concept:
         root = self.path.resolve()
         rels = list(self.files.values()) + list(self.refs) + list(self.masks.values())
         rels += [t.mask for t in self.tokens if t.mask]
+        rels += [m for t in self.tokens for m in t.masks.values()]
+        for t in self.tokens:
+            unknown = [r for r in t.masks if r not in self.refs]
+            if unknown:
+                raise ConceptError(f"{root / MANIFEST}: token {t.token!r} has masks for {unknown}, which are not in 'refs'")
         for rel in rels:
             p = Path(rel)
             if p.is_absolute():

@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from lrkit.crf import CRFParams, crf_refine, dense_crf  # noqa: F401  (re-exported: lrkit.masks.dense_crf)
 from lrkit.io import atomic_write_bytes
 
 logger = logging.getLogger("lrkit.masks")
@@ -443,3 +444,16 @@ def load_segmenter(sam_checkpoint: str | os.PathLike | None, device=None) -> Sam
         )
         return None
     return SamSegmenter.from_checkpoint(sam_checkpoint, device=device)
+
+
+# ------------------------------------------------------------------------------------ mask comparison
+# (The dense CRF lives in lrkit/crf.py, pure torch, and is re-exported at the top of this module.)
+
+
+def mask_iou(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Intersection over union of two bool masks of the same shape (two empty masks: 1.0)."""
+    a, b = torch.as_tensor(a).bool(), torch.as_tensor(b).bool()
+    if a.shape != b.shape:
+        raise ValueError(f"mask_iou: masks must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union

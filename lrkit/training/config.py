@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-METHOD_NAMES = ("dreambooth", "lora", "textual_inversion", "pivotal")
+METHOD_NAMES = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -147,6 +147,140 @@ class PivotalOptions:
 
 
 @dataclass
+class EMConcept:
+    """One concept of `concept_em`: a new token learned from the images that show it."""
+
+    token: str = ""
+    """The concept's new token in prompts, e.g. `<v1>` (must not be a word the tokenizer knows)."""
+    initializer: str = ""
+    """Word(s) whose mean embedding starts the token, e.g. `ball` or `red ball`."""
+    class_word: str = ""
+    """Optional class of the concept (`ball`, `beach`); written to the bundle for Layout-and-Retouch."""
+    num_vectors: int = 1
+    """Embedding vectors of the token."""
+
+
+@dataclass
+class EMImage:
+    """One training image of `concept_em` and the concepts it shows."""
+
+    file: str = ""
+    """File name inside data.photos."""
+    concepts: list[str] = field(default_factory=list)
+    """Tokens of the concepts this image shows (each must be one of concept_em.concepts)."""
+
+
+@dataclass
+class ConceptEMOptions:
+    """Multi-concept tokens + latent masks learned by EM (DESIGN §6.3)."""
+
+    concepts: list[EMConcept] = field(default_factory=list)
+    """The concepts: token, initializer word(s), optional class word."""
+    images: list[EMImage] = field(default_factory=list)
+    """Which concepts each image of data.photos shows; images not listed are not used."""
+    steps_per_round: int = 50
+    """Optimizer steps of one M-step; the masks are re-estimated (E-step) before each round."""
+    convergence_iou: float = 0.95
+    """Stop when every mask's IoU with the previous round's is at least this (1.0: only once no mask changes)."""
+    update_masks: bool = True
+    """False: estimate the masks once, before training, and keep them (the non-EM baseline)."""
+    attention_timesteps: int = 50
+    """Random timesteps of noised latents whose cross-attention maps are averaged per E-step."""
+    max_timestep_fraction: float = 1.0
+    """E-step timesteps are drawn from [0, fraction * num_train_timesteps)."""
+    attention_levels: Optional[list[int]] = None
+    """Resolution levels of the cross-attention layers to read (0 = latent resolution). Default:
+    the second-lowest level that has cross-attention (as Layout-and-Retouch)."""
+    estep_captions: str = "separate"
+    """E-step captions: `separate` (one caption per token: in a causal CLIP text encoder a later token
+    also carries the earlier ones, so a joint caption biases its map) or `joint` (all the image's tokens)."""
+    relative_maps: bool = False
+    """For images with several concepts, binarise each token's share of the attention (its map divided by
+    the sum over the image's tokens) instead of its raw map."""
+    threshold: Optional[float] = None
+    """Binarisation threshold of the min-max-normalised maps; None: Otsu per map."""
+    crf: bool = True
+    """Refine each binarised map with a dense CRF on the image colours (at latent resolution)."""
+    crf_confidence: float = 0.7
+    """CRF unary: P(foreground) inside the binarised map (1 - this outside)."""
+    crf_iterations: int = 10
+    """Mean-field iterations."""
+    crf_appearance_weight: float = 10.0
+    """Weight of the CRF's appearance (colour + position) kernel."""
+    crf_smoothness_weight: float = 3.0
+    """Weight of the CRF's smoothness (position) kernel."""
+    crf_theta_alpha: float = 6.0
+    """Spatial range of the appearance kernel, in latent pixels."""
+    crf_theta_beta: float = 0.08
+    """Colour range of the appearance kernel (colours in [0, 1])."""
+    crf_theta_gamma: float = 1.0
+    """Spatial range of the smoothness kernel, in latent pixels."""
+    attention_loss_weight: float = 0.1
+    """Weight of the cross-attention loss (MSE between each token's normalised map and its mask)."""
+    masked_loss: bool = True
+    """Diffusion loss only inside the union of the masks of the concepts in the caption."""
+    train_lora: bool = False
+    """Also train LoRA (options under `lora`) together with the tokens."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps_per_round >= 1, f"concept_em.steps_per_round must be >= 1, got {self.steps_per_round}")
+        _check(0.0 <= self.convergence_iou <= 1.0,
+               f"concept_em.convergence_iou must be in [0, 1], got {self.convergence_iou}")
+        _check(self.attention_timesteps >= 1,
+               f"concept_em.attention_timesteps must be >= 1, got {self.attention_timesteps}")
+        _check(0.0 < self.max_timestep_fraction <= 1.0,
+               f"concept_em.max_timestep_fraction must be in (0, 1], got {self.max_timestep_fraction}")
+        _check(self.estep_captions in ("separate", "joint"),
+               f"concept_em.estep_captions must be 'separate' or 'joint', got {self.estep_captions!r}")
+        _check(self.threshold is None or 0.0 < self.threshold < 1.0,
+               f"concept_em.threshold must be in (0, 1) or null (Otsu), got {self.threshold}")
+        _check(0.5 < self.crf_confidence < 1.0, f"concept_em.crf_confidence must be in (0.5, 1), got {self.crf_confidence}")
+        _check(self.crf_iterations >= 0, f"concept_em.crf_iterations must be >= 0, got {self.crf_iterations}")
+        for name in ("crf_theta_alpha", "crf_theta_beta", "crf_theta_gamma"):
+            _check(getattr(self, name) > 0, f"concept_em.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("crf_appearance_weight", "crf_smoothness_weight", "attention_loss_weight"):
+            _check(getattr(self, name) >= 0, f"concept_em.{name} must be >= 0, got {getattr(self, name)}")
+
+    def validate(self) -> None:
+        """Checks that need the whole concept list (run when method is concept_em)."""
+        _check(bool(self.concepts), "concept_em.concepts is empty; list the concepts, e.g. "
+                                    "[{token: '<v1>', initializer: ball}, {token: '<v2>', initializer: vase}]")
+        _check(bool(self.images), "concept_em.images is empty; list each image with the concepts it shows, "
+                                  "e.g. [{file: scene.png, concepts: ['<v1>', '<v2>']}]")
+        tokens = [c.token for c in self.concepts]
+        for i, c in enumerate(self.concepts):
+            _check(bool(c.token) and c.token == c.token.strip() and " " not in c.token,
+                   f"concept_em.concepts[{i}].token must be one word without spaces, got {c.token!r}")
+            _check(bool(c.initializer.strip()),
+                   f"concept_em.concepts[{i}] ({c.token}): initializer is empty; give a word such as 'ball'")
+            _check(c.num_vectors >= 1, f"concept_em.concepts[{i}].num_vectors must be >= 1, got {c.num_vectors}")
+        for i, a in enumerate(tokens):
+            for b in tokens[i + 1:]:
+                _check(a != b, f"concept_em.concepts: token {a!r} is listed twice; tokens must be unique")
+                _check(a not in b and b not in a,
+                       f"concept_em.concepts: tokens {a!r} and {b!r} overlap (one contains the other), so "
+                       f"prompts cannot tell them apart; rename one, e.g. '<v1>' and '<v2>'")
+        used: set[str] = set()
+        for i, image in enumerate(self.images):
+            name = image.file or f"images[{i}]"
+            _check(bool(image.file), f"concept_em.images[{i}].file is empty; give a file name inside data.photos")
+            _check(bool(image.concepts), f"concept_em.images[{i}] ({name}) lists no concept; every image must "
+                                         f"show at least one of {tokens} (or leave the image out)")
+            unknown = [t for t in image.concepts if t not in tokens]
+            _check(not unknown, f"concept_em.images[{i}] ({name}) lists {unknown}, which are not in "
+                                f"concept_em.concepts {tokens}")
+            _check(len(set(image.concepts)) == len(image.concepts),
+                   f"concept_em.images[{i}] ({name}) lists a concept twice: {image.concepts}")
+            used.update(image.concepts)
+        files = [image.file for image in self.images]
+        dupes = sorted({f for f in files if files.count(f) > 1})
+        _check(not dupes, f"concept_em.images lists {dupes} more than once; list each image once with all its concepts")
+        unused = [t for t in tokens if t not in used]
+        _check(not unused, f"concept_em.concepts {unused} are shown by no image; add them to an image's "
+                           f"concepts in concept_em.images or remove them")
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -200,7 +334,7 @@ class TrainConfig:
     base: str = "tiny-random"
     """Base model: `tiny-random`, `toy`, a hub id, a local diffusers folder, or a .safetensors file."""
     method: str = "lora"
-    """One of dreambooth, lora, textual_inversion, pivotal."""
+    """One of dreambooth, lora, textual_inversion, pivotal, concept_em."""
     name: Optional[str] = None
     """Concept name (default: the output folder's name)."""
     output_dir: str = "outputs/concept"
@@ -215,6 +349,8 @@ class TrainConfig:
     """DreamBooth options."""
     pivotal: PivotalOptions = field(default_factory=PivotalOptions)
     """Pivotal-tuning options."""
+    concept_em: ConceptEMOptions = field(default_factory=ConceptEMOptions)
+    """Multi-concept EM options (concept_em)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer options."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -264,11 +400,17 @@ class TrainConfig:
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         if self.cache_latents:
             _check(self.data.center_crop, "cache_latents needs data.center_crop=true (random crops cannot be cached)")
+        if self.method == "concept_em":
+            self.concept_em.validate()
+            _check(self.data.center_crop, "method concept_em needs data.center_crop=true (the masks are estimated "
+                                          "on the center crop of each image)")
 
     # -------------------------------------------------------------- derived values
 
     @property
     def token(self) -> str:
+        if self.method == "concept_em" and self.concept_em.concepts:
+            return self.concept_em.concepts[0].token
         if self.data.token:
             return self.data.token
         return "<sks>" if self.method in ("textual_inversion", "pivotal") else "sks"

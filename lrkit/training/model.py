@@ -160,11 +160,18 @@ class ConceptModel(nn.Module):
         return latents, torch.stack(noise).to(device), torch.cat(steps).to(device)
 
     def loss(self, batch: dict, generators: "list[torch.Generator] | torch.Generator"):
+        """The training loss of `batch`, as the method defines it (default: `diffusion_loss`). Returns (loss, logs)."""
+        return self.method.loss(self, batch, generators)
+
+    def diffusion_loss(self, batch: dict, generators: "list[torch.Generator] | torch.Generator",
+                       pixel_weights: torch.Tensor | None = None):
         """Noise-prediction loss (DDPM), with min-SNR weighting and prior preservation when set.
 
         `generators`: one per sample (so a sample's noise does not depend on the batch or rank it
         lands in), or one shared generator. `batch["num_instance"]` photos come first; the rest are
-        class images (prior loss). Returns (loss, logs).
+        class images (prior loss). `pixel_weights` (batch, 1, h, w) at latent resolution turns each
+        sample's mean squared error into a weighted mean over the latent pixels (the masked loss of
+        concept_em). Returns (loss, logs).
         """
         from diffusers.training_utils import compute_snr
 
@@ -186,7 +193,12 @@ class ConceptModel(nn.Module):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unsupported prediction_type {prediction_type!r} in the base model's scheduler")
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")  # (batch, C, h, w)
+        if pixel_weights is None:
+            per_sample = error.mean(dim=(1, 2, 3))
+        else:
+            w = pixel_weights.to(error)  # (batch, 1, h, w)
+            per_sample = (error * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(1e-8)
         if cfg.min_snr_gamma is not None:
             snr = compute_snr(self.noise_scheduler, timesteps)
             weight = torch.clamp(snr, max=cfg.min_snr_gamma)

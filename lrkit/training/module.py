@@ -104,6 +104,7 @@ def collate(items: list[dict]) -> dict:
         "source": [s["source"] for s in samples],
         "counter": torch.tensor([s["counter"] for s in samples]),
         "num_instance": num_instance,
+        **({"concepts": [s["concepts"] for s in samples]} if "concepts" in samples[0] else {}),
     }
 
 
@@ -119,8 +120,14 @@ class ConceptDataModule(L.LightningDataModule):
         min_size = data.min_size if data.min_size is not None else data.resolution // 2
         self.photos = load_images(data.photos, min_size=min_size, image_column=data.image_column,
                                   caption_column=data.caption_column)
-        self.instance = self._dataset(self.photos, config.data.caption_template, config.token)
         self.prior = None
+        if config.method == "concept_em":
+            from lrkit.training.em import ConceptImageDataset, select_images
+
+            self.photos = select_images(self.photos, config)
+            self.instance = ConceptImageDataset(self.photos, config)
+            return
+        self.instance = self._dataset(self.photos, config.data.caption_template, config.token)
 
     def _dataset(self, photos, template: str, token: str):
         from lrkit.training.data import PhotoDataset

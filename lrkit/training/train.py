@@ -39,7 +39,7 @@ def _resume_path(config: TrainConfig) -> str | None:
     return str(path)
 
 
-def build_trainer(config: TrainConfig, **trainer_kwargs) -> L.Trainer:
+def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), **trainer_kwargs) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -49,7 +49,7 @@ def build_trainer(config: TrainConfig, **trainer_kwargs) -> L.Trainer:
     kwargs = dict(
         max_steps=config.max_steps, max_epochs=-1, precision=config.precision, accelerator=config.accelerator,
         devices=world_from_environment(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
-        callbacks=[checkpoint, ValidationImages(config)], plugins=[AtomicCheckpointIO()],
+        callbacks=[checkpoint, ValidationImages(config), *extra_callbacks], plugins=[AtomicCheckpointIO()],
         logger=CSVLogger(config.output_dir, name="logs", version=""), default_root_dir=config.output_dir,
         log_every_n_steps=config.log_every_n_steps, use_distributed_sampler=False,
         gradient_clip_val=config.optim.max_grad_norm, num_sanity_val_steps=0, limit_val_batches=0,
@@ -73,7 +73,7 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
     module = PersonalizationModule(config)
-    trainer = build_trainer(config)
+    trainer = build_trainer(config, extra_callbacks=module.model.method.callbacks())
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
     if trainer.is_global_zero:
         export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
@@ -89,6 +89,10 @@ def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.
     if photos is None:
         photos = load_images(config.data.photos, min_size=1, image_column=config.data.image_column,
                              caption_column=config.data.caption_column)
+        if config.method == "concept_em":  # only the listed images, in their order (their masks follow it)
+            from lrkit.training.em import select_images
+
+            photos = select_images(photos, config)
     method = model.method
     concept = Concept(
         name=config.concept_name, method=config.method, tokens=method.concept_tokens(),
@@ -99,6 +103,7 @@ def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.
     def write_files(root: Path) -> None:
         concept.files = method.write_files(model, root)
         concept.refs = _write_refs(photos, root / "refs")
+        method.finish_bundle(model, root, concept)
 
     write_bundle(concept, out_dir, write_files, overwrite=overwrite)
     logger.info("wrote concept bundle %s", out_dir)
@@ -150,4 +155,8 @@ def export_checkpoint(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLi
     if set(state) != expected:
         raise ValueError(f"{path}: its weights do not match a {config.method} model built from its own config")
     model.load_state_dict(state, strict=False)
+    saved_callbacks = ckpt.get("callbacks") or {}
+    for callback in model.method.callbacks():  # e.g. concept_em's masks live in its callback's state
+        if callback.state_key in saved_callbacks:
+            callback.load_state_dict(saved_callbacks[callback.state_key])
     return export_concept(model, config, out_dir, overwrite=overwrite)

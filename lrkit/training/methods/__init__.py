@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from lrkit.training.methods.base import Method
+from lrkit.training.methods.concept_em import ConceptEMMethod
 from lrkit.training.methods.dreambooth import DreamBoothMethod
 from lrkit.training.methods.lora import LoraMethod
 from lrkit.training.methods.pivotal import PivotalMethod
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (DreamBoothMethod, LoraMethod, TextualInversionMethod, PivotalMethod)
+    m.name: m for m in (DreamBoothMethod, LoraMethod, TextualInversionMethod, PivotalMethod, ConceptEMMethod)
 }
 
 

@@ -43,6 +43,15 @@ class Method:
     def before_optimizer_step(self, model: "ConceptModel", step: int) -> None:
         """Hook after backward, before the optimizer step (e.g. pivotal tuning's phases)."""
 
+    # the loss -----------------------------------------------------------------------
+    def loss(self, model: "ConceptModel", batch: dict, generators) -> tuple:
+        """(loss, logs) of one batch: the plain diffusion loss unless a method adds terms (concept_em)."""
+        return model.diffusion_loss(batch, generators)
+
+    def callbacks(self) -> list:
+        """Lightning callbacks the method's training loop needs (e.g. concept_em's mask estimation)."""
+        return []
+
     # what is exported ----------------------------------------------------------------
     def concept_tokens(self) -> list[TokenSpec]:
         return [TokenSpec(token=self.config.token, learned=False)]
@@ -53,6 +62,9 @@ class Method:
     def write_files(self, model: "ConceptModel", root: Path) -> dict[str, str]:
         """Write this method's weights into the bundle folder `root`; return the manifest `files`."""
         raise NotImplementedError
+
+    def finish_bundle(self, model: "ConceptModel", root: Path, concept) -> None:
+        """After weights and refs/ are written: add method-specific files (e.g. per-token masks) to `concept`."""
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,293 @@
+"""concept_em (DESIGN §6.3): config errors, E-step masks, the masked and attention losses, the
+Lightning run from the shipped YAML, and the multi-token bundle (combined prompts, one-token views
+for Layout-and-Retouch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lrkit.cli import main
+from lrkit.concept import Concept, ConceptError
+from lrkit.masks import load_mask_png, mask_iou
+from lrkit.models import load_base
+from lrkit.training.config import ConfigError, load_config
+from lrkit.training.data import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "configs" / "train" / "concept_em.yaml"
+V, P = "<red-vase>", "<black-pot>"
+
+
+def em_config(**concept_em):
+    base = dict(concepts=[dict(token="<v1>", initializer="ball"), dict(token="<v2>", initializer="vase")],
+                images=[dict(file="a.png", concepts=["<v1>", "<v2>"]), dict(file="b.png", concepts=["<v2>"])])
+    base.update(concept_em)
+    return load_config(dict(base="tiny-random", method="concept_em", data=dict(photos="x", resolution=64),
+                            concept_em=base))
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(images=[dict(file="a.png", concepts=["<v1>"])]), r"\['<v2>'\] are shown by no image"),
+    (dict(concepts=[dict(token="<v1>", initializer="a"), dict(token="<v1>", initializer="b")],
+          images=[dict(file="a.png", concepts=["<v1>"])]), "'<v1>' is listed twice"),
+    (dict(concepts=[dict(token="<v1>", initializer="a"), dict(token="<v1>x", initializer="b")],
+          images=[dict(file="a.png", concepts=["<v1>", "<v1>x"])]), "overlap"),
+    (dict(images=[dict(file="a.png", concepts=["<v1>", "<v2>"]), dict(file="b.png", concepts=[])]),
+     r"images\[1\] \(b.png\) lists no concept"),
+    (dict(images=[dict(file="a.png", concepts=["<v1>", "<v3>"])]), r"lists \['<v3>'\], which are not in"),
+    (dict(concepts=[]), "concept_em.concepts is empty"),
+    (dict(concepts=[dict(token="<v1>", initializer=""), dict(token="<v2>", initializer="vase")]), "initializer is empty"),
+    (dict(images=[dict(file="a.png", concepts=["<v1>"]), dict(file="a.png", concepts=["<v2>"])]), "more than once"),
+])
+def test_bad_concept_lists_are_named(change, message):
+    with pytest.raises(ConfigError, match=message):
+        em_config(**change)
+
+
+def test_concept_em_needs_center_crops():
+    with pytest.raises(ConfigError, match="center_crop"):
+        load_config(em_config().to_dict(), data__center_crop=False)
+
+
+def test_listed_image_missing_from_the_folder_is_named(tmp_path):
+    from lrkit.training.data import Photo
+    from lrkit.training.em import select_images
+
+    photo = Photo(name="a.png", image=None)
+    with pytest.raises(DataError, match=r"images\[1\].file 'b.png' is not among the photos"):
+        select_images([photo], em_config())
+
+
+# ------------------------------------------------------------------------------------ E-step pieces
+
+
+def two_blobs(size: int = 16):
+    """Two coloured squares on a grey ground, and attention-like maps that overlap and bleed."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    left = (xs >= 2) & (xs < 7) & (ys >= 5) & (ys < 11)
+    right = (xs >= 9) & (xs < 14) & (ys >= 4) & (ys < 12)
+    image = torch.full((3, size, size), 0.5)
+    image[:, left] = torch.tensor([0.9, 0.1, 0.1])[:, None]
+    image[:, right] = torch.tensor([0.1, 0.2, 0.9])[:, None]
+
+    def blur(m):  # attention is smooth and spills over the object edges
+        k = torch.ones(1, 1, 5, 5) / 25
+        return torch.nn.functional.conv2d(m[None, None].float(), k, padding=2)[0, 0]
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.stack([blur(left) + 0.3 * blur(right), blur(right) + 0.3 * blur(left)])
+    maps = maps + 0.05 * torch.rand(maps.shape, generator=g)
+    return image, maps, (left, right)
+
+
+def test_masks_from_maps_separate_two_concepts_and_the_crf_sharpens_them():
+    from lrkit.training.em import masks_from_maps
+
+    image, maps, truth = two_blobs()
+    with_crf = masks_from_maps(maps, image, em_config().concept_em)
+    without = masks_from_maps(maps, image, em_config(crf=False).concept_em)
+    assert not (with_crf[0] & with_crf[1]).any()  # one token per pixel
+    ious = [mask_iou(m, t) for m, t in zip(with_crf, truth)]
+    assert min(ious) >= 0.9, ious
+    assert sum(ious) > sum(mask_iou(m, t) for m, t in zip(without, truth))  # the CRF helps
+
+
+def test_dataset_samples_non_empty_concept_subsets_deterministically():
+    from PIL import Image
+
+    from lrkit.training.data import Photo
+    from lrkit.training.em import ConceptImageDataset
+
+    photos = [Photo(name=n, image=Image.new("RGB", (64, 64), c)) for n, c in (("a.png", "red"), ("b.png", "blue"))]
+    config = load_config(em_config().to_dict(), data__caption_template="a photo of {token} on the beach")
+    ds = ConceptImageDataset(photos, config)
+    seen = set()
+    for i in range(40):
+        item = ds[i]
+        names = config.concept_em.images[item["photo_index"]].concepts
+        chosen = [names[k] for k in item["concepts"]]
+        assert chosen and item["caption"] == f"a photo of {' and '.join(chosen)} on the beach"
+        assert ds[i]["caption"] == item["caption"]  # same index, same sample
+        seen.add(tuple(chosen))
+    assert {("<v1>",), ("<v2>",), ("<v1>", "<v2>")} <= seen
+
+
+# ------------------------------------------------------------------------------------ the M-step losses
+
+
+@pytest.fixture(scope="module")
+def em_model():
+    from lrkit.training.model import ConceptModel
+
+    return ConceptModel(em_config(attention_loss_weight=1.0))
+
+
+def batch_for(model, chosen=((0, 1),)):
+    g = torch.Generator().manual_seed(3)
+    tokens = [" and ".join(["<v1>", "<v2>"][k] for k in c) for c in chosen]
+    return {"pixel_values": torch.rand((len(chosen), 3, 64, 64), generator=g) * 2 - 1,
+            "caption": [f"a photo of {t}" for t in tokens], "photo_index": torch.zeros(len(chosen), dtype=torch.long),
+            "flipped": torch.tensor([False] * len(chosen)), "concepts": [list(c) for c in chosen],
+            "num_instance": len(chosen)}
+
+
+def test_pixel_weights_of_ones_give_the_plain_loss_and_a_mask_restricts_it(em_model):
+    batch = batch_for(em_model)
+    plain, _ = em_model.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    ones, _ = em_model.diffusion_loss(batch, torch.Generator().manual_seed(0), pixel_weights=torch.ones(1, 1, 16, 16))
+    assert torch.allclose(plain, ones, rtol=1e-6)
+    half = torch.zeros(1, 1, 16, 16)
+    half[..., :8] = 1
+    left, _ = em_model.diffusion_loss(batch, torch.Generator().manual_seed(0), pixel_weights=half)
+    right, _ = em_model.diffusion_loss(batch, torch.Generator().manual_seed(0), pixel_weights=1 - half)
+    assert not torch.allclose(left, plain)
+    assert torch.allclose((left + right) / 2, plain, rtol=1e-5)  # equal halves: the mean of the two
+
+
+def test_attention_loss_moves_each_tokens_attention_towards_its_mask(em_model):
+    """M-steps with fixed masks (left half <v1>, right half <v2>) cut the attention loss (one fixed noise draw)."""
+    from lrkit.training.em import EMState, attention_loss
+
+    method = em_model.method
+    rows = em_model.text_encoder.get_input_embeddings().new_rows
+    start = rows.detach().clone()
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, :, :8], masks[1, :, 8:] = True, True
+    method.em = EMState(masks=[masks])
+    batch = batch_for(em_model)
+    optimizer = torch.optim.Adam([rows], lr=0.1)
+
+    def attn_term() -> float:
+        _, logs = method.loss(em_model, batch, torch.Generator().manual_seed(0))
+        return float(logs["loss/attention"])
+
+    try:
+        before = attn_term()
+        for step in range(25):
+            loss, logs = method.loss(em_model, batch, torch.Generator().manual_seed(0))
+            optimizer.zero_grad()
+            loss.backward()
+            assert rows.grad is not None and (rows.grad.abs().sum(1) > 0).all()  # both tokens learn
+            optimizer.step()
+        after = attn_term()
+    finally:
+        with torch.no_grad():
+            rows.copy_(start)
+    assert after < 0.85 * before, (before, after)
+    assert attention_loss(torch.stack([masks[0].float(), masks[1].float()]) * 0.3, masks) == 0  # max-normalised
+
+
+def test_batch_masks_pick_the_sampled_concepts_and_mirror_flipped_samples():
+    from lrkit.training.em import EMState
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :, 0], masks[1, 0, :] = True, True
+    state = EMState(masks=[masks])
+    batch = {"photo_index": torch.tensor([0, 0]), "flipped": torch.tensor([False, True]), "concepts": [[1], [0, 1]]}
+    plain, flipped = state.batch_masks(batch)
+    assert torch.equal(plain, masks[[1]].float())
+    assert torch.equal(flipped, masks.flip(-1).float()) and flipped[0, :, 3].all()
+    with pytest.raises(RuntimeError, match="no masks yet"):
+        EMState().batch_masks(batch)
+
+
+def test_mask_state_survives_a_checkpoint():
+    from lrkit.training.em import EMState, MaskEstimation
+
+    config = em_config()
+    masks = [torch.rand(2, 16, 16) > 0.5, torch.rand(1, 16, 16) > 0.5]
+    saved = MaskEstimation(config, EMState(masks=masks, last_step=50, rounds=[{"round": 0, "step": 0}])).state_dict()
+    restored = MaskEstimation(config, EMState())
+    restored.load_state_dict(saved)
+    assert restored.state.last_step == 50 and all(torch.equal(a, b) for a, b in zip(restored.state.masks, masks))
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, vase_photos, capture_trained_model):
+    """The shipped YAML on tiny-random: 4 photos (2 with both concepts), 2 rounds of 3 steps."""
+    out = tmp_path_factory.mktemp("em-run")
+    with capture_trained_model() as captured:
+        code = main(["train", "--config", str(YAML), "--base", "tiny-random", "--output_dir", str(out),
+                     "--data.photos", str(vase_photos(4)), "--data.resolution", "64", "--data.repeats", "1",
+                     "--max_steps", "6", "--concept_em.steps_per_round", "3", "--concept_em.attention_timesteps", "4",
+                     "--precision", "32", "--accelerator", "cpu", "--validation.prompts", "[]",
+                     "--log_every_n_steps", "1", "--concept_em.convergence_iou", "1.0"])
+    assert code == 0
+    return captured["model"], out
+
+
+def test_em_run_writes_rounds_and_a_bundle_with_per_token_masks(trained):
+    model, out = trained
+    rounds = json.loads((out / "em" / "rounds.json").read_text())
+    assert [r["step"] for r in rounds][:2] == [0, 3] and len(rounds) >= 2
+    assert all(0.0 <= r["min_iou_change"] <= 1.0 for r in rounds[1:])
+    concept = Concept.load(out / "concept")
+    assert concept.method == "concept_em" and [t.token for t in concept.tokens] == [V, P]
+    vase, pot = concept.tokens
+    assert len(vase.masks) == 4 and len(pot.masks) == 2  # per photo that shows the token
+    assert set(pot.masks) == {concept.refs[0], concept.refs[1]}
+    final = model.method.em.masks
+    for i, ref in enumerate(concept.refs[:2]):
+        for k, spec in enumerate(concept.tokens):
+            png = load_mask_png(concept.path / spec.masks[ref])
+            assert png.shape == (64, 64)
+            assert torch.equal(png[::4, ::4], final[i][k])  # the exported mask is the last E-step's
+        assert not (final[i][0] & final[i][1]).any()
+
+
+def test_combined_prompt_uses_both_learned_tokens(trained):
+    _, out = trained
+    concept = Concept.load(out / "concept")
+    pipe = concept.apply(load_base("tiny-random"))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(prompt):
+        return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    both = run(f"a photo of {V} and {P} on the beach")
+    assert not torch.allclose(both, run(f"a photo of {V} and {V} on the beach"))
+    assert not torch.allclose(both, run(f"a photo of {P} and {P} on the beach"))
+
+
+def test_one_token_view_runs_layout_retouch(trained):
+    from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
+
+    _, out = trained
+    concept = Concept.load(out / "concept")
+    view = concept.for_token(P)
+    assert view.token == P and view.class_word == "teapot" and view.refs == concept.refs[:2]
+    assert view.masks == concept.tokens[1].masks and [t.token for t in view.tokens] == [P, V]
+    assert concept.for_token(V).refs == concept.refs
+    with pytest.raises(ConceptError, match="has no token '<nope>'"):
+        concept.for_token("<nope>")
+    pipe = LayoutRetouchPipeline.from_concept("tiny-random", view)
+    result = pipe(f"a photo of {P} on the beach", seeds=0, options=GenerationOptions(num_inference_steps=3, lam=0.5))
+    image = np.asarray(result[0].image)
+    assert image.shape == (64, 64, 3)
+    manifest = json.loads((out / "concept" / "concept.json").read_text())
+    assert [t["token"] for t in manifest["tokens"]] == [V, P]  # the view never rewrote the bundle
+
+
+def test_export_from_the_checkpoint_keeps_the_masks(trained, tmp_path):
+    from lrkit.training.train import export_checkpoint
+
+    _, out = trained
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = ckpt["callbacks"]["MaskEstimation"]["masks"]
+    bundle = Concept.load(export_checkpoint(out / "checkpoints" / "last.ckpt", tmp_path / "exported"))
+    assert [t.token for t in bundle.tokens] == [V, P] and len(bundle.refs) == 4
+    for i, ref in enumerate(bundle.refs[:2]):
+        for k, spec in enumerate(bundle.tokens):
+            assert torch.equal(load_mask_png(bundle.path / spec.masks[ref])[::4, ::4], saved[i][k])
