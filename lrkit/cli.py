@@ -63,6 +63,7 @@ def _prompts(args) -> list[str]:
 
 
 def _generate(argv: list[str]) -> int:
+    from lrkit.concept import Concept
     from lrkit.inference import LayoutRetouchPipeline
     from lrkit.jobs import fill_prompts, generate_to_folder
 
@@ -71,8 +72,13 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--concept", required=True, help="concept bundle folder")
     parser.add_argument("--force", type=bool, default=False, help="apply the concept even to another base model")
     parser.add_argument("--layout_image", default=None, help="retouch into this image instead of a generated layout")
+    parser.add_argument("--token", default=None,
+                        help="multi-concept bundles: the token '{}' stands for and layout-retouch retouches in")
     args = parser.instantiate(parser.parse_args(argv))
-    pipeline = LayoutRetouchPipeline.from_concept(args.base, args.concept, sam_checkpoint=args.sam_checkpoint,
+    concept = Concept.load(args.concept)
+    if args.token is not None:
+        concept = concept.for_token(args.token)
+    pipeline = LayoutRetouchPipeline.from_concept(args.base, concept, sam_checkpoint=args.sam_checkpoint,
                                                   force=args.force)
     prompts = fill_prompts(_prompts(args), pipeline.concept, require_token=args.options.mode != "vanilla")
     out = args.out or "outputs/generate"
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     command, _ = COMMANDS[argv[0]]
     try:
         return command(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # ConceptError is a ValueError
         print(f"lrkit {argv[0]}: error: {err}", file=sys.stderr)
         return 1
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lrkit.cli import main
 from lrkit.concept import Concept, ConceptError
@@ -291,3 +292,15 @@ def test_export_from_the_checkpoint_keeps_the_masks(trained, tmp_path):
     for i, ref in enumerate(bundle.refs[:2]):
         for k, spec in enumerate(bundle.tokens):
             assert torch.equal(load_mask_png(bundle.path / spec.masks[ref])[::4, ::4], saved[i][k])
+
+
+def test_generate_cli_picks_one_token_of_a_multi_concept_bundle(trained, tmp_path, capsys):
+    _, out = trained
+    args = ["generate", "--base", "tiny-random", "--concept", str(out / "concept"), "--prompt", "a photo of {}",
+            "--seeds", "[0]", "--options.num_inference_steps", "2", "--options.mode", "personalized"]
+    assert main([*args, "--token", P, "--out", str(tmp_path / "pot")]) == 0
+    assert main([*args, "--token", V, "--out", str(tmp_path / "vase")]) == 0
+    pot, vase = (np.asarray(Image.open(tmp_path / name / "p000_s0.png")) for name in ("pot", "vase"))
+    assert not np.array_equal(pot, vase)  # '{}' became each token's own phrase
+    assert main([*args, "--token", "<nope>", "--out", str(tmp_path / "bad")]) == 1
+    assert "has no token '<nope>'" in capsys.readouterr().err
