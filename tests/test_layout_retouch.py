@@ -311,3 +311,19 @@ def test_explicit_swap_layers(pipes, monkeypatch):
         ours(pipe, PROMPT["ti"], swap_layers=[one[0].replace("attn1", "attn2")])
     with pytest.raises(InferenceError, match="not an attention layer"):
         ours(pipe, PROMPT["ti"], swap_layers=["up_blocks.7.attentions.0.transformer_blocks.0.attn1.processor"])
+
+
+def test_storing_a_reference_mask_keeps_the_bundles_own_manifest(bundles, tmp_path):
+    """A pipeline built on an in-memory view of a bundle adds the mask to the manifest on disk, nothing else."""
+    import dataclasses
+    import json
+
+    from lrkit.concept import MANIFEST
+
+    bundle = fresh_copy(bundles["ti"], tmp_path / "ti")
+    before = json.loads((bundle / MANIFEST).read_text())
+    view = dataclasses.replace(Concept.load(bundle), name="an in-memory view", masks={})
+    pipe = LayoutRetouchPipeline.from_concept("tiny-random", view, cache_dir=tmp_path / "c")
+    ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5)
+    after = json.loads((bundle / MANIFEST).read_text())
+    assert after == {**before, "masks": {"refs/00.jpg": "masks/00.png"}}

@@ -586,7 +586,11 @@ class LayoutRetouchPipeline:
         try:
             save_mask_png(mask, self.concept.path / target)
             self.concept.masks[rel] = target
-            atomic_write_json(self.concept.path / MANIFEST, self.concept.to_manifest())
+            # The bundle's own manifest plus this mask, not `self.concept`: that may be a view
+            # (`Concept.for_token` reorders the tokens) that must never be written back.
+            on_disk = Concept.load(self.concept.path)
+            on_disk.masks[rel] = target
+            atomic_write_json(self.concept.path / MANIFEST, on_disk.to_manifest())
         except OSError as err:  # a read-only bundle still generates; the mask is recomputed next time
             logger.warning("could not store the reference mask in %s (%s)", self.concept.path, err)
 
