@@ -151,7 +151,7 @@ def _toyworld(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a concept from photos (YAML config + overrides) and write its bundle"),
     "export": (_export, "write a concept bundle from a training checkpoint"),
-    "generate": (_generate, "generate images of a concept (vanilla | personalized | layout | layout-retouch)"),
+    "generate": (_generate, "generate images of a concept (vanilla | personalized | layout | layout-retouch | dual-reference)"),
     "run": (_run, "photos -> concept -> layout-retouch images + contact sheet, in one job"),
     "demo": (_demo, "toy subject photos -> LoRA concept -> layout-retouch grid, offline on a CPU in minutes"),
     "toyworld": (_toyworld, "toy world: `toyworld pretrain` trains the embedded toy base model"),
