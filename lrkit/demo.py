@@ -60,13 +60,6 @@ class DemoResult:
         return "\n".join(lines + [f"grid: {self.grid}"])
 
 
-def _two_level_merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return merged
-
-
 def write_photos(subject, out_dir: Path, n: int = 5) -> Path:
     """The subject's `n` studio photos as PNGs in OUT_DIR (kept when already there)."""
     from lrkit.inference.outputs import save_png
@@ -116,6 +109,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, subject: str = DEMO
     from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
     from lrkit.inference.outputs import save_png
     from lrkit.jobs import fill_prompts, generate_to_folder, train_or_reuse
+    from lrkit.training.config import merge_nested
     from lrkit.toyworld import scene_of, score_image
     from lrkit.toyworld.subjects import get_subject
 
@@ -124,7 +118,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, subject: str = DEMO
     toy_subject = get_subject(subject)
     out = Path(out_dir)
     photos = write_photos(toy_subject, out / "photos")
-    recipe = _two_level_merge(TOY_LORA_RECIPE, train_overrides or {})
+    recipe = merge_nested(TOY_LORA_RECIPE, train_overrides or {})
     concept = train_or_reuse(photos, toy_subject.cls, out / "concept", base=base, method=recipe.pop("method"),
                              train_overrides=recipe)
     filled = fill_prompts(list(prompts), concept)

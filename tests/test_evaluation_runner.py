@@ -8,7 +8,6 @@ refs), so no training runs here; metric models are the tiny CLIP/DINO saved to d
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
 import subprocess
@@ -23,8 +22,7 @@ from PIL import Image
 
 from lrkit.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from launching import BIN, ROOT, env, run
 PROMPTS = "a {} on the beach\na {} in the snow\n"
 
 
@@ -99,16 +97,6 @@ def keys(rows: list[dict]) -> list[tuple]:
 
 
 EXPECTED_KEYS = sorted(("vase_ti", m, p, s) for m in ("vanilla", "layout-retouch") for p in (0, 1) for s in (0, 1))
-
-
-def env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-
-
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

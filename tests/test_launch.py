@@ -5,7 +5,6 @@ These start real subprocesses (CPU, gloo); each takes 10-40 s.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from launching import BIN, ROOT, env, run
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +26,6 @@ def photos(vase_photos) -> Path:
 def train_args(out: Path, photos: Path, *extra: str) -> list[str]:
     return [str(ROOT / "train/train.py"), "--config", str(ROOT / "configs/demo.yaml"), "--data.photos", str(photos),
             "--data.repeats", "1", "--validation.prompts", "[]", "--output_dir", str(out), *extra]
-
-
-def env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-
-
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def lora(out: Path) -> dict[str, torch.Tensor]:

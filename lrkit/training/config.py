@@ -447,11 +447,12 @@ def build_parser(prog: str = "lrkit train", *, exit_on_error: bool = False):
     return parser
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_nested(base: dict, over: dict) -> dict:
+    """`base` updated with `over`, nested dicts merged key by key (neither input is changed)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_nested(out[key], value)
         else:
             out[key] = value
     return out
@@ -492,7 +493,7 @@ def load_config(source: "TrainConfig | dict | str | os.PathLike | None" = None, 
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of options")
-    data = _merge(data, _dotted_to_nested(overrides))
+    data = merge_nested(data, _dotted_to_nested(overrides))
     return config_from_dict(data)
 
 
