@@ -141,10 +141,26 @@ def _toyworld(argv: list[str]) -> int:
     pre.add_argument("--seed", type=int, default=0, help="seeds initialisation, data, noise and caption dropout")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     pre.add_argument("--max-steps", type=int, default=None, help="stop the UNet phase after this many steps")
+    pre.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                     help="what the UNet predicts (default: PretrainConfig's)")
+    pre.add_argument("--object-loss-weight", type=float, default=None,
+                     help="extra diffusion-loss weight on object latents (default: PretrainConfig's)")
+    pre.add_argument("--batch-size", type=int, default=None, help="UNet batch size (default: PretrainConfig's)")
+    pre.add_argument("--lr", type=float, default=None, help="peak UNet learning rate (default: PretrainConfig's)")
+    pre.add_argument("--device", default=None, help="where the models train, e.g. cuda (default: cpu)")
+    pre.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the UNet and text encoder")
+    pre.add_argument("--vae-from", default=None,
+                     help="reuse this pipeline folder's VAE ('toy': the shipped one) and skip the VAE phase")
     args = parser.parse_args(argv)
     from lrkit.toyworld.pretrain import pretrain
 
-    print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, max_steps=args.max_steps))
+    options = {key: value for key, value in (
+        ("prediction_type", args.prediction_type), ("object_loss_weight", args.object_loss_weight),
+        ("batch_size", args.batch_size), ("lr", args.lr), ("vae_from", args.vae_from), ("device", args.device),
+        ("bf16", args.bf16 or None),
+    ) if value is not None}
+    print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, max_steps=args.max_steps,
+                   **options))
     return 0
 
 

@@ -1,6 +1,7 @@
 """The embedded toy base model: offline loading, architecture, size, fidelity; its pretraining code."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,28 @@ def test_pretrain_smoke_writes_a_loadable_pipeline_and_resumes(tmp_path):
         torch.testing.assert_close(again.vae.state_dict()[key], value)
 
 
+def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from lrkit.toyworld.pretrain import pretrain
+
+    small = dict(pool_size=16, batch_size=4, vae_batch_size=4, refresh_per_step=1, warmup_steps=2, num_threads=1)
+    first = pretrain(tmp_path / "a", minutes=5, seed=3, max_steps=1, vae_steps=2, **small)
+    out = pretrain(tmp_path / "b", minutes=5, seed=4, max_steps=2, vae_from=str(first),
+                   prediction_type="v_prediction", object_loss_weight=3.0, bf16=True, **small)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["state"]
+    assert (state["vae_step"], state["step"]) == (0, 2)  # no VAE phase
+    assert math.isfinite(state["final_loss"])
+    load = dict(torch_dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    source, pipe = (StableDiffusionPipeline.from_pretrained(str(path), **load) for path in (first, out))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert source.scheduler.config.prediction_type == "epsilon"
+    assert pipe.vae.config.scaling_factor == source.vae.config.scaling_factor
+    for key, value in source.vae.state_dict().items():
+        torch.testing.assert_close(pipe.vae.state_dict()[key], value, rtol=0, atol=0)
+    assert not torch.equal(pipe.unet.conv_in.weight, source.unet.conv_in.weight)
+
+
 def test_pretrain_rejects_bad_options(tmp_path):
     from lrkit.toyworld.pretrain import pretrain
 
@@ -109,3 +132,9 @@ def test_pretrain_rejects_bad_options(tmp_path):
         pretrain(tmp_path, minutes=0)
     with pytest.raises(FileNotFoundError, match="resume"):
         pretrain(tmp_path, minutes=1, resume=True)
+    with pytest.raises(ValueError, match="prediction_type"):
+        pretrain(tmp_path, minutes=1, prediction_type="sample")
+    with pytest.raises(ValueError, match="object_loss_weight"):
+        pretrain(tmp_path, minutes=1, object_loss_weight=-1.0)
+    with pytest.raises(FileNotFoundError, match="vae/config.json"):
+        pretrain(tmp_path / "run", minutes=1, vae_from=str(tmp_path / "nowhere"))

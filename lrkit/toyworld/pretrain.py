@@ -28,6 +28,7 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +117,26 @@ class PretrainConfig:
     weight_decay: float = 1e-2
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    prediction_type: str = "epsilon"
+    """What the UNet predicts: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x). The loss weight in x0
+    terms is min(SNR, gamma) for epsilon and min(SNR + 1, gamma) for v: the v model's loss keeps a weight
+    of at least 1 at high noise, where the object's silhouette is laid out, instead of SNR << 1."""
+    object_loss_weight: float = 0.0
+    """Extra diffusion-loss weight of object latents (the renderer's masks at latent resolution):
+    the per-pixel weight is 1 + object_loss_weight * object share, normalised to mean 1 per sample."""
+    vae_from: str | None = None
+    """Reuse the VAE (and its scaling factor) of this pipeline folder, or "toy" for the shipped one,
+    and skip the VAE phase; the whole budget then goes to the UNet."""
     ema_decay: float = 0.995
     checkpoint_minutes: float = 5.0
     export_reserve_minutes: float = 0.5
     """Time kept at the end for the final checkpoint and the export."""
     num_threads: int = 2
+    """CPU threads of torch (the CPU run's budget assumes the 2 cores it was made on)."""
+    device: str = "cpu"
+    """Where the models train ("cuda" on a GPU); rendering and the sample pool stay on the CPU."""
+    bf16: bool = False
+    """Run the UNet and text encoder forward passes under bfloat16 autocast (weights stay fp32)."""
 
     def __post_init__(self):
         if self.minutes <= 0:
@@ -131,6 +147,12 @@ class PretrainConfig:
             raise ValueError(f"pretrain: pool_size ({self.pool_size}) must be >= the batch sizes")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"pretrain: caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"pretrain: prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
+            )
+        if self.object_loss_weight < 0:
+            raise ValueError(f"pretrain: object_loss_weight must be >= 0, got {self.object_loss_weight}")
 
 
 # ------------------------------------------------------------------------------------ models
@@ -150,8 +172,9 @@ def build_toy_components(seed: int = 0):
     return vae, text_encoder, unet
 
 
-def assemble_pipeline(vae, text_encoder, unet):
-    """A `StableDiffusionPipeline` around the components, with the shipped CLIP tokenizer and DDIM."""
+def assemble_pipeline(vae, text_encoder, unet, prediction_type: str = "epsilon"):
+    """A `StableDiffusionPipeline` around the components, with the shipped CLIP tokenizer and DDIM
+    (SD's schedule, predicting `prediction_type`)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from lrkit.models import SD_SCHEDULER_CONFIG, load_clip_tokenizer
@@ -161,22 +184,22 @@ def assemble_pipeline(vae, text_encoder, unet):
         text_encoder=text_encoder,
         tokenizer=load_clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def export_pipeline(vae, text_encoder, unet, out: str | Path) -> Path:
+def export_pipeline(vae, text_encoder, unet, out: str | Path, prediction_type: str = "epsilon") -> Path:
     """Save the pipeline to `out` with fp16 safetensors weights (the models are not changed)."""
     import copy
 
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
-    half = [copy.deepcopy(m).to(torch.float16) for m in (vae, text_encoder, unet)]
-    assemble_pipeline(*half).save_pretrained(str(out), safe_serialization=True)
+    half = [copy.deepcopy(m).to("cpu", torch.float16) for m in (vae, text_encoder, unet)]
+    assemble_pipeline(*half, prediction_type=prediction_type).save_pretrained(str(out), safe_serialization=True)
     return out
 
 
@@ -203,6 +226,7 @@ class SamplePool:
         self.ids = torch.empty(size, tokenizer.model_max_length, dtype=torch.long)
         self.latent_mean: torch.Tensor | None = None
         self.latent_std: torch.Tensor | None = None
+        self.latent_masks: torch.Tensor | None = None  # object share of each latent pixel, in [0, 1]
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -235,6 +259,7 @@ class SamplePool:
             mean, std = encode(vae, self.images[slots])
             self.latent_mean[slots] = mean
             self.latent_std[slots] = std
+            self.latent_masks[slots] = _latent_share(self.masks[slots], mean.shape[-1])
 
     def encode_all(self, vae, batch: int = 128) -> None:
         means, stds = [], []
@@ -243,13 +268,19 @@ class SamplePool:
             means.append(mean)
             stds.append(std)
         self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
+        self.latent_masks = _latent_share(self.masks, self.latent_mean.shape[-1])
+
+
+def _latent_share(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, H, W) bool masks -> (B, 1, size, size) share of object pixels under each latent pixel."""
+    return F.adaptive_avg_pool2d(masks.float(), size)
 
 
 @torch.no_grad()
 def encode(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior (mean, std) of the VAE for images in [-1, 1] (unscaled latent space)."""
-    dist = vae.encode(images).latent_dist
-    return dist.mean, dist.std
+    dist = vae.encode(images.to(vae.device)).latent_dist
+    return dist.mean.cpu(), dist.std.cpu()
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -284,7 +315,7 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.
         for p in group["params"]:
             keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{names[p]}::{k}" in tensors]
             if keys:
-                optimizer.state[p] = {k: tensors[f"{names[p]}::{k}"].clone() for k in keys}
+                optimizer.state[p] = {k: tensors[f"{names[p]}::{k}"].to(p.device, copy=True) for k in keys}
 
 
 class EMA:
@@ -373,7 +404,8 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     def elapsed() -> float:
         return state["elapsed"] + time.monotonic() - start
 
-    vae, text_encoder, unet = build_toy_components(cfg.seed)
+    device = torch.device(cfg.device)
+    vae, text_encoder, unet = (m.to(device) for m in build_toy_components(cfg.seed))
     tokenizer = load_clip_tokenizer()
     pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed)
     rng = np.random.default_rng([cfg.seed, state["step"], state["vae_step"]])
@@ -393,7 +425,15 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
         logger.info("checkpoint at phase %s step %d (%.1f min)", state["phase"], state["step"], elapsed() / 60)
 
     # ---------------------------------------------------------------- phase 1: the VAE
-    if state["phase"] == "vae":
+    if state["phase"] == "vae" and cfg.vae_from is not None:
+        vae.load_state_dict(_load_vae_weights(cfg.vae_from))
+        vae.eval().requires_grad_(False)
+        pool.fill()
+        pool.encode_all(vae)
+        state.update(phase="unet", scaling_factor=_vae_scaling(cfg.vae_from), vae_seconds=elapsed())
+        logger.info("VAE from %s (scaling factor %.4f), no VAE phase", cfg.vae_from, state["scaling_factor"])
+        save_checkpoint({"vae": vae.state_dict(), "pool": _pool_tensors(pool)})
+    elif state["phase"] == "vae":
         pool.fill()
         vae_deadline = cfg.vae_fraction * budget
         optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -411,12 +451,12 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
             elif elapsed() >= vae_deadline:
                 break
             idx = torch.from_numpy(rng.choice(cfg.pool_size, size=cfg.vae_batch_size, replace=False))
-            images = pool.images[idx]
+            images = pool.images[idx].to(device)
             posterior = vae.encode(images).latent_dist
             recon = vae.decode(posterior.sample()).sample
             # Object pixels weigh `vae_object_weight` times more: the objects are small and carry the
             # class, colour and pattern, while a background texture (bricks) would otherwise win.
-            weight = 1.0 + cfg.vae_object_weight * pool.masks[idx].float()
+            weight = 1.0 + cfg.vae_object_weight * pool.masks[idx].float().to(device)
             err = (recon - images).abs()
             rec = (weight * (err + err**2)).mean() / weight.mean()
             loss = rec + cfg.vae_kl_weight * posterior.kl().mean()
@@ -446,6 +486,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
         vae.eval().requires_grad_(False)
         tensors = _load_tensors(ckpt / "pool.safetensors")
         pool.ids, pool.latent_mean, pool.latent_std = tensors["ids"], tensors["latent_mean"], tensors["latent_std"]
+        pool.latent_masks = tensors.get("latent_masks", torch.zeros_like(pool.latent_mean[:, :1]))
         pool.images.zero_()  # the UNet phase needs only latents; refreshed entries are re-rendered
         pool.next_seed = state["pool_next_seed"]
     vae.register_to_config(scaling_factor=state["scaling_factor"])
@@ -455,15 +496,15 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     names = {p: f"unet.{n}" for n, p in unet.named_parameters()}
     names.update({p: f"text_encoder.{n}" for n, p in text_encoder.named_parameters()})
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
     if state["phase"] == "unet" and (ckpt / "unet.safetensors").is_file():
         unet.load_state_dict(_load_tensors(ckpt / "unet.safetensors"))
         text_encoder.load_state_dict(_load_tensors(ckpt / "text_encoder.safetensors"), strict=False)
         _load_optimizer_tensors(optimizer, names, _load_tensors(ckpt / "optimizer.safetensors"))
         ema = _load_tensors(ckpt / "ema.safetensors")
-        ema_unet.shadow = {k[5:]: v for k, v in ema.items() if k.startswith("unet.")}
-        ema_text.shadow.update({k[13:]: v for k, v in ema.items() if k.startswith("text_encoder.")})
+        ema_unet.shadow = {k[5:]: v.to(device) for k, v in ema.items() if k.startswith("unet.")}
+        ema_text.shadow.update({k[13:]: v.to(device) for k, v in ema.items() if k.startswith("text_encoder.")})
 
     def unet_checkpoint() -> dict:
         return {
@@ -477,7 +518,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
         }
 
     noise_scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
-    alphas_cumprod = noise_scheduler.alphas_cumprod
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     empty_ids = pool.tokenize([""])[0]
     unet_start = state["vae_seconds"]
     unet_deadline = budget - cfg.export_reserve_minutes * 60.0
@@ -499,17 +540,28 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
         pool.refresh(cfg.refresh_per_step, rng, vae)
         idx = torch.from_numpy(rng.choice(cfg.pool_size, size=cfg.batch_size, replace=False))
         latents = (pool.latent_mean[idx] + pool.latent_std[idx] * torch.randn_like(pool.latent_std[idx])) * scaling
+        latents = latents.to(device)
         ids = pool.ids[idx].clone()
         drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.caption_dropout)
         ids[drop] = empty_ids
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,))
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,)).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        encoder_hidden_states = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states).sample
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            encoder_hidden_states = text_encoder(ids.to(device))[0]
+            pred = unet(noisy, t, encoder_hidden_states).sample.float()
         snr = _snr(alphas_cumprod, t)
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
-        mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, t)
+            weight = torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)  # x0 weight min(SNR + 1, gamma)
+        else:
+            target = noise
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma: x0 weight min(SNR, gamma)
+        err = F.mse_loss(pred, target, reduction="none").mean(dim=1, keepdim=True)
+        if cfg.object_loss_weight > 0:
+            pixel = 1.0 + cfg.object_loss_weight * pool.latent_masks[idx].to(device)
+            err = err * pixel / pixel.mean(dim=(2, 3), keepdim=True)
+        mse = err.mean(dim=(1, 2, 3))
         loss = (weight * mse).mean()
         lr = _lr_at(step, frac, cfg)
         for group in optimizer.param_groups:
@@ -536,14 +588,38 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     # ---------------------------------------------------------------- export (EMA weights)
     ema_unet.copy_to(unet)
     ema_text.copy_to(text_encoder)
-    pipeline_dir = export_pipeline(vae, text_encoder.eval(), unet.eval(), out / "pipeline")
+    pipeline_dir = export_pipeline(vae, text_encoder.eval(), unet.eval(), out / "pipeline", cfg.prediction_type)
     logger.info("exported %s after %d UNet steps (%.1f min, loss %s)", pipeline_dir, state["step"],
                 elapsed() / 60, state["final_loss"])
     return pipeline_dir
 
 
+def _vae_folder(source: str) -> Path:
+    folder = Path(str(resources.files("lrkit") / "assets" / "toy")) if source == "toy" else Path(source)
+    if not (folder / "vae" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"pretrain: vae_from={source!r}: no vae/config.json in {folder}; give a diffusers pipeline folder "
+            "(such as a previous run's OUT/pipeline) or 'toy'"
+        )
+    return folder / "vae"
+
+
+def _load_vae_weights(source: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(_vae_folder(source).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"pretrain: vae_from={source!r}: no .safetensors weights in {_vae_folder(source)}")
+    return {k: v.float() for k, v in load_file(str(files[0])).items()}
+
+
+def _vae_scaling(source: str) -> float:
+    return float(json.loads((_vae_folder(source) / "config.json").read_text())["scaling_factor"])
+
+
 def _pool_tensors(pool: SamplePool) -> dict[str, torch.Tensor]:
-    return {"ids": pool.ids, "latent_mean": pool.latent_mean, "latent_std": pool.latent_std}
+    return {"ids": pool.ids, "latent_mean": pool.latent_mean, "latent_std": pool.latent_std,
+            "latent_masks": pool.latent_masks}
 
 
 # ------------------------------------------------------------------------------------ fidelity
