@@ -147,6 +147,8 @@ def _toyworld(argv: list[str]) -> int:
                      help="extra diffusion-loss weight on object latents (default: PretrainConfig's)")
     pre.add_argument("--batch-size", type=int, default=None, help="UNet batch size (default: PretrainConfig's)")
     pre.add_argument("--lr", type=float, default=None, help="peak UNet learning rate (default: PretrainConfig's)")
+    pre.add_argument("--two-object-fraction", type=float, default=None,
+                     help="share of training pictures with two objects (default: PretrainConfig's)")
     pre.add_argument("--device", default=None, help="where the models train, e.g. cuda (default: cpu)")
     pre.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the UNet and text encoder")
     pre.add_argument("--vae-from", default=None,
@@ -157,6 +159,7 @@ def _toyworld(argv: list[str]) -> int:
     options = {key: value for key, value in (
         ("prediction_type", args.prediction_type), ("object_loss_weight", args.object_loss_weight),
         ("batch_size", args.batch_size), ("lr", args.lr), ("vae_from", args.vae_from), ("device", args.device),
+        ("two_object_fraction", args.two_object_fraction),
         ("bf16", args.bf16 or None),
     ) if value is not None}
     print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, max_steps=args.max_steps,

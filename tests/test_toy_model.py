@@ -125,6 +125,25 @@ def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
     assert not torch.equal(pipe.unet.conv_in.weight, source.unet.conv_in.weight)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_pretrain_pool_mixes_two_object_pictures(fraction):
+    from lrkit.models import load_clip_tokenizer
+    from lrkit.toyworld.pretrain import SamplePool, two_objects
+    from lrkit.toyworld.render import sample
+
+    pool = SamplePool(load_clip_tokenizer(), 12, seed=0, two_object_fraction=fraction)
+    pool.fill(progress=False)
+    captions = pool.tokenizer.batch_decode(pool.ids, skip_special_tokens=True)
+    twos = [" and " in c for c in captions]
+    expected = [two_objects(pool.base + i) < fraction for i in range(12)]
+    assert twos == expected
+    assert (not any(twos)) if fraction == 0 else all(twos) if fraction == 1 else 0 < sum(twos) < 12
+    for i, two in enumerate(twos):  # each entry is the renderer's picture for its seed, object count included
+        s = sample(pool.base + i, num_objects=2 if two else 1, resolution=64)
+        assert len(s.masks) == (2 if two else 1)
+        assert torch.equal(pool.masks[i, 0], torch.from_numpy(s.object_mask))
+
+
 def test_pretrain_rejects_bad_options(tmp_path):
     from lrkit.toyworld.pretrain import pretrain
 
@@ -134,6 +153,8 @@ def test_pretrain_rejects_bad_options(tmp_path):
         pretrain(tmp_path, minutes=1, resume=True)
     with pytest.raises(ValueError, match="prediction_type"):
         pretrain(tmp_path, minutes=1, prediction_type="sample")
+    with pytest.raises(ValueError, match="two_object_fraction"):
+        pretrain(tmp_path, minutes=1, two_object_fraction=1.5)
     with pytest.raises(ValueError, match="object_loss_weight"):
         pretrain(tmp_path, minutes=1, object_loss_weight=-1.0)
     with pytest.raises(FileNotFoundError, match="vae/config.json"):

@@ -103,6 +103,9 @@ class PretrainConfig:
     """Rendered samples kept in memory."""
     refresh_per_step: int = 3
     """Pool entries replaced by freshly rendered seeds at every UNet step."""
+    two_object_fraction: float = 0.0
+    """Share of rendered samples with two objects ("a red ball and a blue cube on the beach"), so the
+    model sees prompts that combine objects (multi-concept generation); the rest have one."""
     vae_fraction: float = 0.2
     """Share of the budget for the VAE phase."""
     vae_batch_size: int = 8
@@ -151,6 +154,8 @@ class PretrainConfig:
             raise ValueError(
                 f"pretrain: prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
+        if not 0.0 <= self.two_object_fraction <= 1.0:
+            raise ValueError(f"pretrain: two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
         if self.object_loss_weight < 0:
             raise ValueError(f"pretrain: object_loss_weight must be >= 0, got {self.object_loss_weight}")
 
@@ -216,8 +221,9 @@ class SamplePool:
     """Rendered toy-world samples: images in [-1, 1], caption token ids, and (after the VAE phase)
     latent posterior means and stds. Entries are replaced in place by fresh seeds."""
 
-    def __init__(self, tokenizer, size: int, seed: int):
+    def __init__(self, tokenizer, size: int, seed: int, two_object_fraction: float = 0.0):
         self.tokenizer = tokenizer
+        self.two_object_fraction = two_object_fraction
         self.size = size
         self.base = POOL_SEED_BASE * (seed + 1)
         self.next_seed = 0
@@ -235,7 +241,9 @@ class SamplePool:
     def _render(self, slots: list[int]) -> None:
         captions = []
         for slot in slots:
-            s = sample(self.base + self.next_seed, resolution=TOY_RESOLUTION)
+            data_seed = self.base + self.next_seed
+            s = sample(data_seed, num_objects=1 + (two_objects(data_seed) < self.two_object_fraction),
+                       resolution=TOY_RESOLUTION)
             self.next_seed += 1
             self.images[slot] = _to_tensor(s.image)
             self.masks[slot, 0] = torch.from_numpy(s.object_mask)
@@ -274,6 +282,12 @@ class SamplePool:
 def _latent_share(masks: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 1, H, W) bool masks -> (B, 1, size, size) share of object pixels under each latent pixel."""
     return F.adaptive_avg_pool2d(masks.float(), size)
+
+
+def two_objects(data_seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the data seed: the sample has two objects when it is below
+    `two_object_fraction` (so a seed's picture does not depend on the order of rendering)."""
+    return float(np.random.default_rng([data_seed, 2]).random())
 
 
 @torch.no_grad()
@@ -407,7 +421,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     device = torch.device(cfg.device)
     vae, text_encoder, unet = (m.to(device) for m in build_toy_components(cfg.seed))
     tokenizer = load_clip_tokenizer()
-    pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed)
+    pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed, cfg.two_object_fraction)
     rng = np.random.default_rng([cfg.seed, state["step"], state["vae_step"]])
     torch.manual_seed(cfg.seed * 7919 + state["step"] + state["vae_step"])
 
