@@ -167,9 +167,16 @@ def _toyworld(argv: list[str]) -> int:
     return 0
 
 
+def _reference(argv: list[str]) -> int:
+    from lrkit.reference import cli
+
+    return cli(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a concept from photos (YAML config + overrides) and write its bundle"),
     "export": (_export, "write a concept bundle from a training checkpoint"),
+    "reference": (_reference, "write a reference concept: a subject's photos, no training (dual-reference, retouch)"),
     "generate": (_generate, "generate images of a concept (vanilla | personalized | layout | layout-retouch | dual-reference)"),
     "run": (_run, "photos -> concept -> layout-retouch images + contact sheet, in one job"),
     "demo": (_demo, "toy subject photos -> LoRA concept -> layout-retouch grid, offline on a CPU in minutes"),

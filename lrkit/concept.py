@@ -32,7 +32,8 @@ SCHEMA = "lrkit.concept/1"
 MANIFEST = "concept.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDDINGS = "learned_embeds.safetensors"
-METHODS = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em")
+METHODS = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em", "reference")
+# "reference": photos and a class word, no weights (`lrkit.reference`); its token IS the class word.
 
 
 class ConceptError(ValueError):
@@ -97,7 +98,9 @@ class Concept:
         return self.tokens[0].token
 
     def subject_phrase(self) -> str:
-        """`<token> <class>`, the phrase prompts use for the subject."""
+        """`<token> <class>`, the phrase prompts use for the subject (a reference concept's: its class word)."""
+        if self.method == "reference":
+            return self.token
         return f"{self.token} {self.class_word}".strip()
 
     def for_token(self, token: str) -> "Concept":
