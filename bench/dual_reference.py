@@ -59,6 +59,8 @@ METHODS = {  # name -> GenerationOptions overrides (None: the plain concept)
     "customize-only": {"stylize": False},
     "stylize-only": {"customize": False},
     "dual-reference, style_weight 10": {"style_weight": 10.0},
+    "dual-reference, style_shift 0.5": {"style_shift": 0.5},
+    "dual-reference, style_shift 1": {"style_shift": 1.0},
 }
 
 
@@ -155,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-dual-reference"),
                         help="concepts, inversion cache and images")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--segmenter", choices=("toy", "none"), default="toy",
+                        help="toy: the toy world's exact segmenter plays SAM (target masks from the switch step on, "
+                             "as with sam_checkpoint); none: cross-attention masks only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "dual_reference.json"))
     args = parser.parse_args(argv)
     command = start_run("dual_reference.py", args.threads, argv)
@@ -175,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     style_colors = scorers.color_scores(style, ~content_mask)  # the brick wall alone
     style_color = max(style_colors, key=style_colors.get)  # the named colour nearest to the brick palette
     pipeline = LayoutRetouchPipeline.from_concept(args.base, bundle, cache_dir=work / "cache")
+    if args.segmenter == "toy":
+        from quality import ToySegmenter
+
+        pipeline.segmenter = ToySegmenter()
     prompts = [p.format(pipeline.concept.subject_phrase()) for p, _ in PROMPTS]
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     with PIL.Image.open(pipeline.reference_photo(0)) as photo:
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                       "switch_fraction": switch, "switch_step": GenerationOptions(
                           num_inference_steps=args.steps).step_index(switch),
                       "steps": args.steps, "guidance": args.guidance, "seeds": args.seeds,
-                      "train_steps": args.train_steps, "concept": str(bundle),
+                      "train_steps": args.train_steps, "concept": str(bundle), "segmenter": args.segmenter,
                       "prompts": [p for p, _ in PROMPTS]},
                seconds=timings, summary=summary, images=records)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lrkit.attention import AttentionCache, AttentionLayerError, DualReferenceProcessor, DualReferenceState
 from lrkit.inference import GenerationOptions, InferenceError, LayoutRetouchPipeline
-from lrkit.inference.dual_reference import entropy_switch, image_entropy, phase_at, switch_step
+from lrkit.inference.dual_reference import entropy_switch, image_entropy, phase_at, shift_to_style, switch_step
 from test_layout_retouch import PROMPT, ROOT, STEPS, as_np, make_bundle, stock_image
 
 # ---------------------------------------------------------------------------- the entropy switch
@@ -66,6 +66,32 @@ def test_phases_over_the_steps():
     assert [phase_at(i, 3, no_style) for i in range(5)] == ["off", "customize", "customize", "off", "off"]
     no_custom = GenerationOptions(mode="dual-reference", style_reference="s.png", customize=False)
     assert [phase_at(i, 3, no_custom) for i in range(5)] == ["off", "off", "off", "stylize", "stylize"]
+
+
+# ---------------------------------------------------------------------------- the style shift
+
+
+def test_style_shift_moves_the_subjects_channel_means_to_the_styles():
+    g = torch.Generator().manual_seed(0)
+    latents, style = torch.randn(3, 4, 8, 8, generator=g), torch.randn(4, 8, 8, generator=g) + 2.0
+    masks = torch.zeros(3, 8, 8)
+    masks[0, 2:6, 1:4] = 1
+    masks[1, :, 5:] = 1  # row 2: no subject
+    region = torch.zeros(8, 8)
+    region[:4] = 1
+    mu_s = style[:, :4].reshape(4, -1).mean(-1)
+    full = shift_to_style(latents, masks, style, region, 1.0)
+    half = shift_to_style(latents, masks, style, region, 0.5)
+    for b in range(2):
+        m = masks[b] > 0
+        torch.testing.assert_close(full[b][:, m].mean(-1), mu_s)
+        torch.testing.assert_close(half[b][:, m].mean(-1), (latents[b][:, m].mean(-1) + mu_s) / 2)
+        torch.testing.assert_close(full[b][:, ~m], latents[b][:, ~m], rtol=0, atol=0)  # outside: untouched
+        # a shift, not a rescale: the subject's own texture (deviations from its mean) is kept
+        torch.testing.assert_close(full[b][:, m] - full[b][:, m].mean(-1, keepdim=True),
+                                   latents[b][:, m] - latents[b][:, m].mean(-1, keepdim=True))
+    torch.testing.assert_close(full[2], latents[2], rtol=0, atol=0)
+    torch.testing.assert_close(shift_to_style(latents, masks, style, torch.zeros(8, 8), 1.0), latents, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- the processors
@@ -267,6 +293,52 @@ def test_style_phase_touches_only_the_subject(pipes, style_png, monkeypatch):
     assert not np.asarray(late.mask).any()
     early = as_np(dual(pipe, prompt, style_png, stylize=False, switch=1.0)[0].image)
     assert np.abs(early - plain).mean() > 1e-3
+
+
+def test_style_shift_in_the_loop_gives_the_subject_the_styles_latent_means(pipes, style_png):
+    from lrkit.inference.dual_reference import denoise_dual_reference
+
+    pipe, prompt = pipes["lora"], PROMPT["lora"]
+    options = GenerationOptions(num_inference_steps=STEPS, mode="dual-reference", style_reference=style_png,
+                                style_subject="square", switch=0.5, style_shift=1.0)
+    result = denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)], options, 64, 64)
+    m, region = result.shift_masks[0] > 0.5, result.style.mask < 0.5
+    assert m.any() and region.any() and not region.all()
+    mu_style = result.style.trajectory[STEPS][0][:, region].mean(-1)  # the clean style latents' background
+    torch.testing.assert_close(result.latents[0][:, m].mean(-1), mu_style, rtol=1e-4, atol=1e-4)
+    plain = denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)],
+                                   GenerationOptions(**{**options.__dict__, "style_shift": 0.0}), 64, 64)
+    assert (plain.latents[0][:, m].mean(-1) - mu_style).abs().max() > 1e-2
+    with pytest.raises(InferenceError, match="style_shift must be in"):
+        GenerationOptions(mode="dual-reference", style_shift=1.5)
+    with pytest.raises(InferenceError, match="style_shift is an option of mode 'dual-reference'"):
+        GenerationOptions(mode="personalized", style_shift=0.5)
+
+
+def test_a_segmenter_gives_the_target_mask_from_the_switch_step(pipes, style_png, monkeypatch):
+    from lrkit.inference.dual_reference import denoise_dual_reference
+
+    pipe, prompt = pipes["lora"], PROMPT["lora"]
+    calls = []
+
+    def left_half(image, box):  # a stand-in for SAM: the left half of the picture, whatever the box
+        calls.append((image.size, tuple(box)))
+        mask = torch.zeros(image.size[1], image.size[0], dtype=torch.bool)
+        mask[:, : image.size[0] // 2] = True
+        return mask
+
+    options = GenerationOptions(num_inference_steps=STEPS, mode="dual-reference", style_reference=style_png,
+                                switch=0.5, alpha=1.0, style_shift=0.5)
+    assert pipe.segmenter is None  # so the reference's mask is stored by the attention segmenter, not the stand-in
+    denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)], options, 64, 64)
+    monkeypatch.setattr(pipe, "segmenter", left_half)
+    result = denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)] * 2, options, 64, 64)
+    assert [size for size, _ in calls] == [(64, 64), (64, 64)]  # once per row, on the decoded x0 at the switch
+    h, w = result.masks.shape[-2:]
+    expected = torch.zeros(h, w)
+    expected[:, : w // 2] = 1
+    for masks in (result.masks, result.shift_masks):
+        torch.testing.assert_close(masks.cpu(), expected.expand(2, h, w), rtol=0, atol=0)
 
 
 def test_default_switch_is_the_entropy_rule(pipes, style_png):

@@ -35,6 +35,13 @@ steps, a busier style more style steps; the clamp (default [0.2, 0.8]) keeps bot
 `switch` option overrides it. The target mask M at step i is the min-max-normalised
 cross-attention of the subject token in X's conditional row at step i − 1, thresholded at `tau`
 (`lrkit.masks.blend_target_mask` with alpha = 0); step 0 has no map yet and runs without control.
+With a segmenter (SAM, `sam_checkpoint`), from the switch step on M is the retouch stage's blend
+[alpha · M_SAM + (1 − alpha) · A >= tau], M_SAM segmenting the image predicted at the switch step
+(x̂0 of step s − 1, decoded) inside the box of its subject's cross-attention.
+
+`style_shift` (lrkit's addition, 0 = off = the paper's method): in the style phase, after each step,
+the channel means of the subject's latents (inside M of the switch step) move that fraction of the
+way to the style background's latent means at the same noise level (`shift_to_style`).
 Reference masks come from the retouch stage's segmenters: the concept's stored/computed reference
 mask, and for other images the phrase's cross-attention box prompting SAM, or the thresholded map
 (`AttentionSegmenter`) without SAM. A style image without `style_subject` has no foreground: all
@@ -229,6 +236,36 @@ def reference_kv(pipeline, references: list[Reference], layers, steps: int) -> l
 # ---------------------------------------------------------------------------- the loop
 
 
+def segment_predictions(pipeline, x0: torch.Tensor, attn: torch.Tensor, height: int, width: int) -> list:
+    """The segmenter's subject mask of each row's predicted clean image x0 (B, C, h, w), prompted with the box of
+    its subject cross-attention `attn` (B, h, w): the retouch stage's M_SAM, read where the style phase starts."""
+    from lrkit.masks import box_from_attention, minmax
+
+    images = pipeline._decode(x0, None)
+    return [pipeline.segmenter(image, box_from_attention(minmax(attn[b]), (width, height)))
+            for b, image in enumerate(images)]
+
+
+def shift_to_style(latents: torch.Tensor, target_masks: torch.Tensor, style_latents: torch.Tensor,
+                   style_region: torch.Tensor, strength: float) -> torch.Tensor:
+    """`style_shift`: inside each target mask, add strength * (μ_S − μ_X) per channel, where μ_X is the mean of
+    that row's latents over its mask and μ_S the mean of `style_latents` (C, h, w) over `style_region` (h, w),
+    both at the same noise level. Rows with an empty mask, or an empty style region, are left as they are.
+    With strength 1 the subject's channel means become the style region's."""
+    region = style_region > 0.5
+    if not region.any():
+        return latents
+    mu_s = style_latents[:, region].mean(-1).to(latents.dtype)  # (C,)
+    out = latents.clone()
+    for b in range(latents.shape[0]):
+        m = target_masks[b] > 0.5
+        if m.any():
+            mu_x = latents[b][:, m].mean(-1)
+            out[b][:, m] += (strength * (mu_s - mu_x))[:, None]
+    return out
+
+
+
 @dataclass
 class DualResult:
     latents: torch.Tensor  # (B, C, h, w) final
@@ -236,6 +273,7 @@ class DualResult:
     custom: Reference
     style: Reference
     switch: int  # first step of the style phase
+    shift_masks: torch.Tensor | None = None  # (B, h, w) the subject masks style_shift used (those of step `switch`)
 
 
 @torch.no_grad()
@@ -266,11 +304,16 @@ def denoise_dual_reference(pipeline, prompt: str, generators, options, height: i
     chosen = pipeline._store_processors(store, grid)
     chosen.update({l.name: DualReferenceProcessor(state, grid[0] / grid[1], l.name) for l in layers})
     masks = torch.zeros(batch, *grid, device=pipeline.device)
+    shift_masks = None  # style_shift: the subject masks of the first style step
     attn = None
+    sam: list = [None] * batch  # the segmenter's masks of the predicted image at the switch step
+    x0 = None
     with processors(pipe.unet, chosen):
         for i, t in enumerate(pipe.scheduler.timesteps):
-            if attn is not None:  # M from the previous call's subject map
-                masks = torch.stack([blend_target_mask(attn[b], None, 0.0, options.tau)
+            if attn is not None:  # M from the previous call's subject map (and, from the switch on, the segmenter's)
+                if i == switch and pipeline.segmenter is not None:
+                    sam = segment_predictions(pipeline, x0, attn, height, width)
+                masks = torch.stack([blend_target_mask(attn[b], sam[b], options.alpha, options.tau)
                                      for b in range(batch)]).to(pipeline.device)
             state.set_target(torch.cat([masks, masks]))
             state.set_phase(phase_at(i, switch, options))
@@ -278,11 +321,17 @@ def denoise_dual_reference(pipeline, prompt: str, generators, options, height: i
             latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
             noise = pipe.unet(latent_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
             uncond, cond = noise.chunk(2)
-            latents = pipe.scheduler.step(uncond + options.guidance_scale * (cond - uncond), t, latents, **extra,
-                                          return_dict=False)[0]
+            stepped = pipe.scheduler.step(uncond + options.guidance_scale * (cond - uncond), t, latents, **extra)
+            latents, x0 = stepped.prev_sample, stepped.pred_original_sample
+            if state.phase == "stylize" and options.style_shift > 0:
+                # The subject region is fixed where the style phase starts: re-reading it every step lets the
+                # recoloured pixels move the attention map and the shift wander over the background.
+                shift_masks = masks if shift_masks is None else shift_masks
+                latents = shift_to_style(latents, shift_masks, style.trajectory[i + 1][0], 1.0 - style.mask,
+                                         options.style_shift)
             attn = store.take()
-    return DualResult(latents=latents, masks=masks, custom=custom, style=style, switch=switch)
+    return DualResult(latents=latents, masks=masks, custom=custom, style=style, switch=switch, shift_masks=shift_masks)
 
 
 __all__ = ["DualResult", "Reference", "custom_reference", "denoise_dual_reference", "entropy_switch", "image_entropy",
-           "phase_at", "reference_kv", "style_reference", "switch_step"]
+           "phase_at", "reference_kv", "segment_predictions", "shift_to_style", "style_reference", "switch_step"]

@@ -108,6 +108,11 @@ class GenerationOptions:
     style_weight: float = 1.0
     """Dual-reference: multiplies the attention weight of the style reference's tokens (1: plain concatenation; large:
     the subject's queries are rebuilt from the style image's background alone)."""
+    style_shift: float = 0.0
+    """Dual-reference, lrkit's addition to DRP-Diff (0: off, the paper's method): in the style phase, after each
+    step, move the per-channel mean of the target's subject latents this fraction of the way to the mean of
+    the style image's background latents at the same noise level (1: equal means). Self-attention alone
+    may not recolour a subject whose colour the text and adapters fix; this carries the style's palette."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -140,11 +145,15 @@ class GenerationOptions:
         if self.mode != "dual-reference":
             given = [name for name in ("style_reference", "style_subject", "custom_reference", "switch")
                      if getattr(self, name) is not None]
+            given += ["style_shift"] if self.style_shift else []
             if given:
                 raise InferenceError(f"{given[0]} is an option of mode 'dual-reference' (mode is {self.mode!r}); "
                                      "set mode: dual-reference or leave it unset")
         if self.switch is not None and not 0.0 <= self.switch <= 1.0:
             raise InferenceError(f"switch must be in [0, 1] (a fraction of the steps), got {self.switch}")
+        if not 0.0 <= self.style_shift <= 1.0:
+            raise InferenceError(f"style_shift must be in [0, 1] (0: off, 1: the style's latent means), got "
+                                 f"{self.style_shift}")
         if not (self.custom_weight > 0 and self.style_weight > 0):
             raise InferenceError(f"custom_weight and style_weight must be > 0, got custom_weight={self.custom_weight}, "
                                  f"style_weight={self.style_weight}")
