@@ -268,6 +268,10 @@ def load_base(
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
     builtin = _parse_builtin(name)
+    # Unset, every component loads as float32 (diffusers' default). Passed explicitly because transformers 5
+    # otherwise keeps the text encoder in its stored dtype ("auto"): an fp16-saved folder would give an fp16
+    # text encoder beside a float32 UNet, and generation fails on mismatched dtypes.
+    load_dtype = torch_dtype or torch.float32
     is_single_file = builtin is None and Path(name).suffix.lower() in SINGLE_FILE_SUFFIXES
     if config is not None and not is_single_file:
         raise BaseModelError(
@@ -298,7 +302,7 @@ def load_base(
             try:
                 pipe = StableDiffusionPipeline.from_single_file(
                     str(path), config=str(config_dir) if config_dir is not None else None,
-                    torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+                    torch_dtype=load_dtype, safety_checker=None, requires_safety_checker=False,
                 )
             except (OSError, ConnectionError) as err:
                 if config_dir is not None:
@@ -308,7 +312,7 @@ def load_base(
         elif path.is_dir():
             _require_pipeline_folder(path, "base model folder")
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+                str(path), torch_dtype=load_dtype, safety_checker=None, requires_safety_checker=False,
                 use_safetensors=True,
             )
             base_id = str(path.resolve())
@@ -317,7 +321,7 @@ def load_base(
         else:
             try:
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    name, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+                    name, torch_dtype=load_dtype, safety_checker=None, requires_safety_checker=False,
                     use_safetensors=True,
                 )
             except (OSError, ValueError, ConnectionError) as err:

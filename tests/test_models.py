@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,19 @@ def test_local_diffusers_folder_gives_the_same_pipeline(saved):
     torch.testing.assert_close(images(loaded), images(pipe), rtol=0, atol=1e-6)
     assert fingerprint(loaded).matches(fingerprint(pipe))
     assert fingerprint(loaded).id == str(folder.resolve())
+
+
+def test_fp16_folder_loads_as_float32_unless_a_dtype_is_given(tmp_path):
+    pipe = load_base("tiny-random")
+    folder = tmp_path / "fp16"
+    pipe.to(dtype=torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    loaded = load_base(folder)  # every component float32, the text encoder too (transformers 5 keeps "auto")
+    assert {getattr(loaded, n).dtype for n in ("unet", "vae", "text_encoder")} == {torch.float32}
+    out = loaded("a photo", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(out).all()
+    half = load_base(folder, dtype="fp16")
+    assert {getattr(half, n).dtype for n in ("unet", "vae", "text_encoder")} == {torch.float16}
 
 
 # ----------------------------------------------------------------------------------- single file
