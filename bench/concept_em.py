@@ -59,11 +59,24 @@ def train(base: str, photos: Path, out: Path, args, *, update_masks: bool) -> Pa
                         steps_per_round=args.steps_per_round, update_masks=update_masks,
                         attention_timesteps=args.timesteps, attention_levels=args.levels,
                         attention_loss_weight=args.attention_loss_weight, convergence_iou=args.convergence_iou,
-                        train_lora=args.lora),
+                        train_lora=args.lora, **extra_options(args.em)),
         optim=dict(embedding_lr=args.embedding_lr, lr=1e-3), max_steps=args.steps, accelerator="cpu",
         precision="32", log_every_n_steps=10, checkpoint_every_n_epochs=10**6,
     )
     return train_concept(config)
+
+
+def extra_options(pairs: list[str]) -> dict:
+    """`--em KEY=VALUE ...` -> {KEY: VALUE parsed as YAML} (true, 0.5, joint, ...)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--em: expected KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def rounds_iou(out: Path, truth: list[torch.Tensor], tokens: list[str]) -> list[dict]:
@@ -155,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--convergence-iou", type=float, default=0.95)
     parser.add_argument("--embedding-lr", type=float, default=5e-3)
     parser.add_argument("--lora", action="store_true", help="train LoRA with the tokens")
+    parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="further concept_em options, e.g. estep_captions=joint relative_maps=true (YAML values)")
     parser.add_argument("--samples", type=int, default=16, help="generations scored")
     parser.add_argument("--gen-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=6.0)
@@ -198,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                setup=dict(base=args.base, subjects=args.subjects, initializers=args.initializers, scene=args.scene,
                           resolution=args.resolution, steps=args.steps, steps_per_round=args.steps_per_round,
                           attention_timesteps=args.timesteps, attention_levels=args.levels,
-                          attention_loss_weight=args.attention_loss_weight, lora=args.lora, seed=args.seed),
+                          attention_loss_weight=args.attention_loss_weight, lora=args.lora, seed=args.seed,
+                          options=extra_options(args.em)),
                acceptance=dict(mask_iou_target=0.7, both_subjects_target=0.5),
                results=results)
     print(f"wrote {args.out}")
