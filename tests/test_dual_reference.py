@@ -402,5 +402,10 @@ def test_cli_generates_dual_reference(bundles, style_png, tmp_path, capsys):
     assert main(args + ["--options.style_reference", style_png, "--intermediates", "true"]) == 0
     assert Image.open(out / "p000_s0.png").size == (64, 64)
     assert (out / "p000_s0_mask.png").is_file()
+    style = np.asarray(Image.open(out / "p000_s0_style.png").convert("RGB"))
+    np.testing.assert_array_equal(style, np.asarray(Image.open(style_png).convert("RGB").resize((64, 64))))
+    grid = np.asarray(Image.open(out / "p000_s0_grid.png").convert("RGB"))
+    assert grid.shape == (64, 4 * 64, 3)
+    np.testing.assert_array_equal(grid[:, 64:128], style)  # reference | style | mask | result
     assert main(args) == 1
     assert "--options.style_reference" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from lrkit.io import atomic_write_bytes
 
 
 def image_path(out_dir: str | Path, prompt_index: int, seed: int, kind: str = "") -> Path:
-    """`p{prompt:03d}_s{seed}.png`, or with a suffix: `_layout`, `_mask`, `_grid`."""
+    """`p{prompt:03d}_s{seed}.png`, or with a suffix: `_layout`, `_mask`, `_style`, `_grid`."""
     suffix = f"_{kind}" if kind else ""
     return Path(out_dir) / f"p{prompt_index:03d}_s{seed}{suffix}.png"
 
@@ -24,9 +24,10 @@ def save_png(image: Image.Image, path: Path) -> Path:
 
 
 def comparison_row(gen: Generation) -> Image.Image:
-    """reference | layout | mask | result, each at the result's size."""
+    """reference | layout (dual-reference: the style image) | mask | result, each at the result's size."""
     size = gen.image.size
-    tiles = [gen.reference, gen.layout, gen.mask.convert("RGB") if gen.mask is not None else None, gen.image]
+    middle = gen.style if gen.style is not None else gen.layout
+    tiles = [gen.reference, middle, gen.mask.convert("RGB") if gen.mask is not None else None, gen.image]
     row = Image.new("RGB", (size[0] * len(tiles), size[1]), "white")
     for i, tile in enumerate(tiles):
         if tile is not None:
@@ -42,6 +43,8 @@ def save_generation(gen: Generation, out_dir: str | Path, *, intermediates: bool
             paths.append(save_png(gen.layout, image_path(out_dir, gen.prompt_index, gen.seed, "layout")))
         if gen.mask is not None:
             paths.append(save_png(gen.mask, image_path(out_dir, gen.prompt_index, gen.seed, "mask")))
+        if gen.style is not None:
+            paths.append(save_png(gen.style, image_path(out_dir, gen.prompt_index, gen.seed, "style")))
         paths.append(save_png(comparison_row(gen), image_path(out_dir, gen.prompt_index, gen.seed, "grid")))
     return paths
 
