@@ -16,6 +16,7 @@ on its own connected object region; the relaxed count asks only for each subject
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
@@ -51,6 +52,8 @@ def train(base: str, photos: Path, out: Path, args, *, update_masks: bool) -> Pa
 
     concepts = [dict(token=f"<v{i + 1}>", initializer=init, class_word=cls)
                 for i, (init, cls) in enumerate(zip(args.initializers, args.class_words))]
+    if args.background:  # DESIGN §6.3's "[v3] background": a token that competes for the scene's pixels
+        concepts.append(dict(token=BACKGROUND_TOKEN, initializer=args.background, class_word="background"))
     config = dict(
         base=base, method="concept_em", output_dir=str(out), overwrite=True, resume=None, seed=args.seed,
         data=dict(photos=str(photos), resolution=args.resolution, repeats=1, random_flip=0.0,
@@ -79,6 +82,9 @@ def extra_options(pairs: list[str]) -> dict:
     return out
 
 
+BACKGROUND_TOKEN = "<bg>"
+
+
 def rounds_iou(out: Path, truth: list[torch.Tensor], tokens: list[str]) -> list[dict]:
     """Per EM round: step, IoU of each token's mask with the ground truth (from OUTPUT_DIR/em)."""
     import json
@@ -94,7 +100,8 @@ def rounds_iou(out: Path, truth: list[torch.Tensor], tokens: list[str]) -> list[
         for t, gt in zip(tokens, truth):
             mask = load_mask_png(folder / f"img00-{_safe(t)}.png")
             ious[t] = round(mask_iou(resize_map(mask.float(), tuple(gt.shape)) >= 0.5, gt), 4)
-        rows.append(dict(round=r["round"], step=r["step"], iou=ious, mean_iou=round(float(np.mean(list(ious.values()))), 4),
+        subjects = [v for t, v in ious.items() if t != BACKGROUND_TOKEN]  # the mean is over the subjects
+        rows.append(dict(round=r["round"], step=r["step"], iou=ious, mean_iou=round(float(np.mean(subjects)), 4),
                          iou_with_previous_round=r.get("min_iou_change")))
     return rows
 
@@ -168,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--convergence-iou", type=float, default=0.95)
     parser.add_argument("--embedding-lr", type=float, default=5e-3)
     parser.add_argument("--lora", action="store_true", help="train LoRA with the tokens")
+    parser.add_argument("--background", default=None, metavar="WORD",
+                        help=f"add a background concept {BACKGROUND_TOKEN} initialised from WORD (e.g. beach)")
     parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further concept_em options, e.g. estep_captions=joint relative_maps=true (YAML values)")
     parser.add_argument("--samples", type=int, default=16, help="generations scored")
@@ -175,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the runs here (masks per round under <work>/em/em/round*/); default: a temp folder")
     parser.add_argument("--save-images", type=Path, default=None, help="folder for the generated images")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "concept_em.json")
     args = parser.parse_args(argv)
@@ -187,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info("cpu", watched_paths=["lrkit", "bench/concept_em.py"])
     started = time.perf_counter()
     sample = scene_image(tuple(args.subjects), args.scene, args.resolution)
-    tokens = ["<v1>", "<v2>"]
+    tokens = ["<v1>", "<v2>"] + ([BACKGROUND_TOKEN] if args.background else [])
     results = {}
-    with tempfile.TemporaryDirectory(prefix="lrkit-bench-em-") as tmp:
+    work = contextlib.nullcontext(str(args.work)) if args.work else tempfile.TemporaryDirectory(prefix="lrkit-bench-em-")
+    with work as tmp:
         photos = Path(tmp) / "photos"
-        photos.mkdir()
+        photos.mkdir(parents=True, exist_ok=True)
         sample.image.save(photos / "scene.png")
         for name, update in (("em", True), ("baseline_fixed_masks", False)):
             t0 = time.perf_counter()
@@ -201,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
             grid = tuple(load_mask_png(out / "em" / "round00" / "img00-v1.png").shape)  # latent resolution
             truth = latent_truth(sample.masks, grid)
+            if args.background:
+                truth.append(~(truth[0] | truth[1]))
             rows = rounds_iou(out, truth, tokens)
             results[name] = dict(rounds=rows, final_iou=rows[-1]["iou"], final_mean_iou=rows[-1]["mean_iou"],
                                  train_seconds=round(time.perf_counter() - t0, 1))
@@ -214,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                           resolution=args.resolution, steps=args.steps, steps_per_round=args.steps_per_round,
                           attention_timesteps=args.timesteps, attention_levels=args.levels,
                           attention_loss_weight=args.attention_loss_weight, lora=args.lora, seed=args.seed,
+                          background=args.background,
                           options=extra_options(args.em)),
                acceptance=dict(mask_iou_target=0.7, both_subjects_target=0.5),
                results=results)
