@@ -261,6 +261,8 @@ def load_base(
     configs (and tokenizer/scheduler) describe the checkpoint, passed to diffusers'
     `from_single_file(..., config=...)`; its weights are not used. Without it diffusers fetches
     the default configs from the Hub, which fails offline.
+    `dtype` ("fp32", "fp16", "bf16" or a torch dtype) applies to every component; unset, they load as
+    float32 whatever the stored weights are.
     The base fingerprint is computed here, once, and cached for the pipeline's UNet.
     """
     from diffusers import StableDiffusionPipeline
