@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-dual-reference"),
                         help="concepts, inversion cache and images")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="weight of the segmenter's mask against cross-attention in the target mask (GenerationOptions.alpha)")
     parser.add_argument("--segmenter", choices=("toy", "none"), default="toy",
                         help="toy: the toy world's exact segmenter plays SAM (target masks from the switch step on, "
                              "as with sam_checkpoint); none: cross-attention masks only")
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipeline.segmenter = ToySegmenter()
     prompts = [p.format(pipeline.concept.subject_phrase()) for p, _ in PROMPTS]
-    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, alpha=args.alpha)
     with PIL.Image.open(pipeline.reference_photo(0)) as photo:
         custom = center_square(photo.convert("RGB"), 64)  # what the customization reference's entropy is read from
     h_c, h_s = image_entropy(custom), image_entropy(style)
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                           num_inference_steps=args.steps).step_index(switch),
                       "steps": args.steps, "guidance": args.guidance, "seeds": args.seeds,
                       "train_steps": args.train_steps, "concept": str(bundle), "segmenter": args.segmenter,
+                      "alpha": args.alpha,
                       "prompts": [p for p, _ in PROMPTS]},
                seconds=timings, summary=summary, images=records)
 
