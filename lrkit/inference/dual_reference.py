@@ -265,7 +265,6 @@ def shift_to_style(latents: torch.Tensor, target_masks: torch.Tensor, style_late
     return out
 
 
-
 @dataclass
 class DualResult:
     latents: torch.Tensor  # (B, C, h, w) final

@@ -22,7 +22,7 @@ from PIL import Image
 from lrkit.attention import (AttentionCache, AttentionStore, AttentionStoreProcessor, MultiSourceSwapProcessor,
                              RecordingProcessor, SwapState, attention_layers, cross_layers_at, decoder_self_layers,
                              processors)
-from lrkit.concept import Concept, ConceptError
+from lrkit.concept import Concept
 from lrkit.models import load_base
 
 logger = logging.getLogger(__name__)

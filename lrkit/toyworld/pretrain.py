@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lrkit.toyworld.render import sample
-from lrkit.toyworld.world import COLORS, SCENE_NAMES, ObjectSpec, caption, compatible_colors
+from lrkit.toyworld.world import SCENE_NAMES, ObjectSpec, caption, compatible_colors
 
 logger = logging.getLogger(__name__)
 
