@@ -106,20 +106,10 @@ def rounds_iou(out: Path, truth: list[torch.Tensor], tokens: list[str]) -> list[
     return rows
 
 
-def object_regions(image, min_pixels: int) -> list[np.ndarray]:
-    """Connected regions of pixels far from the (classified) scene's background model, largest first."""
-    from lrkit.toyworld import scorers
-
-    scene, _ = scorers.classify_scene(image)
-    fg = scorers.background_distance(image, scene, details=False) > scorers.OBJECT_FLOOR
-    labels, n = scorers._components(fg)
-    regions = [labels == k for k in range(1, n + 1)]
-    return sorted([r for r in regions if r.sum() >= min_pixels], key=lambda r: -int(r.sum()))
-
-
 def both_subjects(image, subjects) -> tuple[bool, bool]:
     """(both found by identity on distinct regions, both found by colour on distinct regions)."""
     from lrkit.toyworld import IDENTITY_THRESHOLD, object_color, subject_identity
+    from lrkit.toyworld.scorers import object_regions
 
     regions = object_regions(image, min_pixels=20)[:4]
     ident = [[subject_identity(image, s, r) >= IDENTITY_THRESHOLD for r in regions] for s in subjects]

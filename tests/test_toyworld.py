@@ -402,3 +402,46 @@ def test_score_image_reports_the_subject_scene_and_placement():
     empty = render(random_scene(np.random.default_rng(3), "desert"), [], 64)
     record = score_image(empty.image, sub, "desert")
     assert record["center"] is None and record["identity"] == 0.0 and record["scene_ok"]
+
+
+def test_objects_found_on_two_object_ground_truth():
+    from lrkit.toyworld.scorers import object_regions, objects_found
+
+    hits = {"regions": 0, "colours": 0, "classes": 0}
+    false_colours, ious = 0, []
+    for seed in range(2000, 2040):
+        s = sample(seed, num_objects=2)
+        for key, ok in objects_found(s.image, [(o.cls, o.color) for o in s.objects]).items():
+            hits[key] += ok
+        swapped = [(o.cls, "black" if o.color != "black" else "white") for o in s.objects]  # colours not drawn
+        false_colours += objects_found(s.image, swapped)["colours"]
+        regions = object_regions(s.image)
+        ious += [max(_iou(r, gt) for r in regions) for gt in s.masks]
+    assert hits["regions"] == hits["colours"] == 40 and hits["classes"] >= 38, hits
+    assert false_colours == 0
+    assert np.mean(ious) >= 0.85 and min(ious) >= 0.7
+
+
+def test_two_object_fidelity_of_a_perfect_and_a_blank_model():
+    from types import SimpleNamespace
+
+    from lrkit.toyworld import ObjectSpec, SceneSpec, render, scene_of
+    from lrkit.toyworld.pretrain import measure_two_object_fidelity, two_object_prompts
+
+    items = two_object_prompts(6, seed=1)
+    assert items == two_object_prompts(6, seed=1) and items != two_object_prompts(6, seed=2)
+    for prompt, ((cls_a, col_a), (cls_b, col_b)) in items:
+        assert cls_a != cls_b and col_a != col_b and f"{col_a} {cls_a}" in prompt and f"{col_b} {cls_b}" in prompt
+
+    def model(draw: bool):
+        def pipe(prompt, **kwargs):
+            wanted = dict(items)[prompt]
+            objects = [ObjectSpec(cls=k, color=c, scale=0.4, cx=x, cy=0.6) for (k, c), x in zip(wanted, (0.27, 0.73))]
+            return SimpleNamespace(images=[render(SceneSpec(scene_of(prompt) or "studio"), objects if draw else [],
+                                                  64).image])
+        return pipe
+
+    perfect = measure_two_object_fidelity(model(True), n=6, seed=1)
+    assert (perfect["two_regions"], perfect["two_colours"], perfect["two_classes"]) == (1.0, 1.0, 1.0)
+    blank = measure_two_object_fidelity(model(False), n=6, seed=1)
+    assert (blank["two_regions"], blank["two_colours"], blank["two_classes"]) == (0.0, 0.0, 0.0)

@@ -682,6 +682,37 @@ def measure_fidelity(pipe, n: int = 56, seed: int = 0, steps: int = 25, guidance
             **{f"{k}_accuracy": v / n for k, v in hits.items()}, "samples": rows}
 
 
+def two_object_prompts(n: int, seed: int = 0) -> list[tuple[str, list[tuple[str, str]]]]:
+    """`n` (prompt, [(class, colour), (class, colour)]): two objects of distinct classes and colours that the
+    scene allows, "a photo of a red ball and a blue cube on the beach"."""
+    from lrkit.toyworld.world import CLASSES
+
+    rng = np.random.default_rng([seed, 2])
+    out = []
+    for _ in range(n):
+        scene = SCENE_NAMES[int(rng.integers(len(SCENE_NAMES)))]
+        colours = [str(c) for c in rng.choice(compatible_colors(scene), 2, replace=False)]
+        classes = [str(c) for c in rng.choice(CLASSES, 2, replace=False)]
+        wanted = list(zip(classes, colours))
+        out.append((caption(scene, [ObjectSpec(cls=k, color=c) for k, c in wanted], 0), wanted))
+    return out
+
+
+@torch.no_grad()
+def measure_two_object_fidelity(pipe, n: int = 24, seed: int = 0, steps: int = 25, guidance: float = 6.0) -> dict:
+    """Generate `n` two-object prompts (`two_object_prompts`), one seed each, and count how often the picture holds
+    two object regions, both prompted colours, both prompted classes (`lrkit.toyworld.scorers.objects_found`)."""
+    from lrkit.toyworld.scorers import objects_found
+
+    hits = {"regions": 0, "colours": 0, "classes": 0}
+    for k, (prompt, wanted) in enumerate(two_object_prompts(n, seed)):
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=TOY_RESOLUTION,
+                     width=TOY_RESOLUTION, generator=torch.Generator().manual_seed(seed * 100_000 + k)).images[0]
+        for key, ok in objects_found(image, wanted).items():
+            hits[key] += ok
+    return {"n": n, "steps": steps, "guidance": guidance, **{f"two_{k}": v / n for k, v in hits.items()}}
+
+
 __all__ = [
     "PretrainConfig",
     "TOY_TEXT_CONFIG",
@@ -692,5 +723,7 @@ __all__ = [
     "export_pipeline",
     "fidelity_prompts",
     "measure_fidelity",
+    "measure_two_object_fidelity",
     "pretrain",
+    "two_object_prompts",
 ]

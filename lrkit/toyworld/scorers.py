@@ -236,6 +236,35 @@ def segment_object(image: ImageLike, scene: str | None = None) -> np.ndarray:
     return largest_component((d_obj < d_near) & (d_bg > OBJECT_FLOOR))
 
 
+def object_regions(image: ImageLike, min_pixels: int = 20, scene: str | None = None) -> list[np.ndarray]:
+    """Bool (H, W) masks of the separate objects, largest first: the connected regions of pixels far from
+    the scene's background model (`scene` defaults to `classify_scene`'s answer), of at least `min_pixels`."""
+    p = _pixels(image)
+    scene = scene or classify_scene(p)[0]
+    labels, n = _components(background_distance(p, scene, details=False) > OBJECT_FLOOR)
+    regions = [labels == k for k in range(1, n + 1)]
+    return sorted([r for r in regions if r.sum() >= min_pixels], key=lambda r: -int(r.sum()))
+
+
+def objects_found(image: ImageLike, wanted: list[tuple[str, str]], max_regions: int = 4) -> dict[str, bool]:
+    """Whether every (class, colour) in `wanted` is drawn, each on a region of its own.
+
+    `regions`: at least len(wanted) object regions; `colours` / `classes`: the wanted colours / classes
+    can be matched to distinct regions (`object_color`, `classify_object` per region)."""
+    from itertools import permutations
+
+    regions = object_regions(image)[:max_regions]
+    colours = [object_color(image, r) for r in regions]
+    classes = [classify_object(image, r)[0] for r in regions]
+
+    def matched(found: list, keys: list) -> bool:
+        return any(all(found[i] == k for i, k in zip(order, keys))
+                   for order in permutations(range(len(regions)), len(keys)))
+
+    return {"regions": len(regions) >= len(wanted), "colours": matched(colours, [c for _, c in wanted]),
+            "classes": matched(classes, [k for k, _ in wanted])}
+
+
 # ------------------------------------------------------------------------------------ layout
 
 
@@ -498,6 +527,8 @@ __all__ = [
     "is_subject",
     "largest_component",
     "layout_diversity",
+    "object_regions",
+    "objects_found",
     "object_color",
     "object_pattern",
     "pattern_features",
