@@ -339,12 +339,17 @@ def load_base(
     return pipe
 
 
+def toy_model_dir() -> Path:
+    """The folder of the embedded toy base model (a diffusers pipeline folder inside the package)."""
+    return Path(str(resources.files("lrkit") / "assets" / "toy"))
+
+
 def _load_toy():
     """The embedded toy base model (DESIGN section 7): fp16 safetensors shipped in lrkit/assets/toy/
     (made by `lrkit toyworld pretrain`, see its MODEL_CARD.md), loaded offline as float32."""
     from diffusers import StableDiffusionPipeline
 
-    path = Path(str(resources.files("lrkit") / "assets" / "toy"))
+    path = toy_model_dir()
     if not (path / "model_index.json").is_file():
         raise BaseModelError(
             "the embedded toy base model is not built yet in this version of lrkit; use 'tiny-random' "

@@ -236,16 +236,6 @@ def reference_kv(pipeline, references: list[Reference], layers, steps: int) -> l
 # ---------------------------------------------------------------------------- the loop
 
 
-def segment_predictions(pipeline, x0: torch.Tensor, attn: torch.Tensor, height: int, width: int) -> list:
-    """The segmenter's subject mask of each row's predicted clean image x0 (B, C, h, w), prompted with the box of
-    its subject cross-attention `attn` (B, h, w): the retouch stage's M_SAM, read where the style phase starts."""
-    from lrkit.masks import box_from_attention, minmax
-
-    images = pipeline._decode(x0, None)
-    return [pipeline.segmenter(image, box_from_attention(minmax(attn[b]), (width, height)))
-            for b, image in enumerate(images)]
-
-
 def shift_to_style(latents: torch.Tensor, target_masks: torch.Tensor, style_latents: torch.Tensor,
                    style_region: torch.Tensor, strength: float) -> torch.Tensor:
     """`style_shift`: inside each target mask, add strength * (μ_S − μ_X) per channel, where μ_X is the mean of
@@ -310,8 +300,8 @@ def denoise_dual_reference(pipeline, prompt: str, generators, options, height: i
     with processors(pipe.unet, chosen):
         for i, t in enumerate(pipe.scheduler.timesteps):
             if attn is not None:  # M from the previous call's subject map (and, from the switch on, the segmenter's)
-                if i == switch and pipeline.segmenter is not None:
-                    sam = segment_predictions(pipeline, x0, attn, height, width)
+                if i == switch and pipeline.segmenter is not None:  # M_SAM of the predicted x̂0, as in retouch
+                    sam = pipeline.segment_latents(x0, attn, height, width)
                 masks = torch.stack([blend_target_mask(attn[b], sam[b], options.alpha, options.tau)
                                      for b in range(batch)]).to(pipeline.device)
             state.set_target(torch.cat([masks, masks]))
@@ -333,4 +323,4 @@ def denoise_dual_reference(pipeline, prompt: str, generators, options, height: i
 
 
 __all__ = ["DualResult", "Reference", "custom_reference", "denoise_dual_reference", "entropy_switch", "image_entropy",
-           "phase_at", "reference_kv", "segment_predictions", "shift_to_style", "style_reference", "switch_step"]
+           "phase_at", "reference_kv", "shift_to_style", "style_reference", "switch_step"]

@@ -605,12 +605,17 @@ class LayoutRetouchPipeline:
 
     def _target_sam_masks(self, layout_latents, layout_maps, height, width) -> list[torch.Tensor | None]:
         """M_SAM of each layout image, prompted with the box of its subject's cross-attention."""
-        from lrkit.masks import box_from_attention, minmax
-
         if self.segmenter is None:
             return [None] * layout_latents.shape[0]
-        images = self._decode(layout_latents, None)
-        attn = minmax(layout_maps.mean(0))  # (B, h, w), averaged over the steps
+        return self.segment_latents(layout_latents, layout_maps.mean(0), height, width)  # maps averaged over steps
+
+    def segment_latents(self, latents: torch.Tensor, attn: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
+        """The segmenter's subject mask of each row of `latents` (B, C, h, w), decoded, prompted with the box of
+        that row's subject cross-attention `attn` (B, h, w)."""
+        from lrkit.masks import box_from_attention, minmax
+
+        images = self._decode(latents, None)
+        attn = minmax(attn)
         return [self.segmenter(img, box_from_attention(attn[b], (width, height))) for b, img in enumerate(images)]
 
     def _reference_kv(self, key: str, trajectory, embeds, options: GenerationOptions) -> AttentionCache:

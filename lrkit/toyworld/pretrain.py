@@ -28,7 +28,6 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -609,7 +608,9 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
 
 
 def _vae_folder(source: str) -> Path:
-    folder = Path(str(resources.files("lrkit") / "assets" / "toy")) if source == "toy" else Path(source)
+    from lrkit.models import toy_model_dir
+
+    folder = toy_model_dir() if source == "toy" else Path(source)
     if not (folder / "vae" / "config.json").is_file():
         raise FileNotFoundError(
             f"pretrain: vae_from={source!r}: no vae/config.json in {folder}; give a diffusers pipeline folder "

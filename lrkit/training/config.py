@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from lrkit.crf import CRFParams
+
 METHOD_NAMES = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -203,17 +205,17 @@ class ConceptEMOptions:
     """Refine each binarised map with a dense CRF on the image colours (at latent resolution)."""
     crf_confidence: float = 0.7
     """CRF unary: P(foreground) inside the binarised map (1 - this outside)."""
-    crf_iterations: int = 10
+    crf_iterations: int = CRFParams.iterations
     """Mean-field iterations."""
-    crf_appearance_weight: float = 10.0
+    crf_appearance_weight: float = CRFParams.appearance_weight
     """Weight of the CRF's appearance (colour + position) kernel."""
-    crf_smoothness_weight: float = 3.0
+    crf_smoothness_weight: float = CRFParams.smoothness_weight
     """Weight of the CRF's smoothness (position) kernel."""
-    crf_theta_alpha: float = 6.0
+    crf_theta_alpha: float = CRFParams.theta_alpha
     """Spatial range of the appearance kernel, in latent pixels."""
-    crf_theta_beta: float = 0.08
+    crf_theta_beta: float = CRFParams.theta_beta
     """Colour range of the appearance kernel (colours in [0, 1])."""
-    crf_theta_gamma: float = 1.0
+    crf_theta_gamma: float = CRFParams.theta_gamma
     """Spatial range of the smoothness kernel, in latent pixels."""
     attention_loss_weight: float = 0.1
     """Weight of the cross-attention loss (MSE between each token's normalised map and its mask)."""
