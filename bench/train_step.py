@@ -316,7 +316,7 @@ def lrkit_contenders(spec: BenchSpec, method: str, *, ablations: bool) -> list[C
     config, module, model = build_model(spec, method, lrkit_side=True)
     batches, items = build_batches(config, spec)
     with autocast(spec):
-        model.cache_latents(items)  # what PersonalizationModule.on_fit_start does
+        model.cache_latents(items, batch_size=config.data.batch_size)  # as PersonalizationModule.on_fit_start
     optimizer = module.configure_optimizers()["optimizer"]
     scaler = torch.amp.GradScaler(spec.device, enabled=spec.precision == "fp16")
     params = model.trainable_parameters()

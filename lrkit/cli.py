@@ -153,8 +153,10 @@ def _toyworld(argv: list[str]) -> int:
     pre.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the UNet and text encoder")
     pre.add_argument("--vae-from", default=None,
                      help="reuse this pipeline folder's VAE ('toy': the shipped one) and skip the VAE phase")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other PretrainConfig field, e.g. --set pool_size=49152 --set render_workers=14")
     args = parser.parse_args(argv)
-    from lrkit.toyworld.pretrain import pretrain
+    from lrkit.toyworld.pretrain import parse_config_overrides, pretrain
 
     options = {key: value for key, value in (
         ("prediction_type", args.prediction_type), ("object_loss_weight", args.object_loss_weight),
@@ -162,6 +164,7 @@ def _toyworld(argv: list[str]) -> int:
         ("two_object_fraction", args.two_object_fraction),
         ("bf16", args.bf16 or None),
     ) if value is not None}
+    options.update(parse_config_overrides(args.set))
     print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, max_steps=args.max_steps,
                    **options))
     return 0

@@ -144,6 +144,46 @@ def test_pretrain_pool_mixes_two_object_pictures(fraction):
         assert torch.equal(pool.masks[i, 0], torch.from_numpy(s.object_mask))
 
 
+def test_pretrain_render_workers_fill_the_same_pool_and_refresh_in_the_background(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lrkit.models import load_clip_tokenizer
+    from lrkit.toyworld.pretrain import SamplePool, pretrain, render_seeds
+
+    tokenizer = load_clip_tokenizer()
+    here, there = SamplePool(tokenizer, 9, seed=1, two_object_fraction=0.5), SamplePool(tokenizer, 9, seed=1,
+                                                                                         two_object_fraction=0.5)
+    here.fill(progress=False)
+    with ThreadPoolExecutor(2) as executor:  # the same code path as worker processes, without their start-up
+        there.fill(progress=False, executor=executor)
+    assert torch.equal(here.images, there.images) and torch.equal(here.masks, there.masks)
+    assert torch.equal(here.ids, there.ids) and here.next_seed == there.next_seed == 9
+    images, masks, captions = render_seeds([here.base + 4], 0.5)
+    assert torch.equal(torch.from_numpy(images[0]).permute(2, 0, 1).float() / 127.5 - 1.0, here.images[4])
+
+    # a real run with 2 worker processes, each chunk split between them: 2 chunks of fresh seeds enter the
+    # pool (steps 2 and 4), a third is asked for
+    small = dict(pool_size=16, batch_size=4, vae_batch_size=4, refresh_per_step=1, warmup_steps=2, num_threads=1,
+                 render_workers=2, refresh_chunk_steps=2)
+    pretrain(tmp_path, minutes=5, seed=3, max_steps=5, vae_steps=1, **small)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]
+    assert state["step"] == 5
+    assert state["pool_next_seed"] == 16 + 3 * 2
+
+
+def test_pretrain_config_overrides_from_the_command_line():
+    from lrkit.toyworld.pretrain import parse_config_overrides
+
+    parsed = parse_config_overrides(["pool_size=49152", "render-workers=14", "ema_decay=0.999", "bf16=true",
+                                     "vae_from=toy", "max_steps=none"])
+    assert parsed == {"pool_size": 49152, "render_workers": 14, "ema_decay": 0.999, "bf16": True,
+                      "vae_from": "toy", "max_steps": None}
+    for bad, match in (("pool_size", "KEY=VALUE"), ("colour=red", "KEY=VALUE"), ("pool_size=big", "pool_size"),
+                       ("bf16=maybe", "true or false")):
+        with pytest.raises(ValueError, match=match):
+            parse_config_overrides([bad])
+
+
 def test_pretrain_rejects_bad_options(tmp_path):
     from lrkit.toyworld.pretrain import pretrain
 
@@ -159,3 +199,5 @@ def test_pretrain_rejects_bad_options(tmp_path):
         pretrain(tmp_path, minutes=1, object_loss_weight=-1.0)
     with pytest.raises(FileNotFoundError, match="vae/config.json"):
         pretrain(tmp_path / "run", minutes=1, vae_from=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="render_workers"):
+        pretrain(tmp_path, minutes=1, render_workers=-1)

@@ -102,6 +102,13 @@ class PretrainConfig:
     """Rendered samples kept in memory."""
     refresh_per_step: int = 3
     """Pool entries replaced by freshly rendered seeds at every UNet step."""
+    render_workers: int = 0
+    """Processes that render the pool (0: this process). With workers, fresh seeds are rendered in the
+    background, `refresh_chunk_steps` steps' worth at a time, and enter the pool one chunk later, so
+    the renderer keeps up with a GPU; which seeds land in which slots stays fixed by the seed."""
+    refresh_chunk_steps: int = 25
+    """With `render_workers`: steps between two background refreshes (each of
+    `refresh_chunk_steps * refresh_per_step` seeds)."""
     two_object_fraction: float = 0.0
     """Share of rendered samples with two objects ("a red ball and a blue cube on the beach"), so the
     model sees prompts that combine objects (multi-concept generation); the rest have one."""
@@ -157,6 +164,11 @@ class PretrainConfig:
             raise ValueError(f"pretrain: two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
         if self.object_loss_weight < 0:
             raise ValueError(f"pretrain: object_loss_weight must be >= 0, got {self.object_loss_weight}")
+        if self.render_workers < 0 or self.refresh_chunk_steps < 1:
+            raise ValueError(
+                f"pretrain: render_workers must be >= 0 and refresh_chunk_steps >= 1, got {self.render_workers} "
+                f"and {self.refresh_chunk_steps}"
+            )
 
 
 # ------------------------------------------------------------------------------------ models
@@ -210,12 +222,6 @@ def export_pipeline(vae, text_encoder, unet, out: str | Path, prediction_type: s
 # ------------------------------------------------------------------------------------ data
 
 
-def _to_tensor(image) -> torch.Tensor:
-    """PIL RGB -> float (3, H, W) in [-1, 1]."""
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
 class SamplePool:
     """Rendered toy-world samples: images in [-1, 1], caption token ids, and (after the VAE phase)
     latent posterior means and stds. Entries are replaced in place by fresh seeds."""
@@ -237,24 +243,33 @@ class SamplePool:
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 
-    def _render(self, slots: list[int]) -> None:
-        captions = []
-        for slot in slots:
-            data_seed = self.base + self.next_seed
-            s = sample(data_seed, num_objects=1 + (two_objects(data_seed) < self.two_object_fraction),
-                       resolution=TOY_RESOLUTION)
-            self.next_seed += 1
-            self.images[slot] = _to_tensor(s.image)
-            self.masks[slot, 0] = torch.from_numpy(s.object_mask)
-            captions.append(s.caption)
+    def _take_seeds(self, n: int) -> list[int]:
+        seeds = [self.base + self.next_seed + i for i in range(n)]
+        self.next_seed += n
+        return seeds
+
+    def _store(self, slots: list[int], rendered: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
+        images, masks, captions = rendered
+        self.images[slots] = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        self.masks[slots, 0] = torch.from_numpy(masks)
         self.ids[slots] = self.tokenize(captions)
 
-    def fill(self, progress: bool = True) -> None:
+    def _render(self, slots: list[int]) -> None:
+        self._store(slots, render_seeds(self._take_seeds(len(slots)), self.two_object_fraction))
+
+    def fill(self, progress: bool = True, executor=None) -> None:
         from tqdm.auto import tqdm
 
         chunk = 256
-        for start in tqdm(range(0, self.size, chunk), desc="render pool", disable=not progress):
-            self._render(list(range(start, min(start + chunk, self.size))))
+        starts = range(0, self.size, chunk)
+        if executor is None:
+            for start in tqdm(starts, desc="render pool", disable=not progress):
+                self._render(list(range(start, min(start + chunk, self.size))))
+            return
+        slots = [list(range(start, min(start + chunk, self.size))) for start in starts]
+        futures = [executor.submit(render_seeds, self._take_seeds(len(s)), self.two_object_fraction) for s in slots]
+        for s, future in tqdm(zip(slots, futures), total=len(slots), desc="render pool", disable=not progress):
+            self._store(s, future.result())
 
     def refresh(self, n: int, rng: np.random.Generator, vae=None, scaling: float = 1.0) -> None:
         """Replace `n` random entries with fresh seeds (and their latents, when encoded)."""
@@ -262,11 +277,27 @@ class SamplePool:
             return
         slots = sorted(set(int(i) for i in rng.choice(self.size, size=n, replace=False)))
         self._render(slots)
+        self._encode_slots(slots, vae)
+
+    def refresh_from(self, rendered: tuple[np.ndarray, np.ndarray, list[str]], rng: np.random.Generator,
+                     vae=None) -> None:
+        """Put background-rendered samples (`render_seeds`' output) into random slots."""
+        slots = [int(i) for i in rng.choice(self.size, size=len(rendered[2]), replace=False)]
+        self._store(slots, rendered)
+        self._encode_slots(slots, vae)
+
+    def _encode_slots(self, slots: list[int], vae) -> None:
         if vae is not None and self.latent_mean is not None:
             mean, std = encode(vae, self.images[slots])
-            self.latent_mean[slots] = mean
-            self.latent_std[slots] = std
-            self.latent_masks[slots] = _latent_share(self.masks[slots], mean.shape[-1])
+            device = self.latent_mean.device
+            self.latent_mean[slots] = mean.to(device)
+            self.latent_std[slots] = std.to(device)
+            self.latent_masks[slots] = _latent_share(self.masks[slots], mean.shape[-1]).to(device)
+
+    def latents_to(self, device: torch.device) -> None:
+        """Keep the encoded latents on `device` (a GPU run then samples its batches there)."""
+        self.latent_mean, self.latent_std = self.latent_mean.to(device), self.latent_std.to(device)
+        self.latent_masks = self.latent_masks.to(device)
 
     def encode_all(self, vae, batch: int = 128) -> None:
         means, stds = [], []
@@ -276,6 +307,21 @@ class SamplePool:
             stds.append(std)
         self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
         self.latent_masks = _latent_share(self.masks, self.latent_mean.shape[-1])
+
+
+def render_seeds(seeds: list[int], two_object_fraction: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Render the pool samples of `seeds`: uint8 images (N, H, W, 3), bool object masks (N, H, W), captions.
+    A plain function of its arguments, so worker processes can run it."""
+    rendered = [sample(seed, num_objects=1 + (two_objects(seed) < two_object_fraction), resolution=TOY_RESOLUTION)
+                for seed in seeds]
+    return (np.stack([np.asarray(r.image.convert("RGB"), dtype=np.uint8) for r in rendered]),
+            np.stack([r.object_mask for r in rendered]), [r.caption for r in rendered])
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray, list[str]]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Concatenate `render_seeds` outputs, in order."""
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [c for p in parts for c in p[2]])
 
 
 def _latent_share(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -341,9 +387,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in module.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        live = module.state_dict()
+        keys = [k for k in self.shadow if k in live]
+        # shadow <- shadow + (1 - d) (live - shadow): one fused call per module instead of one per tensor
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [live[k].detach() for k in keys], 1 - d)
 
     def copy_to(self, module: torch.nn.Module) -> None:
         module.load_state_dict({**module.state_dict(), **self.shadow})
@@ -385,13 +432,22 @@ def pretrain(
     cfg = PretrainConfig(minutes=minutes, seed=seed, max_steps=max_steps, vae_steps=vae_steps, **overrides)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
+    executor = None
+    if cfg.render_workers:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent holds torch (and maybe CUDA) state that a forked child must not inherit
+        executor = ProcessPoolExecutor(cfg.render_workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        return _pretrain(Path(out), cfg, resume)
+        return _pretrain(Path(out), cfg, resume, executor)
     finally:
         torch.set_num_threads(previous_threads)
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
 
 
-def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
+def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Path:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -441,13 +497,13 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     if state["phase"] == "vae" and cfg.vae_from is not None:
         vae.load_state_dict(_load_vae_weights(cfg.vae_from))
         vae.eval().requires_grad_(False)
-        pool.fill()
+        pool.fill(executor=executor)
         pool.encode_all(vae)
         state.update(phase="unet", scaling_factor=_vae_scaling(cfg.vae_from), vae_seconds=elapsed())
         logger.info("VAE from %s (scaling factor %.4f), no VAE phase", cfg.vae_from, state["scaling_factor"])
         save_checkpoint({"vae": vae.state_dict(), "pool": _pool_tensors(pool)})
     elif state["phase"] == "vae":
-        pool.fill()
+        pool.fill(executor=executor)
         vae_deadline = cfg.vae_fraction * budget
         optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         names = {p: n for n, p in vae.named_parameters()}
@@ -504,6 +560,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
         pool.next_seed = state["pool_next_seed"]
     vae.register_to_config(scaling_factor=state["scaling_factor"])
     scaling = state["scaling_factor"]
+    pool.latents_to(device)
 
     # ---------------------------------------------------------------- phase 2: UNet + text encoder
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -539,7 +596,8 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     text_encoder.train()
     bar = tqdm(desc="unet", unit="step", initial=state["step"])
     last_ckpt = time.monotonic()
-    running = None
+    running = None  # running mean of the MSE, a device tensor: read (a GPU sync) every 10 steps only
+    pending = None  # with render workers: the chunk of fresh seeds rendering in the background
     while state["phase"] == "unet":
         if cfg.max_steps is not None:
             if state["step"] >= cfg.max_steps:
@@ -550,10 +608,20 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
         frac = (elapsed() - unet_start) / max(1.0, unet_deadline - unet_start)
         if cfg.max_steps is not None:
             frac = step / cfg.max_steps
-        pool.refresh(cfg.refresh_per_step, rng, vae)
+        if executor is None:
+            pool.refresh(cfg.refresh_per_step, rng, vae)
+        elif step % cfg.refresh_chunk_steps == 0:
+            # the chunk asked for `refresh_chunk_steps` ago enters the pool now; the next one starts rendering
+            if pending is not None:
+                pool.refresh_from(_joined([part.result() for part in pending]), rng, vae)
+            seeds = pool._take_seeds(cfg.refresh_chunk_steps * cfg.refresh_per_step)
+            # one task per worker: a single task would leave the chunk to one process (a 2-3 s stall on a GPU run)
+            size = -(-len(seeds) // cfg.render_workers)
+            pending = [executor.submit(render_seeds, seeds[i:i + size], cfg.two_object_fraction)
+                       for i in range(0, len(seeds), size)]
         idx = torch.from_numpy(rng.choice(cfg.pool_size, size=cfg.batch_size, replace=False))
-        latents = (pool.latent_mean[idx] + pool.latent_std[idx] * torch.randn_like(pool.latent_std[idx])) * scaling
-        latents = latents.to(device)
+        didx = idx.to(device)
+        latents = (pool.latent_mean[didx] + pool.latent_std[didx] * torch.randn_like(pool.latent_std[didx])) * scaling
         ids = pool.ids[idx].clone()
         drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.caption_dropout)
         ids[drop] = empty_ids
@@ -572,7 +640,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma: x0 weight min(SNR, gamma)
         err = F.mse_loss(pred, target, reduction="none").mean(dim=1, keepdim=True)
         if cfg.object_loss_weight > 0:
-            pixel = 1.0 + cfg.object_loss_weight * pool.latent_masks[idx].to(device)
+            pixel = 1.0 + cfg.object_loss_weight * pool.latent_masks[didx]
             err = err * pixel / pixel.mean(dim=(2, 3), keepdim=True)
         mse = err.mean(dim=(1, 2, 3))
         loss = (weight * mse).mean()
@@ -586,16 +654,17 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
         ema_unet.update(unet, step)
         ema_text.update(text_encoder, step)
         state["step"] += 1
-        running = mse.mean().item() if running is None else 0.98 * running + 0.02 * mse.mean().item()
+        batch_mse = mse.detach().mean()
+        running = batch_mse if running is None else 0.98 * running + 0.02 * batch_mse
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
         if state["step"] % 10 == 0:
-            _log(out, {"phase": "unet", "step": state["step"], "loss": running, "lr": lr, "t": elapsed()})
+            bar.set_postfix(loss=f"{running.item():.4f}", lr=f"{lr:.1e}")
+            _log(out, {"phase": "unet", "step": state["step"], "loss": running.item(), "lr": lr, "t": elapsed()})
         if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
             save_checkpoint(unet_checkpoint())
             last_ckpt = time.monotonic()
     bar.close()
-    state["final_loss"] = running if running is not None else state.get("final_loss")
+    state["final_loss"] = running.item() if running is not None else state.get("final_loss")
     save_checkpoint(unet_checkpoint())
 
     # ---------------------------------------------------------------- export (EMA weights)
@@ -605,6 +674,37 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool) -> Path:
     logger.info("exported %s after %d UNet steps (%.1f min, loss %s)", pipeline_dir, state["step"],
                 elapsed() / 60, state["final_loss"])
     return pipeline_dir
+
+
+def parse_config_overrides(pairs: list[str]) -> dict:
+    """["pool_size=49152", "bf16=true", ...] -> PretrainConfig overrides, each value parsed as its field's type."""
+    from dataclasses import fields
+
+    known = {f.name: f for f in fields(PretrainConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise ValueError(f"pretrain: --set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        default = known[key].default
+        try:
+            if raw.lower() in ("none", "null") and (default is None or key in ("max_steps", "vae_steps", "vae_from")):
+                value = None
+            elif isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                value = raw.lower() in ("true", "1")
+            elif isinstance(default, int) or key in ("max_steps", "vae_steps"):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError as err:
+            raise ValueError(f"pretrain: --set {pair!r}: {err}") from None
+        out[key] = value
+    return out
 
 
 def _vae_folder(source: str) -> Path:
@@ -725,6 +825,8 @@ __all__ = [
     "fidelity_prompts",
     "measure_fidelity",
     "measure_two_object_fidelity",
+    "parse_config_overrides",
     "pretrain",
+    "render_seeds",
     "two_object_prompts",
 ]

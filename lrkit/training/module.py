@@ -247,7 +247,9 @@ class PersonalizationModule(L.LightningModule):
         if self.config.cache_latents:
             datamodule = self.trainer.datamodule
             with _autocast_for(self.model, self.config.precision):
-                self.model.cache_latents(datamodule.cacheable_items())
+                # in chunks of the training batch: the VAE's activation peak is then no higher than an
+                # uncached step's, so the cache never raises the run's peak memory
+                self.model.cache_latents(datamodule.cacheable_items(), batch_size=self.config.data.batch_size)
 
     # -- optimizer ------------------------------------------------------------------
     def configure_optimizers(self):
