@@ -71,8 +71,13 @@ class ToySegmenter:
     """
 
     def __call__(self, image: Image.Image, box=None) -> torch.Tensor:
-        mask = segment_object(image.convert("RGB"))
-        return torch.from_numpy(mask)
+        mask = torch.from_numpy(segment_object(image.convert("RGB")))
+        if box is not None:  # as SAM with a box prompt: nothing outside the box
+            x0, y0, x1, y1 = (int(v) for v in box)
+            inside = torch.zeros_like(mask)
+            inside[max(y0, 0):y1, max(x0, 0):x1] = True
+            mask = mask & inside
+        return mask
 
 
 def bench_prompts(subject) -> list[str]:

@@ -123,6 +123,13 @@ def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
     for key, value in source.vae.state_dict().items():
         torch.testing.assert_close(pipe.vae.state_dict()[key], value, rtol=0, atol=0)
     assert not torch.equal(pipe.unet.conv_in.weight, source.unet.conv_in.weight)
+    assert pipe.unet.config.block_out_channels == source.unet.config.block_out_channels == [32, 64, 64]
+
+    bigger = pretrain(tmp_path / "c", minutes=5, seed=4, max_steps=1, vae_from=str(first), unet_channels="48,96,96",
+                      unet_layers_per_block=2, unet_heads=4, **small)
+    unet = StableDiffusionPipeline.from_pretrained(str(bigger), **load).unet
+    assert (list(unet.config.block_out_channels), unet.config.layers_per_block, unet.config.attention_head_dim) == \
+        ([48, 96, 96], 2, 4)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
@@ -175,9 +182,9 @@ def test_pretrain_config_overrides_from_the_command_line():
     from lrkit.toyworld.pretrain import parse_config_overrides
 
     parsed = parse_config_overrides(["pool_size=49152", "render-workers=14", "ema_decay=0.999", "bf16=true",
-                                     "vae_from=toy", "max_steps=none"])
+                                     "vae_from=toy", "max_steps=none", "unet_channels=64,128,128"])
     assert parsed == {"pool_size": 49152, "render_workers": 14, "ema_decay": 0.999, "bf16": True,
-                      "vae_from": "toy", "max_steps": None}
+                      "vae_from": "toy", "max_steps": None, "unet_channels": "64,128,128"}
     for bad, match in (("pool_size", "KEY=VALUE"), ("colour=red", "KEY=VALUE"), ("pool_size=big", "pool_size"),
                        ("bf16=maybe", "true or false")):
         with pytest.raises(ValueError, match=match):
@@ -201,3 +208,7 @@ def test_pretrain_rejects_bad_options(tmp_path):
         pretrain(tmp_path / "run", minutes=1, vae_from=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="render_workers"):
         pretrain(tmp_path, minutes=1, render_workers=-1)
+    for bad in (dict(unet_channels="32,64"), dict(unet_channels="32,64,x"), dict(unet_channels="30,60,60"),
+                dict(unet_heads=3), dict(unet_layers_per_block=0)):
+        with pytest.raises(ValueError, match="unet_channels"):
+            pretrain(tmp_path, minutes=1, **bad)

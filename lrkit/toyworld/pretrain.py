@@ -136,6 +136,11 @@ class PretrainConfig:
     vae_from: str | None = None
     """Reuse the VAE (and its scaling factor) of this pipeline folder, or "toy" for the shipped one,
     and skip the VAE phase; the whole budget then goes to the UNet."""
+    unet_channels: str = "32,64,64"
+    """The UNet's `block_out_channels`, comma-separated (three levels; the shipped model's by default)."""
+    unet_layers_per_block: int = 1
+    unet_heads: int = 2
+    """Attention heads of the UNet (diffusers' `attention_head_dim`, which it reads as the number of heads)."""
     ema_decay: float = 0.995
     checkpoint_minutes: float = 5.0
     export_reserve_minutes: float = 0.5
@@ -146,6 +151,13 @@ class PretrainConfig:
     """Where the models train ("cuda" on a GPU); rendering and the sample pool stay on the CPU."""
     bf16: bool = False
     """Run the UNet and text encoder forward passes under bfloat16 autocast (weights stay fp32)."""
+
+    def unet_block_out_channels(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in str(self.unet_channels).split(","))
+
+    def unet_overrides(self) -> dict:
+        return dict(block_out_channels=self.unet_block_out_channels(), layers_per_block=self.unet_layers_per_block,
+                    attention_head_dim=self.unet_heads)
 
     def __post_init__(self):
         if self.minutes <= 0:
@@ -164,6 +176,17 @@ class PretrainConfig:
             raise ValueError(f"pretrain: two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
         if self.object_loss_weight < 0:
             raise ValueError(f"pretrain: object_loss_weight must be >= 0, got {self.object_loss_weight}")
+        try:
+            channels = self.unet_block_out_channels()
+        except ValueError:
+            channels = ()
+        if len(channels) != 3 or any(c < 1 or c % 16 for c in channels) or self.unet_layers_per_block < 1 \
+                or self.unet_heads < 1 or any(c % self.unet_heads for c in channels):
+            raise ValueError(
+                f"pretrain: unet_channels must be three multiples of 16 (the UNet's group norm) divisible by "
+                f"unet_heads, and unet_layers_per_block >= 1; got {self.unet_channels!r}, {self.unet_heads} heads, "
+                f"{self.unet_layers_per_block} layers per block"
+            )
         if self.render_workers < 0 or self.refresh_chunk_steps < 1:
             raise ValueError(
                 f"pretrain: render_workers must be >= 0 and refresh_chunk_steps >= 1, got {self.render_workers} "
@@ -174,8 +197,9 @@ class PretrainConfig:
 # ------------------------------------------------------------------------------------ models
 
 
-def build_toy_components(seed: int = 0):
-    """(vae, text_encoder, unet) of the toy architecture, randomly initialised from `seed`."""
+def build_toy_components(seed: int = 0, unet_overrides: dict | None = None):
+    """(vae, text_encoder, unet) of the toy architecture, randomly initialised from `seed`; `unet_overrides`
+    change fields of `TOY_UNET_CONFIG` (a larger UNet: `block_out_channels`, `layers_per_block`, ...)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -184,7 +208,7 @@ def build_toy_components(seed: int = 0):
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TOY_TEXT_CONFIG))
     torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(**TOY_UNET_CONFIG)
+    unet = UNet2DConditionModel(**{**TOY_UNET_CONFIG, **(unet_overrides or {})})
     return vae, text_encoder, unet
 
 
@@ -474,7 +498,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
         return state["elapsed"] + time.monotonic() - start
 
     device = torch.device(cfg.device)
-    vae, text_encoder, unet = (m.to(device) for m in build_toy_components(cfg.seed))
+    vae, text_encoder, unet = (m.to(device) for m in build_toy_components(cfg.seed, cfg.unet_overrides()))
     tokenizer = load_clip_tokenizer()
     pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed, cfg.two_object_fraction)
     rng = np.random.default_rng([cfg.seed, state["step"], state["vae_step"]])
