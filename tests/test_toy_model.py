@@ -126,10 +126,16 @@ def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
     assert pipe.unet.config.block_out_channels == source.unet.config.block_out_channels == [32, 64, 64]
 
     bigger = pretrain(tmp_path / "c", minutes=5, seed=4, max_steps=1, vae_from=str(first), unet_channels="48,96,96",
-                      unet_layers_per_block=2, unet_heads=4, **small)
-    unet = StableDiffusionPipeline.from_pretrained(str(bigger), **load).unet
+                      unet_layers_per_block=2, unet_heads=4, snr_shift=4.0, **small)
+    shifted = StableDiffusionPipeline.from_pretrained(str(bigger), **load)
+    unet = shifted.unet
     assert (list(unet.config.block_out_channels), unet.config.layers_per_block, unet.config.attention_head_dim) == \
         ([48, 96, 96], 2, 4)
+    # the exported scheduler carries the shifted schedule: SNR(t) is 4x SD's at every timestep
+    snr = [sched.alphas_cumprod.double() / (1 - sched.alphas_cumprod.double())
+           for sched in (source.scheduler, shifted.scheduler)]
+    torch.testing.assert_close(snr[1] / snr[0], torch.full_like(snr[0], 4.0), rtol=1e-3, atol=0)
+    assert "trained_betas" not in source.scheduler.config or source.scheduler.config.trained_betas is None
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
@@ -212,3 +218,5 @@ def test_pretrain_rejects_bad_options(tmp_path):
                 dict(unet_heads=3), dict(unet_layers_per_block=0)):
         with pytest.raises(ValueError, match="unet_channels"):
             pretrain(tmp_path, minutes=1, **bad)
+    with pytest.raises(ValueError, match="snr_shift"):
+        pretrain(tmp_path, minutes=1, snr_shift=0.0)
