@@ -310,17 +310,25 @@ class SamplePool:
         from tqdm.auto import tqdm
 
         chunk = 256
-        starts = range(0, self.size, chunk)
+        jobs = [(list(range(start, min(start + chunk, self.size))), self._take_seeds(min(chunk, self.size - start)))
+                for start in range(0, self.size, chunk)]
         if executor is None:
-            for start in tqdm(starts, desc="render pool", disable=not progress):
-                self._render(list(range(start, min(start + chunk, self.size))))
-            return
-        slots = [list(range(start, min(start + chunk, self.size))) for start in starts]
-        futures = [executor.submit(render_seeds, self._take_seeds(len(s)), self.two_object_fraction) for s in slots]
-        for s, future in tqdm(zip(slots, futures), total=len(slots), desc="render pool", disable=not progress):
-            self._store(s, future.result())
+            rendered = (render_seeds(seeds, self.two_object_fraction) for _, seeds in jobs)
+        else:
+            rendered = (f.result() for f in [executor.submit(render_seeds, seeds, self.two_object_fraction)
+                                             for _, seeds in jobs])
+        for (slots, _), result in tqdm(zip(jobs, rendered), total=len(jobs), desc="render pool", disable=not progress):
+            self._store(slots, result)
 
-    def refresh(self, n: int, rng: np.random.Generator, vae=None, scaling: float = 1.0) -> None:
+    def render_in_background(self, executor, workers: int, n: int) -> list:
+        """Start rendering `n` fresh seeds on `executor`, split evenly between its `workers` (one task alone
+        would leave the whole chunk to one process: a 2-3 s stall on a GPU run); give the futures to
+        `refresh_from`."""
+        seeds = self._take_seeds(n)
+        size = -(-n // workers)
+        return [executor.submit(render_seeds, seeds[i:i + size], self.two_object_fraction) for i in range(0, n, size)]
+
+    def refresh(self, n: int, rng: np.random.Generator, vae=None) -> None:
         """Replace `n` random entries with fresh seeds (and their latents, when encoded)."""
         if n <= 0:
             return
@@ -328,9 +336,11 @@ class SamplePool:
         self._render(slots)
         self._encode_slots(slots, vae)
 
-    def refresh_from(self, rendered: tuple[np.ndarray, np.ndarray, list[str]], rng: np.random.Generator,
-                     vae=None) -> None:
-        """Put background-rendered samples (`render_seeds`' output) into random slots."""
+    def refresh_from(self, futures: list, rng: np.random.Generator, vae=None) -> None:
+        """Put the samples of `render_in_background`'s futures (waited for, in order) into random slots."""
+        parts = [f.result() for f in futures]
+        rendered = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    [c for p in parts for c in p[2]])
         slots = [int(i) for i in rng.choice(self.size, size=len(rendered[2]), replace=False)]
         self._store(slots, rendered)
         self._encode_slots(slots, vae)
@@ -365,12 +375,6 @@ def render_seeds(seeds: list[int], two_object_fraction: float) -> tuple[np.ndarr
                 for seed in seeds]
     return (np.stack([np.asarray(r.image.convert("RGB"), dtype=np.uint8) for r in rendered]),
             np.stack([r.object_mask for r in rendered]), [r.caption for r in rendered])
-
-
-def _joined(parts: list[tuple[np.ndarray, np.ndarray, list[str]]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Concatenate `render_seeds` outputs, in order."""
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            [c for p in parts for c in p[2]])
 
 
 def _latent_share(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -662,12 +666,9 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
         elif step % cfg.refresh_chunk_steps == 0:
             # the chunk asked for `refresh_chunk_steps` ago enters the pool now; the next one starts rendering
             if pending is not None:
-                pool.refresh_from(_joined([part.result() for part in pending]), rng, vae)
-            seeds = pool._take_seeds(cfg.refresh_chunk_steps * cfg.refresh_per_step)
-            # one task per worker: a single task would leave the chunk to one process (a 2-3 s stall on a GPU run)
-            size = -(-len(seeds) // cfg.render_workers)
-            pending = [executor.submit(render_seeds, seeds[i:i + size], cfg.two_object_fraction)
-                       for i in range(0, len(seeds), size)]
+                pool.refresh_from(pending, rng, vae)
+            pending = pool.render_in_background(executor, cfg.render_workers,
+                                                cfg.refresh_chunk_steps * cfg.refresh_per_step)
         idx = torch.from_numpy(rng.choice(cfg.pool_size, size=cfg.batch_size, replace=False))
         didx = idx.to(device)
         latents = (pool.latent_mean[didx] + pool.latent_std[didx] * torch.randn_like(pool.latent_std[didx])) * scaling
