@@ -161,12 +161,17 @@ def _toyworld(argv: list[str]) -> int:
     options = {key: value for key, value in (
         ("prediction_type", args.prediction_type), ("object_loss_weight", args.object_loss_weight),
         ("batch_size", args.batch_size), ("lr", args.lr), ("vae_from", args.vae_from), ("device", args.device),
-        ("two_object_fraction", args.two_object_fraction),
+        ("two_object_fraction", args.two_object_fraction), ("max_steps", args.max_steps),
         ("bf16", args.bf16 or None),
     ) if value is not None}
-    options.update(parse_config_overrides(args.set))
-    print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, max_steps=args.max_steps,
-                   **options))
+    overrides = parse_config_overrides(args.set)
+    for key in ("minutes", "seed"):
+        if key in overrides:
+            parser.error(f"--set {key}=...: use --{key}")
+    twice = sorted(set(options) & set(overrides))
+    if twice:
+        parser.error(f"--set {twice[0]}=... repeats the option --{twice[0].replace('_', '-')}; give it once")
+    print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, **options, **overrides))
     return 0
 
 

@@ -138,6 +138,84 @@ def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
     assert "trained_betas" not in source.scheduler.config or source.scheduler.config.trained_betas is None
 
 
+def test_pretrain_continues_a_pipeline_from_init_from(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from lrkit.toyworld.pretrain import pretrain
+
+    small = dict(pool_size=16, batch_size=4, vae_batch_size=4, refresh_per_step=1, warmup_steps=2, num_threads=1)
+    first = pretrain(tmp_path / "a", minutes=5, seed=3, max_steps=2, vae_steps=2, **small)
+    load = dict(torch_dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    source = StableDiffusionPipeline.from_pretrained(str(first), **load)
+    # no step: the export is the starting point itself (the EMA starts from the loaded weights), VAE included
+    same = StableDiffusionPipeline.from_pretrained(
+        str(pretrain(tmp_path / "b", minutes=5, seed=9, max_steps=0, init_from=str(first), **small)), **load)
+    for name in ("unet", "text_encoder", "vae"):
+        theirs, ours = getattr(source, name).state_dict(), getattr(same, name).state_dict()
+        assert theirs.keys() == ours.keys()
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), f"{name}.{key}"
+    assert same.vae.config.scaling_factor == source.vae.config.scaling_factor
+    # steps with a timestep focus move the weights away from the start
+    moved = StableDiffusionPipeline.from_pretrained(str(pretrain(
+        tmp_path / "c", minutes=5, seed=9, max_steps=2, init_from=str(first), timestep_focus="400,900",
+        timestep_focus_fraction=0.5, **small)), **load)
+    assert not torch.equal(moved.unet.conv_in.weight, source.unet.conv_in.weight)
+    # token_lr_scale: one step from the same start, seed and batch; the UNet's update is the same, the token
+    # table's is `scale` times as large (Adam's first step is lr * sign(gradient), plus the decay)
+    steps = {scale: StableDiffusionPipeline.from_pretrained(str(pretrain(
+        tmp_path / f"lr{scale}", minutes=5, seed=9, max_steps=1, init_from=str(first), lr=1e-2, token_lr_scale=scale,
+        **small)), **load) for scale in (1.0, 50.0)}
+    for key, value in steps[1.0].unet.state_dict().items():
+        assert torch.equal(steps[50.0].unet.state_dict()[key], value), key
+    start = source.text_encoder.get_input_embeddings().weight
+    plain, scaled = (steps[k].text_encoder.get_input_embeddings().weight - start for k in (1.0, 50.0))
+    assert plain.abs().max() > 1e-3
+    torch.testing.assert_close(scaled, 50.0 * plain, rtol=2e-2, atol=2e-3)
+    with pytest.raises(ValueError, match="does not match this run's architecture"):
+        pretrain(tmp_path / "d", minutes=5, max_steps=0, init_from=str(first), unet_channels="48,96,96", **small)
+    with pytest.raises(ValueError, match="predicts 'epsilon'"):
+        pretrain(tmp_path / "e", minutes=5, max_steps=0, init_from=str(first), prediction_type="v_prediction",
+                 **small)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="unet/\\*.safetensors"):
+        pretrain(tmp_path / "f", minutes=5, max_steps=0, init_from=str(tmp_path / "empty"), vae_from=str(first),
+                 **small)
+
+
+def test_pretrain_timestep_focus_draws_its_share_from_the_range():
+    from lrkit.toyworld.pretrain import PretrainConfig, draw_timesteps
+
+    torch.manual_seed(0)
+    cfg = PretrainConfig(batch_size=40, timestep_focus="400,900", timestep_focus_fraction=0.75)
+    draws = torch.stack([draw_timesteps(cfg) for _ in range(200)])
+    focused, free = draws[:, :30], draws[:, 30:]
+    assert focused.min() >= 400 and focused.max() < 900
+    assert free.min() < 50 and free.max() > 950  # the rest spans the whole schedule
+    torch.manual_seed(0)
+    plain = PretrainConfig(batch_size=40)
+    first = draw_timesteps(plain)
+    torch.manual_seed(0)
+    assert torch.equal(first, torch.randint(0, 1000, (40,)))  # without a focus: the plain uniform draw
+    for bad in (dict(timestep_focus="900,400"), dict(timestep_focus="0,1001"), dict(timestep_focus="a,b"),
+                dict(timestep_focus_fraction=0.5), dict(timestep_focus="400,900", timestep_focus_fraction=1.5)):
+        with pytest.raises(ValueError, match="timestep_focus"):
+            PretrainConfig(**bad)
+    with pytest.raises(ValueError, match="token_lr_scale"):
+        PretrainConfig(token_lr_scale=0.0)
+
+
+def test_pretrain_cli_rejects_an_option_given_twice(tmp_path, capsys):
+    from lrkit.cli import main
+
+    for argv, match in ((["--max-steps", "3", "--set", "max_steps=2"], "repeats the option --max-steps"),
+                        (["--set", "minutes=3"], "use --minutes")):
+        with pytest.raises(SystemExit):
+            main(["toyworld", "pretrain", "--out", str(tmp_path / "run"), *argv])
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
 def test_pretrain_pool_mixes_two_object_pictures(fraction):
     from lrkit.models import load_clip_tokenizer

@@ -136,6 +136,16 @@ class PretrainConfig:
     vae_from: str | None = None
     """Reuse the VAE (and its scaling factor) of this pipeline folder, or "toy" for the shipped one,
     and skip the VAE phase; the whole budget then goes to the UNet."""
+    init_from: str | None = None
+    """Start the UNet and text encoder from this pipeline folder ("toy": the shipped model) instead of random
+    weights, to continue a model's training with another recipe; the VAE then comes from there too (`vae_from`).
+    The UNet options must describe that folder's UNet."""
+    timestep_focus: str = ""
+    """"LO,HI": draw `timestep_focus_fraction` of each batch's timesteps uniformly from [LO, HI) instead of the
+    whole schedule, for the range where an object's outline is laid out (see the model card)."""
+    timestep_focus_fraction: float = 0.0
+    token_lr_scale: float = 1.0
+    """The text encoder's token table learns at `lr` times this (the rest of both models at `lr`)."""
     snr_shift: float = 1.0
     """Multiply the noise schedule's SNR by this at every timestep (`schedule_config`; 1.0: SD's schedule). The
     exported scheduler carries the schedule, and lrkit's training and inference read it from there."""
@@ -157,6 +167,15 @@ class PretrainConfig:
 
     def unet_block_out_channels(self) -> tuple[int, ...]:
         return tuple(int(c) for c in str(self.unet_channels).split(","))
+
+    def timestep_focus_range(self) -> tuple[int, int] | None:
+        if not self.timestep_focus:
+            return None
+        try:
+            lo, hi = (int(v) for v in str(self.timestep_focus).split(","))
+        except ValueError:
+            return (0, 0)  # rejected by __post_init__ with the option's name
+        return lo, hi
 
     def unet_overrides(self) -> dict:
         return dict(block_out_channels=self.unet_block_out_channels(), layers_per_block=self.unet_layers_per_block,
@@ -190,6 +209,17 @@ class PretrainConfig:
                 f"unet_heads, and unet_layers_per_block >= 1; got {self.unet_channels!r}, {self.unet_heads} heads, "
                 f"{self.unet_layers_per_block} layers per block"
             )
+        lo, hi = self.timestep_focus_range() or (0, 1)
+        if not (0 <= lo < hi <= 1000 and 0.0 <= self.timestep_focus_fraction <= 1.0) \
+                or (self.timestep_focus_fraction > 0 and not self.timestep_focus):
+            raise ValueError(
+                f"pretrain: timestep_focus must be 'LO,HI' with 0 <= LO < HI <= 1000 and timestep_focus_fraction in "
+                f"[0, 1] (> 0 only with a range); got {self.timestep_focus!r}, {self.timestep_focus_fraction}"
+            )
+        if not self.token_lr_scale > 0:
+            raise ValueError(f"pretrain: token_lr_scale must be > 0, got {self.token_lr_scale}")
+        if self.init_from is not None and self.vae_from is None:
+            self.vae_from = self.init_from
         if not self.snr_shift > 0:
             raise ValueError(f"pretrain: snr_shift must be > 0, got {self.snr_shift}")
         if self.render_workers < 0 or self.refresh_chunk_steps < 1:
@@ -457,6 +487,17 @@ def _snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return a / (1 - a)
 
 
+def draw_timesteps(cfg: PretrainConfig, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """A batch's training timesteps: uniform over the schedule, except that the first
+    round(timestep_focus_fraction * batch_size) come from the `timestep_focus` range."""
+    t = torch.randint(0, num_train_timesteps, (cfg.batch_size,))
+    focus = cfg.timestep_focus_range()
+    n_focus = round(cfg.timestep_focus_fraction * cfg.batch_size)
+    if focus is not None and n_focus:
+        t[:n_focus] = torch.randint(focus[0], min(focus[1], num_train_timesteps), (n_focus,))
+    return t
+
+
 def _lr_at(step: int, frac: float, cfg: PretrainConfig) -> float:
     """Linear warmup over `warmup_steps`, then cosine decay to 10 % over the phase's time fraction."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps)
@@ -528,6 +569,8 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
 
     device = torch.device(cfg.device)
     vae, text_encoder, unet = (m.to(device) for m in build_toy_components(cfg.seed, cfg.unet_overrides()))
+    if cfg.init_from is not None and state["step"] == 0:
+        _init_weights(cfg, unet, text_encoder)
     tokenizer = load_clip_tokenizer()
     pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed, cfg.two_object_fraction)
     rng = np.random.default_rng([cfg.seed, state["step"], state["vae_step"]])
@@ -619,7 +662,12 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
     params = list(unet.parameters()) + list(text_encoder.parameters())
     names = {p: f"unet.{n}" for n, p in unet.named_parameters()}
     names.update({p: f"text_encoder.{n}" for n, p in text_encoder.named_parameters()})
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # the token table learns at its own rate (`token_lr_scale`): a word's row gets a gradient only from the
+    # captions that hold it, and at the shared rate the class words stayed close together (model card)
+    table = text_encoder.get_input_embeddings().weight
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p is not table], "lr_scale": 1.0},
+                                   {"params": [table], "lr_scale": cfg.token_lr_scale}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
     if state["phase"] == "unet" and (ckpt / "unet.safetensors").is_file():
         unet.load_state_dict(_load_tensors(ckpt / "unet.safetensors"))
@@ -676,7 +724,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
         drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.caption_dropout)
         ids[drop] = empty_ids
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,)).to(device)
+        t = draw_timesteps(cfg, noise_scheduler.config.num_train_timesteps).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             encoder_hidden_states = text_encoder(ids.to(device))[0]
@@ -696,7 +744,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
         loss = (weight * mse).mean()
         lr = _lr_at(step, frac, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -770,6 +818,35 @@ def _vae_folder(source: str) -> Path:
     return folder / "vae"
 
 
+def _init_weights(cfg: PretrainConfig, unet, text_encoder) -> None:
+    """Load `cfg.init_from`'s UNet and text encoder weights into the freshly built modules."""
+    from safetensors.torch import load_file
+
+    from lrkit.models import toy_model_dir
+
+    folder = toy_model_dir() if cfg.init_from == "toy" else Path(cfg.init_from)
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        files = sorted((folder / name).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"pretrain: init_from={cfg.init_from!r}: no {name}/*.safetensors in {folder}; give a "
+                                    "diffusers pipeline folder (such as a previous run's OUT/pipeline) or 'toy'")
+        weights = {k: v.float() for k, v in load_file(str(files[0])).items()}
+        own = module.state_dict()
+        bad = sorted(k for k in weights if k not in own or own[k].shape != weights[k].shape)
+        missing = sorted(k for k, v in own.items() if k not in weights and v.is_floating_point())
+        if bad or missing:
+            raise ValueError(
+                f"pretrain: init_from={cfg.init_from!r}: its {name} does not match this run's architecture "
+                f"({len(bad)} unexpected or mis-shaped tensors, e.g. {(bad or missing)[0]!r}); set unet_channels, "
+                "unet_layers_per_block and unet_heads to that model's"
+            )
+        module.load_state_dict(weights, strict=False)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if scheduler.get("prediction_type", "epsilon") != cfg.prediction_type:
+        raise ValueError(f"pretrain: init_from={cfg.init_from!r} predicts {scheduler.get('prediction_type')!r}, "
+                         f"but prediction_type is {cfg.prediction_type!r}")
+
+
 def _load_vae_weights(source: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -834,6 +911,36 @@ def measure_fidelity(pipe, n: int = 56, seed: int = 0, steps: int = 25, guidance
             **{f"{k}_accuracy": v / n for k, v in hits.items()}, "samples": rows}
 
 
+@torch.no_grad()
+def measure_class_retention(pipe, strengths: tuple[float, ...] = (0.5, 0.7), n: int = 48, seed: int = 0,
+                            steps: int = 25, guidance: float = 6.0, batch: int = 16) -> dict:
+    """How long the model keeps an object's class while it denoises: rendered pictures, noised to each
+    img2img `strength` and denoised with their own captions; the share whose object still scores as the
+    rendered class. Where plain generation (strength 1) loses the class but strength 0.5 keeps it, the
+    class is lost at the high timesteps, where the outline is laid out."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from lrkit.toyworld.scorers import classify_object, segment_object
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    samples = [sample(POOL_SEED_BASE * (seed + 1) - 1 - i) for i in range(n)]  # below every pool's seeds
+    out = {"n": n, "steps": steps, "guidance": guidance}
+    for strength in strengths:
+        hits = 0
+        for start in range(0, n, batch):
+            chunk = samples[start:start + batch]
+            images = img2img([s.caption for s in chunk], image=[s.image for s in chunk], strength=strength,
+                             num_inference_steps=steps, guidance_scale=guidance,
+                             generator=[torch.Generator().manual_seed(seed * 100_000 + start + i)
+                                        for i in range(len(chunk))]).images
+            for s, image in zip(chunk, images):
+                mask = segment_object(image, s.scene.name)
+                hits += bool(mask.any()) and classify_object(image, mask)[0] == s.objects[0].cls
+        out[f"class_kept_{strength:g}"] = hits / n
+    return out
+
+
 def two_object_prompts(n: int, seed: int = 0) -> list[tuple[str, list[tuple[str, str]]]]:
     """`n` (prompt, [(class, colour), (class, colour)]): two objects of distinct classes and colours that the
     scene allows, "a photo of a red ball and a blue cube on the beach"."""
@@ -872,8 +979,10 @@ __all__ = [
     "TOY_VAE_CONFIG",
     "assemble_pipeline",
     "build_toy_components",
+    "draw_timesteps",
     "export_pipeline",
     "fidelity_prompts",
+    "measure_class_retention",
     "measure_fidelity",
     "measure_two_object_fidelity",
     "parse_config_overrides",
