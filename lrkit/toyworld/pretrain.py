@@ -591,7 +591,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
 
     # ---------------------------------------------------------------- phase 1: the VAE
     if state["phase"] == "vae" and cfg.vae_from is not None:
-        vae.load_state_dict(_load_vae_weights(cfg.vae_from))
+        vae.load_state_dict(_part_weights("vae_from", cfg.vae_from, "vae"))
         vae.eval().requires_grad_(False)
         pool.fill(executor=executor)
         pool.encode_all(vae)
@@ -806,31 +806,32 @@ def parse_config_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _vae_folder(source: str) -> Path:
+def _pipeline_part(option: str, source: str, name: str) -> Path:
+    """`source`'s (a diffusers pipeline folder, or "toy": the shipped model) `name` subfolder, which must hold
+    its config.json and safetensors weights; `option` names the setting in the error."""
     from lrkit.models import toy_model_dir
 
     folder = toy_model_dir() if source == "toy" else Path(source)
-    if not (folder / "vae" / "config.json").is_file():
+    if not (folder / name / "config.json").is_file() or not any((folder / name).glob("*.safetensors")):
         raise FileNotFoundError(
-            f"pretrain: vae_from={source!r}: no vae/config.json in {folder}; give a diffusers pipeline folder "
-            "(such as a previous run's OUT/pipeline) or 'toy'"
+            f"pretrain: {option}={source!r}: no {name}/config.json with {name}/*.safetensors in {folder}; give a "
+            "diffusers pipeline folder (such as a previous run's OUT/pipeline) or 'toy'"
         )
-    return folder / "vae"
+    return folder / name
+
+
+def _part_weights(option: str, source: str, name: str) -> dict[str, torch.Tensor]:
+    """The float32 weights of `_pipeline_part(option, source, name)`."""
+    from safetensors.torch import load_file
+
+    files = sorted(_pipeline_part(option, source, name).glob("*.safetensors"))
+    return {k: v.float() for k, v in load_file(str(files[0])).items()}
 
 
 def _init_weights(cfg: PretrainConfig, unet, text_encoder) -> None:
     """Load `cfg.init_from`'s UNet and text encoder weights into the freshly built modules."""
-    from safetensors.torch import load_file
-
-    from lrkit.models import toy_model_dir
-
-    folder = toy_model_dir() if cfg.init_from == "toy" else Path(cfg.init_from)
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):
-        files = sorted((folder / name).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"pretrain: init_from={cfg.init_from!r}: no {name}/*.safetensors in {folder}; give a "
-                                    "diffusers pipeline folder (such as a previous run's OUT/pipeline) or 'toy'")
-        weights = {k: v.float() for k, v in load_file(str(files[0])).items()}
+        weights = _part_weights("init_from", cfg.init_from, name)
         own = module.state_dict()
         bad = sorted(k for k in weights if k not in own or own[k].shape != weights[k].shape)
         missing = sorted(k for k, v in own.items() if k not in weights and v.is_floating_point())
@@ -841,23 +842,15 @@ def _init_weights(cfg: PretrainConfig, unet, text_encoder) -> None:
                 "unet_layers_per_block and unet_heads to that model's"
             )
         module.load_state_dict(weights, strict=False)
-    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = json.loads((_pipeline_part("init_from", cfg.init_from, "unet").parent / "scheduler"
+                            / "scheduler_config.json").read_text())
     if scheduler.get("prediction_type", "epsilon") != cfg.prediction_type:
         raise ValueError(f"pretrain: init_from={cfg.init_from!r} predicts {scheduler.get('prediction_type')!r}, "
                          f"but prediction_type is {cfg.prediction_type!r}")
 
 
-def _load_vae_weights(source: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(_vae_folder(source).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"pretrain: vae_from={source!r}: no .safetensors weights in {_vae_folder(source)}")
-    return {k: v.float() for k, v in load_file(str(files[0])).items()}
-
-
 def _vae_scaling(source: str) -> float:
-    return float(json.loads((_vae_folder(source) / "config.json").read_text())["scaling_factor"])
+    return float(json.loads((_pipeline_part("vae_from", source, "vae") / "config.json").read_text())["scaling_factor"])
 
 
 def _pool_tensors(pool: SamplePool) -> dict[str, torch.Tensor]:
