@@ -62,6 +62,7 @@ def train(base: str, photos: Path, out: Path, args, *, update_masks: bool) -> Pa
                         steps_per_round=args.steps_per_round, update_masks=update_masks,
                         attention_timesteps=args.timesteps, attention_levels=args.levels,
                         attention_loss_weight=args.attention_loss_weight, convergence_iou=args.convergence_iou,
+                        after_convergence=args.after_convergence,
                         train_lora=args.lora, **extra_options(args.em)),
         optim=dict(embedding_lr=args.embedding_lr, lr=1e-3), max_steps=args.steps, accelerator="cpu",
         precision="32", log_every_n_steps=10, checkpoint_every_n_epochs=10**6,
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                              "default level (the second-lowest, 8x8 here) is too coarse for objects 4-7 latent px wide")
     parser.add_argument("--attention-loss-weight", type=float, default=0.1)
     parser.add_argument("--convergence-iou", type=float, default=0.95)
+    parser.add_argument("--after-convergence", choices=("stop", "freeze"), default="freeze",
+                        help="once the masks converge: stop, or keep them and train the tokens to --steps")
     parser.add_argument("--embedding-lr", type=float, default=5e-3)
     parser.add_argument("--lora", action="store_true", help="train LoRA with the tokens")
     parser.add_argument("--background", default=None, metavar="WORD",
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = dict(rounds=rows, final_iou=rows[-1]["iou"], final_mean_iou=rows[-1]["mean_iou"],
                                  train_seconds=round(time.perf_counter() - t0, 1))
             logger.info("%s: mean IoU per round %s", name, [r["mean_iou"] for r in rows])
-            if name == "em" and args.samples:
+            if args.samples:
                 results[name]["generation"] = generations(args.base, bundle, args.subjects, args)
                 logger.info("generation: %s", results[name]["generation"])
     finish_machine_info(machine, started)
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                           resolution=args.resolution, steps=args.steps, steps_per_round=args.steps_per_round,
                           attention_timesteps=args.timesteps, attention_levels=args.levels,
                           attention_loss_weight=args.attention_loss_weight, lora=args.lora, seed=args.seed,
-                          background=args.background,
+                          background=args.background, after_convergence=args.after_convergence,
                           options=extra_options(args.em)),
                acceptance=dict(mask_iou_target=0.7, both_subjects_target=0.5),
                results=results)

@@ -211,6 +211,36 @@ def test_mask_state_survives_a_checkpoint():
     assert restored.state.last_step == 50 and all(torch.equal(a, b) for a, b in zip(restored.state.masks, masks))
 
 
+@pytest.mark.parametrize("after", ["stop", "freeze"])
+def test_converged_masks_stop_training_or_stay_fixed_while_the_tokens_train_on(after, monkeypatch):
+    from types import SimpleNamespace
+
+    from lrkit.training.em import EMState, MaskEstimation
+
+    callback = MaskEstimation(em_config(steps_per_round=5, after_convergence=after), EMState(last_step=0))
+    estep_steps = []
+
+    def fake_estep(trainer, pl_module):  # the second E-step finds the masks unchanged
+        estep_steps.append(trainer.global_step)
+        callback.state.last_step, callback.state.converged = trainer.global_step, len(estep_steps) >= 2
+
+    monkeypatch.setattr(callback, "run_estep", fake_estep)
+    trainer = SimpleNamespace(global_step=0, max_steps=30, should_stop=False)
+    for step in range(1, 31):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        if trainer.should_stop:
+            break
+    callback.on_train_end(trainer, None)
+    assert estep_steps == [5, 10]
+    assert (trainer.should_stop, trainer.global_step) == ((True, 10) if after == "stop" else (False, 30))
+
+
+def test_after_convergence_must_be_stop_or_freeze():
+    with pytest.raises(ConfigError, match="after_convergence must be 'stop' or 'freeze'"):
+        em_config(after_convergence="continue")
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 

@@ -183,7 +183,11 @@ class ConceptEMOptions:
     steps_per_round: int = 50
     """Optimizer steps of one M-step; the masks are re-estimated (E-step) before each round."""
     convergence_iou: float = 0.95
-    """Stop when every mask's IoU with the previous round's is at least this (1.0: only once no mask changes)."""
+    """The masks have converged when every mask's IoU with the previous round's is at least this (1.0: only
+    once no mask changes)."""
+    after_convergence: str = "stop"
+    """Once the masks converge: `stop` training there (DESIGN §6.3), or `freeze` the masks and train the
+    tokens on to max_steps (the masks of a few rounds can settle long before the tokens have learned)."""
     update_masks: bool = True
     """False: estimate the masks once, before training, and keep them (the non-EM baseline)."""
     attention_timesteps: int = 50
@@ -232,6 +236,8 @@ class ConceptEMOptions:
                f"concept_em.attention_timesteps must be >= 1, got {self.attention_timesteps}")
         _check(0.0 < self.max_timestep_fraction <= 1.0,
                f"concept_em.max_timestep_fraction must be in (0, 1], got {self.max_timestep_fraction}")
+        _check(self.after_convergence in ("stop", "freeze"),
+               f"concept_em.after_convergence must be 'stop' or 'freeze', got {self.after_convergence!r}")
         _check(self.estep_captions in ("separate", "joint"),
                f"concept_em.estep_captions must be 'separate' or 'joint', got {self.estep_captions!r}")
         _check(self.threshold is None or 0.0 < self.threshold < 1.0,

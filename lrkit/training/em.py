@@ -14,8 +14,8 @@ without user-drawn masks. The loop alternates
   learn with the diffusion loss inside the union of the sampled concepts' masks plus a
   cross-attention loss pulling each token's map towards its mask.
 
-and stops when every mask's IoU with the previous round's reaches `convergence_iou`, or at
-`max_steps`. `MaskEstimation` is the Lightning callback that runs the E-steps; the functions work
+until every mask's IoU with the previous round's reaches `convergence_iou`: then training stops, or
+(`after_convergence: freeze`) the masks stay fixed while the tokens train on to `max_steps`. `MaskEstimation` is the Lightning callback that runs the E-steps; the functions work
 without Lightning.
 """
 
@@ -304,15 +304,21 @@ class MaskEstimation(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         options, step = self.config.concept_em, trainer.global_step
-        if not options.update_masks or step % options.steps_per_round or step == self.state.last_step:
+        if (not options.update_masks or self.state.converged or step % options.steps_per_round
+                or step == self.state.last_step):
             return
         self.run_estep(trainer, pl_module)
         if self.state.converged and step < trainer.max_steps:
-            logger.info("concept_em: masks converged at step %d (IoU >= %s); stopping", step, options.convergence_iou)
-            trainer.should_stop = True
+            if options.after_convergence == "stop":
+                logger.info("concept_em: masks converged at step %d (IoU >= %s); stopping", step, options.convergence_iou)
+                trainer.should_stop = True
+            else:
+                logger.info("concept_em: masks converged at step %d (IoU >= %s); they stay fixed while the tokens "
+                            "train on to step %d", step, options.convergence_iou, trainer.max_steps)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.config.concept_em.update_masks and trainer.global_step != self.state.last_step:
+        if (self.config.concept_em.update_masks and not self.state.converged
+                and trainer.global_step != self.state.last_step):
             self.run_estep(trainer, pl_module)
 
     # -- checkpoints -----------------------------------------------------------------------
