@@ -235,6 +235,18 @@ def test_pretrain_pool_mixes_two_object_pictures(fraction):
         assert torch.equal(pool.masks[i, 0], torch.from_numpy(s.object_mask))
 
 
+def test_pretrain_pool_renders_extras_when_asked():
+    from lrkit.models import load_clip_tokenizer
+    from lrkit.toyworld.pretrain import SamplePool
+    from lrkit.toyworld.render import sample
+
+    pool = SamplePool(load_clip_tokenizer(), 6, seed=0, extras_fraction=1.0)
+    pool.fill(progress=False)
+    for i in range(6):
+        s = sample(pool.base + i, resolution=64, extras_fraction=1.0)
+        assert s.objects[0].extras and torch.equal(pool.masks[i, 0], torch.from_numpy(s.object_mask))
+
+
 def test_pretrain_render_workers_fill_the_same_pool_and_refresh_in_the_background(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -286,6 +298,8 @@ def test_pretrain_rejects_bad_options(tmp_path):
         pretrain(tmp_path, minutes=1, prediction_type="sample")
     with pytest.raises(ValueError, match="two_object_fraction"):
         pretrain(tmp_path, minutes=1, two_object_fraction=1.5)
+    with pytest.raises(ValueError, match="extras_fraction"):
+        pretrain(tmp_path, minutes=1, extras_fraction=-0.1)
     with pytest.raises(ValueError, match="object_loss_weight"):
         pretrain(tmp_path, minutes=1, object_loss_weight=-1.0)
     with pytest.raises(FileNotFoundError, match="vae/config.json"):

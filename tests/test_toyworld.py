@@ -126,6 +126,28 @@ def test_every_scene_has_colours_and_objects_stay_in_frame():
         assert color_contrast(spec.color, SCENE_NAMES[i % len(SCENE_NAMES)]) >= MIN_CONTRAST
 
 
+def test_extras_fraction_gives_generic_objects_subject_features_the_caption_does_not_name():
+    from lrkit.toyworld.world import SUBJECT_EXTRAS
+
+    plain = [sample(seed, num_objects=2) for seed in range(40)]
+    assert all(not o.extras for s in plain for o in s.objects)
+    assert all(sample(seed, num_objects=2, extras_fraction=0.0).image.tobytes() == s.image.tobytes()
+               for seed, s in enumerate(plain[:5]))  # 0 draws nothing: the pictures stay the same
+    every = [sample(seed, extras_fraction=1.0) for seed in range(40)]
+    objects = [o for s in every for o in s.objects]
+    assert all(len(o.extras) == 1 and o.extras[0] in SUBJECT_EXTRAS[o.cls] for o in objects)
+    assert len({(o.cls, o.extras[0]) for o in objects}) >= 10  # all kinds of extras, not one
+    for s in every:
+        (o,) = s.objects
+        w, h = box_size(o)  # placed with the extra: the whole object stays in frame
+        assert w / 2 - 1e-9 <= o.cx <= 1 - w / 2 + 1e-9 and h / 2 - 1e-9 <= o.cy <= 1 - h / 2 + 1e-9
+        assert o.extras[0] not in s.caption and o.description in s.caption
+    some = [o for seed in range(200) for o in sample(seed, extras_fraction=0.3).objects]
+    assert 0.2 <= sum(bool(o.extras) for o in some) / len(some) <= 0.4
+    with pytest.raises(ValueError, match="extras_fraction must be in"):
+        sample(0, extras_fraction=1.5)
+
+
 def test_two_objects_do_not_overlap_and_both_are_captioned():
     for seed in range(10):
         s = sample(seed, num_objects=2)

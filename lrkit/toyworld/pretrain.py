@@ -112,6 +112,9 @@ class PretrainConfig:
     two_object_fraction: float = 0.0
     """Share of rendered samples with two objects ("a red ball and a blue cube on the beach"), so the
     model sees prompts that combine objects (multi-concept generation); the rest have one."""
+    extras_fraction: float = 0.0
+    """Share of generic objects drawn with one of their class's subject-only features (`SUBJECT_EXTRAS`;
+    the caption does not name it), so that a subject's features are not new to the model."""
     vae_fraction: float = 0.2
     """Share of the budget for the VAE phase."""
     vae_batch_size: int = 8
@@ -194,8 +197,9 @@ class PretrainConfig:
             raise ValueError(
                 f"pretrain: prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
-        if not 0.0 <= self.two_object_fraction <= 1.0:
-            raise ValueError(f"pretrain: two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
+        for name in ("two_object_fraction", "extras_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"pretrain: {name} must be in [0, 1], got {getattr(self, name)}")
         if self.object_loss_weight < 0:
             raise ValueError(f"pretrain: object_loss_weight must be >= 0, got {self.object_loss_weight}")
         try:
@@ -305,9 +309,10 @@ class SamplePool:
     """Rendered toy-world samples: images in [-1, 1], caption token ids, and (after the VAE phase)
     latent posterior means and stds. Entries are replaced in place by fresh seeds."""
 
-    def __init__(self, tokenizer, size: int, seed: int, two_object_fraction: float = 0.0):
+    def __init__(self, tokenizer, size: int, seed: int, two_object_fraction: float = 0.0,
+                 extras_fraction: float = 0.0):
         self.tokenizer = tokenizer
-        self.two_object_fraction = two_object_fraction
+        self.world = (two_object_fraction, extras_fraction)  # render_seeds' arguments after the seeds
         self.size = size
         self.base = POOL_SEED_BASE * (seed + 1)
         self.next_seed = 0
@@ -334,7 +339,7 @@ class SamplePool:
         self.ids[slots] = self.tokenize(captions)
 
     def _render(self, slots: list[int]) -> None:
-        self._store(slots, render_seeds(self._take_seeds(len(slots)), self.two_object_fraction))
+        self._store(slots, render_seeds(self._take_seeds(len(slots)), *self.world))
 
     def fill(self, progress: bool = True, executor=None) -> None:
         from tqdm.auto import tqdm
@@ -343,9 +348,9 @@ class SamplePool:
         jobs = [(list(range(start, min(start + chunk, self.size))), self._take_seeds(min(chunk, self.size - start)))
                 for start in range(0, self.size, chunk)]
         if executor is None:
-            rendered = (render_seeds(seeds, self.two_object_fraction) for _, seeds in jobs)
+            rendered = (render_seeds(seeds, *self.world) for _, seeds in jobs)
         else:
-            rendered = (f.result() for f in [executor.submit(render_seeds, seeds, self.two_object_fraction)
+            rendered = (f.result() for f in [executor.submit(render_seeds, seeds, *self.world)
                                              for _, seeds in jobs])
         for (slots, _), result in tqdm(zip(jobs, rendered), total=len(jobs), desc="render pool", disable=not progress):
             self._store(slots, result)
@@ -356,7 +361,7 @@ class SamplePool:
         `refresh_from`."""
         seeds = self._take_seeds(n)
         size = -(-n // workers)
-        return [executor.submit(render_seeds, seeds[i:i + size], self.two_object_fraction) for i in range(0, n, size)]
+        return [executor.submit(render_seeds, seeds[i:i + size], *self.world) for i in range(0, n, size)]
 
     def refresh(self, n: int, rng: np.random.Generator, vae=None) -> None:
         """Replace `n` random entries with fresh seeds (and their latents, when encoded)."""
@@ -398,11 +403,12 @@ class SamplePool:
         self.latent_masks = _latent_share(self.masks, self.latent_mean.shape[-1])
 
 
-def render_seeds(seeds: list[int], two_object_fraction: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def render_seeds(seeds: list[int], two_object_fraction: float,
+                 extras_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Render the pool samples of `seeds`: uint8 images (N, H, W, 3), bool object masks (N, H, W), captions.
     A plain function of its arguments, so worker processes can run it."""
-    rendered = [sample(seed, num_objects=1 + (two_objects(seed) < two_object_fraction), resolution=TOY_RESOLUTION)
-                for seed in seeds]
+    rendered = [sample(seed, num_objects=1 + (two_objects(seed) < two_object_fraction), resolution=TOY_RESOLUTION,
+                       extras_fraction=extras_fraction) for seed in seeds]
     return (np.stack([np.asarray(r.image.convert("RGB"), dtype=np.uint8) for r in rendered]),
             np.stack([r.object_mask for r in rendered]), [r.caption for r in rendered])
 
@@ -572,7 +578,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, resume: bool, executor=None) -> Pa
     if cfg.init_from is not None and state["step"] == 0:
         _init_weights(cfg, unet, text_encoder)
     tokenizer = load_clip_tokenizer()
-    pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed, cfg.two_object_fraction)
+    pool = SamplePool(tokenizer, cfg.pool_size, cfg.seed, cfg.two_object_fraction, cfg.extras_fraction)
     rng = np.random.default_rng([cfg.seed, state["step"], state["vae_step"]])
     torch.manual_seed(cfg.seed * 7919 + state["step"] + state["vae_step"])
 

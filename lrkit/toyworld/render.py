@@ -9,7 +9,7 @@ same picture, finer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import PIL.Image
@@ -22,6 +22,7 @@ from lrkit.toyworld.world import (
     COLORS,
     PATTERN_PERIODS,
     PATTERNS,
+    SUBJECT_EXTRAS,
     ObjectSpec,
     SceneSpec,
     caption,
@@ -275,8 +276,14 @@ def random_object(
     scene: str,
     scale_range: tuple[float, float] = SCALE_RANGE,
     cls: str | None = None,
+    extras_fraction: float = 0.0,
 ) -> ObjectSpec:
-    """A generic object that suits `scene`'s colours, randomly posed, sized and placed."""
+    """A generic object that suits `scene`'s colours, randomly posed, sized and placed.
+
+    With probability `extras_fraction` it also has one of its class's `SUBJECT_EXTRAS` (so a model
+    trained on such pictures has seen the feature, as a real base model has seen handles on vases;
+    a subject is then a particular combination). At 0 no extra is drawn and `rng` is used as before.
+    """
     if cls is None:
         cls = CLASSES[int(rng.integers(len(CLASSES)))]
     colors = compatible_colors(scene)
@@ -288,6 +295,9 @@ def random_object(
         rotation=float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)),
         params=random_params(rng, cls),
     )
+    if extras_fraction > 0 and rng.random() < extras_fraction:
+        options = SUBJECT_EXTRAS[cls]
+        spec = replace(spec, extras=(options[int(rng.integers(len(options)))],))
     return place(spec, rng)
 
 
@@ -296,11 +306,16 @@ def _overlaps(a: ObjectSpec, b: ObjectSpec, gap: float = 0.02) -> bool:
     return abs(a.cx - b.cx) < (aw + bw) / 2 + gap and abs(a.cy - b.cy) < (ah + bh) / 2 + gap
 
 
-def sample(seed: int, num_objects: int = 1, resolution: int = 64, scene: str | None = None) -> Sample:
+def sample(seed: int, num_objects: int = 1, resolution: int = 64, scene: str | None = None,
+           extras_fraction: float = 0.0) -> Sample:
     """A random scene with `num_objects` generic objects (non-overlapping boxes) and a caption.
 
     Deterministic in `seed`; the resolution changes only the pixel grid, not the picture.
+    `extras_fraction`: share of objects with a subject-only feature (`random_object`); the caption
+    does not name it.
     """
+    if not 0.0 <= extras_fraction <= 1.0:
+        raise ValueError(f"sample: extras_fraction must be in [0, 1], got {extras_fraction}")
     if num_objects < 1:
         raise ValueError(f"sample: num_objects must be >= 1, got {num_objects}")
     rng = np.random.default_rng(seed)
@@ -309,7 +324,7 @@ def sample(seed: int, num_objects: int = 1, resolution: int = 64, scene: str | N
     objects: list[ObjectSpec] = []
     while len(objects) < num_objects:
         for _ in range(100):
-            obj = random_object(rng, spec.name, scale_range)
+            obj = random_object(rng, spec.name, scale_range, extras_fraction=extras_fraction)
             if not any(_overlaps(obj, o) for o in objects):
                 break
         else:
