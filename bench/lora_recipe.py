@@ -86,6 +86,7 @@ class Snapshots(L.Callback):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subject", default="toy_vase", help="a toy subject (lrkit.toyworld.SUBJECTS)")
+    parser.add_argument("--base", default="toy", help="base model: the shipped toy model, or a pretrained pipeline folder")
     parser.add_argument("--set", default="{}", help="JSON merged into the demo's LoRA recipe")
     parser.add_argument("--snapshots", default="400,800,1200", help="steps to generate at (the last ends training)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])
@@ -105,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     subject = get_subject(args.subject)
     changes = json.loads(args.set)
     steps = sorted(int(s) for s in args.snapshots.split(","))
-    run = f"{subject.name}-{zlib.crc32(json.dumps(changes, sort_keys=True).encode()):08x}"
+    run = f"{subject.name}-{zlib.crc32(json.dumps([args.base, changes], sort_keys=True).encode()):08x}"
     recipe = merge_nested(TOY_LORA_RECIPE, changes)
     recipe["max_steps"] = steps[-1]
     photos = write_photos(subject, args.work / f"photos-{subject.name}")
-    config = load_config({"base": "toy", "output_dir": str(args.work / run), "resume": None, "overwrite": True,
+    config = load_config({"base": args.base, "output_dir": str(args.work / run), "resume": None, "overwrite": True,
                           "data": {"photos": str(photos), "class_word": subject.cls, "resolution": 64}}, **recipe)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    label = dict(command=command, subject=subject.name, changes=changes)
+    label = dict(command=command, base=args.base, subject=subject.name, changes=changes)
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)
     module = PersonalizationModule(config)
