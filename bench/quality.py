@@ -239,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     _common.write_json(RESULTS_JSON, command=command, machine=machine, subject=args.subject, seeds=seeds,
                        prompts=prompts, steps=args.steps, train_seconds=train_seconds, results=results, sweep=sweep,
                        options=asdict(base))
-    section = (f"### toy world, subject `{args.subject}`, {len(prompts)} prompts x {len(seeds)} seeds, "
-               f"{args.steps} DDIM steps\n\n{_common.machine_line(machine)}\n\n`{command}`\n\n{table}\n\n"
+    key = f"toy world, subject `{args.subject}`, {len(prompts)} prompts x {len(seeds)} seeds, {args.steps} DDIM steps"
+    section = (f"### {key}\n\n{_common.machine_line(machine)}\n\n`{command}`\n\n{table}\n\n"
                f"![centre points](results/quality/centre_heatmaps.png)\n")
     if sweep:
         section += "\nlayout-retouch (LoRA) option sweep, one option at a time around the defaults, SAM played by "
         section += "the toy segmenter:\n\n" + markdown(list(sweep.items()), vanilla_sigma) + "\n"
-    _common.write_results_section(_common.RESULTS_MD, "Quality (toy world)", section, f"toy world, subject `{args.subject}`",
-                                  keep_from="#### Reading")
+    # the key is the whole heading: a re-run with the same setup replaces its subsection (notes kept)
+    _common.write_results_section(_common.RESULTS_MD, "Quality (toy world)", section, key, keep_from="#### Reading")
     return 0
 
 
