@@ -86,7 +86,8 @@ class Snapshots(L.Callback):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subject", default="toy_vase", help="a toy subject (lrkit.toyworld.SUBJECTS)")
-    parser.add_argument("--base", default="toy", help="base model: the shipped toy model, or a pretrained pipeline folder")
+    parser.add_argument("--base", default="toy",
+                        help="base model: the shipped toy model, or a pretrained pipeline folder")
     parser.add_argument("--set", default="{}", help="JSON merged into the demo's LoRA recipe")
     parser.add_argument("--snapshots", default="400,800,1200", help="steps to generate at (the last ends training)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])

@@ -131,8 +131,19 @@ def test_extras_fraction_gives_generic_objects_subject_features_the_caption_does
 
     plain = [sample(seed, num_objects=2) for seed in range(40)]
     assert all(not o.extras for s in plain for o in s.objects)
-    assert all(sample(seed, num_objects=2, extras_fraction=0.0).image.tobytes() == s.image.tobytes()
-               for seed, s in enumerate(plain[:5]))  # 0 draws nothing: the pictures stay the same
+    # At 0 nothing is drawn: the pictures are the ones the shipped toy model was pretrained on (pinned
+    # from the renderer before extras_fraction existed; PCG64 streams are stable across numpy versions).
+    pinned = {
+        0: ("a purple dotted mug in front of a brick wall", [("mug", 0.6289, 0.2763, 0.5918)]),
+        1: ("a photo of a yellow striped teapot and an orange dotted cone under the night sky",
+            [("teapot", 0.6694, 0.5309, 0.3318), ("cone", 0.5123, 0.2332, 0.3054)]),
+        7: ("a white checked cone and a purple striped ball",
+            [("cone", 0.3589, 0.3702, 0.4142), ("ball", 0.8275, 0.6944, 0.339)]),
+    }
+    for seed, (text, objects) in pinned.items():
+        s = sample(seed, num_objects=1 + seed % 2, extras_fraction=0.0)
+        placed = [(o.cls, round(o.cx, 4), round(o.cy, 4), round(o.scale, 4)) for o in s.objects]
+        assert (s.caption, placed) == (text, objects)
     every = [sample(seed, extras_fraction=1.0) for seed in range(40)]
     objects = [o for s in every for o in s.objects]
     assert all(len(o.extras) == 1 and o.extras[0] in SUBJECT_EXTRAS[o.cls] for o in objects)

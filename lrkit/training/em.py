@@ -15,7 +15,8 @@ without user-drawn masks. The loop alternates
   cross-attention loss pulling each token's map towards its mask.
 
 until every mask's IoU with the previous round's reaches `convergence_iou`: then training stops, or
-(`after_convergence: freeze`) the masks stay fixed while the tokens train on to `max_steps`. `MaskEstimation` is the Lightning callback that runs the E-steps; the functions work
+(`after_convergence: freeze`) the masks stay fixed while the tokens train on to `max_steps`.
+`MaskEstimation` is the Lightning callback that runs the E-steps; the functions work
 without Lightning.
 """
 
