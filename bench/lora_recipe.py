@@ -2,8 +2,8 @@
 
 One training run of a toy subject's concept (the demo's recipe, `lrkit.demo.TOY_LORA_RECIPE`, changed
 by `--set`) stops at every snapshot step to generate, with the model as it stands (a stock diffusers
-pipeline over the training modules, 25 DDIM steps), `a photo of sks <class> <scene phrase>` for four
-scenes and plain `a photo of sks <class>` (the photos' studio: does the model reproduce its training
+pipeline over the training modules, 25 DDIM steps), `a photo of <token> <class> <scene phrase>` for four
+scenes and plain `a photo of <token> <class>` (the photos' studio: does the model reproduce its training
 photos at all?), N seeds each, at each guidance scale asked for. The toy world's exact scorers then give
 the share of generations recognised as the subject (`is_subject`) and drawn in the prompted scene.
 
@@ -38,9 +38,9 @@ SCENE_PROMPTS = (("beach", "on the beach"), ("snow", "in the snow"), ("grass", "
 class Snapshots(L.Callback):
     """At each snapshot step: generate the prompts x seeds x guidance scales and score them."""
 
-    def __init__(self, subject, steps: list[int], guidance: list[float], seeds: int, work: Path, out: Path,
-                 label: dict):
-        self.subject, self.steps, self.guidance, self.seeds = subject, set(steps), guidance, seeds
+    def __init__(self, subject, token: str, steps: list[int], guidance: list[float], seeds: int, work: Path,
+                 out: Path, label: dict):
+        self.subject, self.token, self.steps, self.guidance, self.seeds = subject, token, set(steps), guidance, seeds
         self.work, self.out, self.label = work, out, label
         self.done: set[int] = set()
         self.train_seconds, self.t0 = 0.0, time.perf_counter()
@@ -60,7 +60,7 @@ class Snapshots(L.Callback):
         for guidance in self.guidance:
             records = []
             for scene, phrase in SCENE_PROMPTS:
-                prompt = f"a photo of sks {self.subject.cls} {phrase}".strip()
+                prompt = f"a photo of {self.token} {self.subject.cls} {phrase}".strip()
                 generators = [torch.Generator().manual_seed(s) for s in range(self.seeds)]
                 images = pipe([prompt] * self.seeds, num_inference_steps=25, guidance_scale=guidance,
                               generator=generators, height=64, width=64).images
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)
     module = PersonalizationModule(config)
-    snapshots = Snapshots(subject, steps, args.guidance, args.seeds, args.work / run, args.out, label)
+    snapshots = Snapshots(subject, config.token, steps, args.guidance, args.seeds, args.work / run, args.out, label)
     trainer = build_trainer(config, extra_callbacks=[snapshots, *module.model.method.callbacks()],
                             enable_progress_bar=False)
     trainer.fit(module, datamodule=datamodule)
