@@ -172,13 +172,18 @@ class PretrainConfig:
         return tuple(int(c) for c in str(self.unet_channels).split(","))
 
     def timestep_focus_range(self) -> tuple[int, int] | None:
+        """`timestep_focus` as (LO, HI); None when unset."""
         if not self.timestep_focus:
             return None
         try:
             lo, hi = (int(v) for v in str(self.timestep_focus).split(","))
         except ValueError:
-            return (0, 0)  # rejected by __post_init__ with the option's name
+            raise ValueError(self._focus_error()) from None
         return lo, hi
+
+    def _focus_error(self) -> str:
+        return (f"pretrain: timestep_focus must be 'LO,HI' with 0 <= LO < HI <= 1000 and timestep_focus_fraction in "
+                f"[0, 1] (> 0 only with a range); got {self.timestep_focus!r}, {self.timestep_focus_fraction}")
 
     def unet_overrides(self) -> dict:
         return dict(block_out_channels=self.unet_block_out_channels(), layers_per_block=self.unet_layers_per_block,
@@ -216,10 +221,7 @@ class PretrainConfig:
         lo, hi = self.timestep_focus_range() or (0, 1)
         if not (0 <= lo < hi <= 1000 and 0.0 <= self.timestep_focus_fraction <= 1.0) \
                 or (self.timestep_focus_fraction > 0 and not self.timestep_focus):
-            raise ValueError(
-                f"pretrain: timestep_focus must be 'LO,HI' with 0 <= LO < HI <= 1000 and timestep_focus_fraction in "
-                f"[0, 1] (> 0 only with a range); got {self.timestep_focus!r}, {self.timestep_focus_fraction}"
-            )
+            raise ValueError(self._focus_error())
         if not self.token_lr_scale > 0:
             raise ValueError(f"pretrain: token_lr_scale must be > 0, got {self.token_lr_scale}")
         if self.init_from is not None and self.vae_from is None:
@@ -812,12 +814,17 @@ def parse_config_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _pipeline_part(option: str, source: str, name: str) -> Path:
-    """`source`'s (a diffusers pipeline folder, or "toy": the shipped model) `name` subfolder, which must hold
-    its config.json and safetensors weights; `option` names the setting in the error."""
+def _pipeline_root(source: str) -> Path:
+    """The folder of `source`: a diffusers pipeline folder, or "toy" (the shipped model)."""
     from lrkit.models import toy_model_dir
 
-    folder = toy_model_dir() if source == "toy" else Path(source)
+    return toy_model_dir() if source == "toy" else Path(source)
+
+
+def _pipeline_part(option: str, source: str, name: str) -> Path:
+    """`source`'s (`_pipeline_root`) `name` subfolder, which must hold its config.json and safetensors weights;
+    `option` names the setting in the error."""
+    folder = _pipeline_root(source)
     if not (folder / name / "config.json").is_file() or not any((folder / name).glob("*.safetensors")):
         raise FileNotFoundError(
             f"pretrain: {option}={source!r}: no {name}/config.json with {name}/*.safetensors in {folder}; give a "
@@ -848,8 +855,7 @@ def _init_weights(cfg: PretrainConfig, unet, text_encoder) -> None:
                 "unet_layers_per_block and unet_heads to that model's"
             )
         module.load_state_dict(weights, strict=False)
-    scheduler = json.loads((_pipeline_part("init_from", cfg.init_from, "unet").parent / "scheduler"
-                            / "scheduler_config.json").read_text())
+    scheduler = json.loads((_pipeline_root(cfg.init_from) / "scheduler" / "scheduler_config.json").read_text())
     if scheduler.get("prediction_type", "epsilon") != cfg.prediction_type:
         raise ValueError(f"pretrain: init_from={cfg.init_from!r} predicts {scheduler.get('prediction_type')!r}, "
                          f"but prediction_type is {cfg.prediction_type!r}")
