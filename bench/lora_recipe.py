@@ -10,6 +10,7 @@ the share of generations recognised as the subject (`is_subject`) and drawn in t
     python bench/lora_recipe.py                                          # toy_vase, the demo recipe
     python bench/lora_recipe.py --subject toy_ball --snapshots 800,1200 --guidance 4 7.5
     python bench/lora_recipe.py --set '{"optim": {"lr": 1e-3}}' --snapshots 400,800,1200,1600,2000
+    python bench/lora_recipe.py --backdrops night,brick                  # + the subject on other backdrops
 
 Snapshot images go to WORK/<run>/s<step>g<guidance>/; a JSON line per snapshot and guidance is appended
 to --out. Training time (without the snapshots) is reported per snapshot: the issue's budget is
@@ -33,6 +34,35 @@ from _common import ROOT, start_run
 
 SCENE_PROMPTS = (("beach", "on the beach"), ("snow", "in the snow"), ("grass", "on the grass"),
                  ("desert", "in the desert"), ("studio", ""))
+
+
+def write_backdrop_photos(subject, out_dir: Path, scenes: list[str], copies: int, seed: int = 0) -> Path:
+    """The 5 studio photos plus, per scene and copy, each photo's subject cut out (its ground-truth mask)
+    and pasted on a fresh render of that scene, captioned `a photo of {token} {class_word} <phrase>`."""
+    from PIL import Image
+
+    from lrkit.inference.outputs import save_png
+    from lrkit.toyworld.render import render
+    from lrkit.toyworld.world import SCENES, random_scene
+
+    unknown = [s for s in scenes if s not in SCENES]
+    if unknown:
+        raise SystemExit(f"--backdrops: unknown scene(s) {unknown}; choose from {', '.join(SCENES)}")
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    photos = subject.photos(5)
+    for i, photo in enumerate(photos):
+        save_png(photo.image, out_dir / f"photo_{i}.png")
+    for copy in range(copies):
+        for scene in scenes:
+            for i, photo in enumerate(photos):
+                backdrop = np.asarray(render(random_scene(rng, scene), [], 64).image.convert("RGB"), np.float32)
+                mask = photo.masks[0][..., None].astype(np.float32)
+                pixels = np.asarray(photo.image.convert("RGB"), np.float32) * mask + backdrop * (1 - mask)
+                stem = out_dir / f"{scene}_{copy}_{i}"
+                save_png(Image.fromarray(pixels.round().astype(np.uint8)), stem.with_suffix(".png"))
+                stem.with_suffix(".txt").write_text(f"a photo of {{token}} {{class_word}} {SCENES[scene].phrase}\n")
+    return out_dir
 
 
 class Snapshots(L.Callback):
@@ -89,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="toy",
                         help="base model: the shipped toy model, or a pretrained pipeline folder")
     parser.add_argument("--set", default="{}", help="JSON merged into the demo's LoRA recipe")
+    parser.add_argument("--photos", type=Path, default=None,
+                        help="train on this photo folder (same-stem .txt captions allowed) instead of the subject's "
+                             "5 studio photos")
+    parser.add_argument("--backdrops", default="",
+                        help="comma-separated scenes: add the photos' subject cut out and pasted on each scene, "
+                             "with the scene's phrase in the caption (background variety)")
+    parser.add_argument("--backdrop-copies", type=int, default=3, help="fresh backdrops per scene and photo")
     parser.add_argument("--snapshots", default="400,800,1200", help="steps to generate at (the last ends training)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
@@ -107,14 +144,24 @@ def main(argv: list[str] | None = None) -> int:
     subject = get_subject(args.subject)
     changes = json.loads(args.set)
     steps = sorted(int(s) for s in args.snapshots.split(","))
-    run = f"{subject.name}-{zlib.crc32(json.dumps([args.base, changes], sort_keys=True).encode()):08x}"
+    backdrops = [s for s in args.backdrops.split(",") if s]
+    if args.photos and backdrops:
+        raise SystemExit("--photos and --backdrops: give one or the other")
+    key = [args.base, changes] + ([str(args.photos)] if args.photos else []) + (
+        [backdrops, args.backdrop_copies] if backdrops else [])
+    run = f"{subject.name}-{zlib.crc32(json.dumps(key, sort_keys=True).encode()):08x}"
     recipe = merge_nested(TOY_LORA_RECIPE, changes)
     recipe["max_steps"] = steps[-1]
-    photos = write_photos(subject, args.work / f"photos-{subject.name}")
+    if backdrops:
+        photos = write_backdrop_photos(subject, args.work / f"{run}-photos", backdrops, args.backdrop_copies)
+    else:
+        photos = args.photos or write_photos(subject, args.work / f"photos-{subject.name}")
     config = load_config({"base": args.base, "output_dir": str(args.work / run), "resume": None, "overwrite": True,
                           "data": {"photos": str(photos), "class_word": subject.cls, "resolution": 64}}, **recipe)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    label = dict(command=command, base=args.base, subject=subject.name, changes=changes)
+    label = dict(command=command, base=args.base, subject=subject.name, changes=changes,
+                 photos=str(args.photos) if args.photos else None, backdrops=backdrops,
+                 backdrop_copies=args.backdrop_copies if backdrops else None)
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)
     module = PersonalizationModule(config)
