@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from lrkit.io import atomic_dir, atomic_write_json
-from lrkit.models import BaseFingerprint, fingerprint
+from lrkit.models import BaseFingerprint, dtype_kwarg, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -317,12 +317,14 @@ class Concept:
 
         device, dtype = pipe.unet.device, pipe.unet.dtype
         if "unet" in self.files:
-            unet = UNet2DConditionModel.from_pretrained(str(self.file("unet")), torch_dtype=dtype, use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(str(self.file("unet")), **dtype_kwarg(dtype),
+                                                        use_safetensors=True)
             # Its fingerprint is its own (no longer the base's); the id says where it came from.
             unet._lrkit_base_id = f"{fingerprint(pipe).id}+{self.name}"
             pipe.register_modules(unet=unet.to(device))
         if "text_encoder" in self.files:
-            te = CLIPTextModel.from_pretrained(str(self.file("text_encoder")), torch_dtype=pipe.text_encoder.dtype,
+            te = CLIPTextModel.from_pretrained(str(self.file("text_encoder")),
+                                               **dtype_kwarg(pipe.text_encoder.dtype, "transformers"),
                                                use_safetensors=True)
             pipe.register_modules(text_encoder=te.to(device))
 

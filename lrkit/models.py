@@ -304,7 +304,7 @@ def load_base(
             try:
                 pipe = StableDiffusionPipeline.from_single_file(
                     str(path), config=str(config_dir) if config_dir is not None else None,
-                    torch_dtype=load_dtype, safety_checker=None, requires_safety_checker=False,
+                    **dtype_kwarg(load_dtype), safety_checker=None, requires_safety_checker=False,
                 )
             except (OSError, ConnectionError) as err:
                 if config_dir is not None:
@@ -314,7 +314,7 @@ def load_base(
         elif path.is_dir():
             _require_pipeline_folder(path, "base model folder")
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(path), torch_dtype=load_dtype, safety_checker=None, requires_safety_checker=False,
+                str(path), **dtype_kwarg(load_dtype), safety_checker=None, requires_safety_checker=False,
                 use_safetensors=True,
             )
             base_id = str(path.resolve())
@@ -323,7 +323,7 @@ def load_base(
         else:
             try:
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    name, torch_dtype=load_dtype, safety_checker=None, requires_safety_checker=False,
+                    name, **dtype_kwarg(load_dtype), safety_checker=None, requires_safety_checker=False,
                     use_safetensors=True,
                 )
             except (OSError, ValueError, ConnectionError) as err:
@@ -356,9 +356,23 @@ def _load_toy():
             "or a diffusers model (hub id, local folder or .safetensors file)"
         )
     return StableDiffusionPipeline.from_pretrained(
-        str(path), torch_dtype=torch.float32, use_safetensors=True, safety_checker=None,
+        str(path), **dtype_kwarg(torch.float32), use_safetensors=True, safety_checker=None,
         requires_safety_checker=False, local_files_only=True,
     )
+
+
+def dtype_kwarg(dtype: torch.dtype, library: str = "diffusers") -> dict[str, torch.dtype]:
+    """`{"dtype": dtype}` where `library`'s `from_pretrained` takes it, else `{"torch_dtype": dtype}`.
+
+    diffusers 0.40 and transformers 4.56 renamed the keyword and warn on the old one; the versions lrkit
+    still supports below them know only `torch_dtype`.
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    renamed = {"diffusers": "0.40", "transformers": "4.56"}[library]
+    return {"dtype" if Version(version(library)) >= Version(renamed) else "torch_dtype": dtype}
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:

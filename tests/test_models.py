@@ -204,7 +204,7 @@ def test_single_file_passes_config_to_from_single_file(saved, monkeypatch):
     load_base(single, config=folder, dtype="bf16")
     assert seen["path"] == str(single)
     assert seen["config"] == str(folder)
-    assert seen["torch_dtype"] is torch.bfloat16
+    assert seen["dtype"] is torch.bfloat16  # diffusers >= 0.40's keyword (the test env has 0.42)
     assert seen["safety_checker"] is None
 
 
@@ -304,3 +304,25 @@ def test_fingerprint_of_tensors_larger_than_float32_can_index():
 
     probe = compute_fingerprint(Big(), "big").weight_probe
     assert probe[0] == 0.0 and probe[-1] == float(2**24 + 2)  # first and last element, exactly
+
+
+@pytest.mark.parametrize("library, installed, key", [
+    ("diffusers", "0.39.0", "torch_dtype"), ("diffusers", "0.40.0", "dtype"), ("diffusers", "0.42.1", "dtype"),
+    ("transformers", "4.55.4", "torch_dtype"), ("transformers", "4.56.0", "dtype"), ("transformers", "5.23.0", "dtype"),
+])
+def test_dtype_kwarg_follows_the_installed_library(monkeypatch, library, installed, key):
+    import importlib.metadata
+
+    from lrkit.models import dtype_kwarg
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed if name == library else "0")
+    assert dtype_kwarg(torch.float16, library) == {key: torch.float16}
+
+
+def test_loading_warns_about_no_deprecated_dtype_keyword(tmp_path, recwarn, caplog):
+    """diffusers >= 0.40 and transformers >= 4.56 warn on `torch_dtype=`; lrkit's loaders pass `dtype=`."""
+    pipe = load_base("toy")
+    pipe.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    load_base(tmp_path / "folder", dtype="fp32")
+    messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "torch_dtype" in m], messages

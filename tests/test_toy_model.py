@@ -86,7 +86,7 @@ def test_pretrain_smoke_writes_a_loadable_pipeline_and_resumes(tmp_path):
     out = pretrain(tmp_path, minutes=5, seed=3, max_steps=2, vae_steps=2, **small)
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]
     assert (state["phase"], state["vae_step"], state["step"]) == ("unet", 2, 2)
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, use_safetensors=True,
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), dtype=torch.float32, use_safetensors=True,
                                                    safety_checker=None, requires_safety_checker=False)
     assert pipe.vae.config.scaling_factor == pytest.approx(state["scaling_factor"])
     assert next(pipe.unet.parameters()).dtype == torch.float32
@@ -97,7 +97,7 @@ def test_pretrain_smoke_writes_a_loadable_pipeline_and_resumes(tmp_path):
     resumed = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]
     assert (resumed["vae_step"], resumed["step"]) == (2, 3)  # the VAE phase is not redone
     assert resumed["elapsed"] > state["elapsed"]
-    again = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, use_safetensors=True,
+    again = StableDiffusionPipeline.from_pretrained(str(out), dtype=torch.float32, use_safetensors=True,
                                                     safety_checker=None, requires_safety_checker=False)
     for key, value in pipe.vae.state_dict().items():  # the frozen VAE carried over
         torch.testing.assert_close(again.vae.state_dict()[key], value)
@@ -115,7 +115,7 @@ def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["state"]
     assert (state["vae_step"], state["step"]) == (0, 2)  # no VAE phase
     assert math.isfinite(state["final_loss"])
-    load = dict(torch_dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    load = dict(dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
     source, pipe = (StableDiffusionPipeline.from_pretrained(str(path), **load) for path in (first, out))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert source.scheduler.config.prediction_type == "epsilon"
@@ -145,7 +145,7 @@ def test_pretrain_continues_a_pipeline_from_init_from(tmp_path):
 
     small = dict(pool_size=16, batch_size=4, vae_batch_size=4, refresh_per_step=1, warmup_steps=2, num_threads=1)
     first = pretrain(tmp_path / "a", minutes=5, seed=3, max_steps=2, vae_steps=2, **small)
-    load = dict(torch_dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    load = dict(dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
     source = StableDiffusionPipeline.from_pretrained(str(first), **load)
     # no step: the export is the starting point itself (the EMA starts from the loaded weights), VAE included
     same = StableDiffusionPipeline.from_pretrained(
