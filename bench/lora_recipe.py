@@ -11,6 +11,7 @@ the share of generations recognised as the subject (`is_subject`) and drawn in t
     python bench/lora_recipe.py --subject toy_ball --snapshots 800,1200 --guidance 4 7.5
     python bench/lora_recipe.py --set '{"optim": {"lr": 1e-3}}' --snapshots 400,800,1200,1600,2000
     python bench/lora_recipe.py --backdrops night,brick                  # + the subject on other backdrops
+    python bench/lora_recipe.py --class-word "purple dotted vase"        # a descriptive class phrase
 
 Snapshot images go to WORK/<run>/s<step>g<guidance>/; a JSON line per snapshot and guidance is appended
 to --out. Training time (without the snapshots) is reported per snapshot: the issue's budget is
@@ -68,9 +69,10 @@ def write_backdrop_photos(subject, out_dir: Path, scenes: list[str], copies: int
 class Snapshots(L.Callback):
     """At each snapshot step: generate the prompts x seeds x guidance scales and score them."""
 
-    def __init__(self, subject, token: str, steps: list[int], guidance: list[float], seeds: int, work: Path,
-                 out: Path, label: dict):
-        self.subject, self.token, self.steps, self.guidance, self.seeds = subject, token, set(steps), guidance, seeds
+    def __init__(self, subject, token: str, class_word: str, steps: list[int], guidance: list[float], seeds: int,
+                 work: Path, out: Path, label: dict):
+        self.subject, self.token, self.class_word = subject, token, class_word
+        self.steps, self.guidance, self.seeds = set(steps), guidance, seeds
         self.work, self.out, self.label = work, out, label
         self.done: set[int] = set()
         self.train_seconds, self.t0 = 0.0, time.perf_counter()
@@ -90,7 +92,7 @@ class Snapshots(L.Callback):
         for guidance in self.guidance:
             records = []
             for scene, phrase in SCENE_PROMPTS:
-                prompt = f"a photo of {self.token} {self.subject.cls} {phrase}".strip()
+                prompt = f"a photo of {self.token} {self.class_word} {phrase}".strip()
                 generators = [torch.Generator().manual_seed(s) for s in range(self.seeds)]
                 images = pipe([prompt] * self.seeds, num_inference_steps=25, guidance_scale=guidance,
                               generator=generators, height=64, width=64).images
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, default=None,
                         help="train on this photo folder (same-stem .txt captions allowed) instead of the subject's "
                              "5 studio photos")
+    parser.add_argument("--class-word", default=None,
+                        help="the class phrase in captions and prompts (default: the subject's class, e.g. 'vase'; "
+                             "try its description, 'purple dotted vase')")
     parser.add_argument("--backdrops", default="",
                         help="comma-separated scenes: add the photos' subject cut out and pasted on each scene, "
                              "with the scene's phrase in the caption (background variety)")
@@ -147,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     backdrops = [s for s in args.backdrops.split(",") if s]
     if args.photos and backdrops:
         raise SystemExit("--photos and --backdrops: give one or the other")
+    class_word = args.class_word or subject.cls
     key = [args.base, changes] + ([str(args.photos)] if args.photos else []) + (
-        [backdrops, args.backdrop_copies] if backdrops else [])
+        [backdrops, args.backdrop_copies] if backdrops else []) + ([class_word] if args.class_word else [])
     run = f"{subject.name}-{zlib.crc32(json.dumps(key, sort_keys=True).encode()):08x}"
     recipe = merge_nested(TOY_LORA_RECIPE, changes)
     recipe["max_steps"] = steps[-1]
@@ -157,15 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         photos = args.photos or write_photos(subject, args.work / f"photos-{subject.name}")
     config = load_config({"base": args.base, "output_dir": str(args.work / run), "resume": None, "overwrite": True,
-                          "data": {"photos": str(photos), "class_word": subject.cls, "resolution": 64}}, **recipe)
+                          "data": {"photos": str(photos), "class_word": class_word, "resolution": 64}}, **recipe)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    label = dict(command=command, base=args.base, subject=subject.name, changes=changes,
+    label = dict(command=command, base=args.base, subject=subject.name, class_word=class_word, changes=changes,
                  photos=str(args.photos) if args.photos else None, backdrops=backdrops,
                  backdrop_copies=args.backdrop_copies if backdrops else None)
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)
     module = PersonalizationModule(config)
-    snapshots = Snapshots(subject, config.token, steps, args.guidance, args.seeds, args.work / run, args.out, label)
+    snapshots = Snapshots(subject, config.token, class_word, steps, args.guidance, args.seeds, args.work / run,
+                          args.out, label)
     trainer = build_trainer(config, extra_callbacks=[snapshots, *module.model.method.callbacks()],
                             enable_progress_bar=False)
     trainer.fit(module, datamodule=datamodule)
