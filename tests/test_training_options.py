@@ -144,3 +144,37 @@ def test_mixed_precision_options_and_validation_images(photos, tmp_path, capture
     states = ckpt["optimizer_states"][0]["state"].values()
     assert states and all("__bnb_optimizer_quant_state__" in st and "exp_avg" not in st for st in states)  # 8-bit AdamW
     assert (bundle / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method, trained", [("lora", {"unet"}), ("textual_inversion", {"text_encoder"}),
+                                             ("dreambooth", {"unet"})])
+def test_modules_that_train_are_in_train_mode_and_frozen_ones_in_eval(photos, method, trained):
+    """from_pretrained hands modules over in eval mode, which would switch LoRA dropout off in training."""
+    from lrkit.models import build_tiny_random
+
+    pipe = build_tiny_random(0)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.eval()  # as diffusers' and transformers' from_pretrained return them
+    config = small_config(photos, method=method, lora={"dropout": 0.1, "train_text_encoder": False})
+    model = ConceptModel(config, pipe=pipe)
+
+    def modes() -> dict[str, bool]:
+        return {name: getattr(model, name).training for name in ("vae", "text_encoder", "unet")}
+
+    expected = {name: name in trained for name in ("vae", "text_encoder", "unet")}
+    assert modes() == expected
+    if method == "lora":
+        dropouts = [m for n, m in model.unet.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(m.training for m in dropouts)
+    model.eval()
+    assert not any(modes().values())
+    model.train()
+    assert modes() == expected
+
+
+def test_training_raises_no_warning_about_the_batch_hook_or_eval_modules(photos, tmp_path, recwarn):
+    """The batch hook lives on the datamodule (Lightning warns when the LightningModule overrides it), and
+    the frozen modules' eval mode is intended (train_concept silences Lightning's warning about it)."""
+    train_concept(small_config(photos), output_dir=str(tmp_path / "run"), max_steps=1, accelerator="cpu")
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "transfer_batch_to_device" in m or "in eval mode" in m], messages

@@ -62,6 +62,19 @@ class ConceptModel(nn.Module):
             self.unet.compile()  # in place: state_dict keys stay the same
         self._text_cache: dict[str, torch.Tensor] = {}
         self._latent_cache: dict[tuple, torch.Tensor] = {}
+        # from_pretrained hands the modules over in eval mode; set each one's mode from what trains
+        self.train()
+
+    def train(self, mode: bool = True) -> "ConceptModel":
+        """Train mode for the modules that hold trainable weights (so LoRA dropout is active); the frozen
+        ones (always the VAE) stay in eval mode, whatever mode they came in."""
+        super().train(mode)
+        if mode:
+            for name in ("vae", "text_encoder", "unet"):
+                module = getattr(self, name)
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
 
     # ------------------------------------------------------------------ setup helpers
 

@@ -183,6 +183,13 @@ class ConceptDataModule(L.LightningDataModule):
                           num_workers=self.config.data.num_workers, drop_last=False,
                           persistent_workers=self.config.data.num_workers > 0)
 
+    def transfer_batch_to_device(self, batch: dict, device, dataloader_idx: int) -> dict:
+        """Only the pixels go to the device; indices and captions stay on the CPU (no syncs to read them).
+
+        The hook lives here, beside `collate`, which decides the batch's layout (Lightning warns when a
+        LightningModule overrides it while a datamodule supplies the batches)."""
+        return dict(batch, pixel_values=batch["pixel_values"].to(device, non_blocking=True))
+
     def cacheable_items(self) -> list[dict]:
         """Deterministic variants (center crop, flipped or not) of every photo and class image."""
         items = []
@@ -231,10 +238,6 @@ class PersonalizationModule(L.LightningModule):
         for key, value in logs.items():
             self.log(key, value, on_step=True, batch_size=batch["num_instance"])
         return loss
-
-    def transfer_batch_to_device(self, batch: dict, device, dataloader_idx: int) -> dict:
-        """Only the pixels go to the device; indices and captions stay on the CPU (no syncs to read them)."""
-        return dict(batch, pixel_values=batch["pixel_values"].to(device, non_blocking=True))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.method.before_optimizer_step(self.model, self.global_step)

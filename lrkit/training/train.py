@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -74,7 +75,10 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
     datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
     module = PersonalizationModule(config)
     trainer = build_trainer(config, extra_callbacks=module.model.method.callbacks())
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
+    with warnings.catch_warnings():
+        # ConceptModel.train keeps the frozen modules in eval mode on purpose (see there)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
     if trainer.is_global_zero:
         export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
     trainer.strategy.barrier("lrkit-export")
