@@ -172,9 +172,18 @@ def test_modules_that_train_are_in_train_mode_and_frozen_ones_in_eval(photos, me
     assert modes() == expected
 
 
-def test_training_raises_no_warning_about_the_batch_hook_or_eval_modules(photos, tmp_path, recwarn):
-    """The batch hook lives on the datamodule (Lightning warns when the LightningModule overrides it), and
-    the frozen modules' eval mode is intended (train_concept silences Lightning's warning about it)."""
-    train_concept(small_config(photos), output_dir=str(tmp_path / "run"), max_steps=1, accelerator="cpu")
+def test_training_raises_no_warning_about_the_batch_hook_eval_modules_or_short_epochs(photos, tmp_path, recwarn):
+    """The batch hook lives on the datamodule (Lightning warns when the LightningModule overrides it); the
+    frozen modules' eval mode is intended, and epochs shorter than the logging interval still log every n
+    steps, so train_concept silences Lightning's warnings about those two."""
+    import csv
+
+    out = tmp_path / "run"
+    # 2 photos x batch 1 = epochs of 2 steps, logging every 3 steps
+    train_concept(small_config(photos, data={"batch_size": 1}), output_dir=str(out), max_steps=7, accelerator="cpu",
+                  log_every_n_steps=3, validation={"prompts": []})
     messages = [str(w.message) for w in recwarn]
-    assert not [m for m in messages if "transfer_batch_to_device" in m or "in eval mode" in m], messages
+    noise = ("transfer_batch_to_device", "in eval mode", "smaller than the logging interval")
+    assert not [m for m in messages if any(n in m for n in noise)], messages
+    rows = [r for r in csv.DictReader(open(out / "logs" / "metrics.csv")) if r.get("loss")]
+    assert [int(r["step"]) for r in rows] == [2, 5]  # Lightning's 0-based steps 2 and 5: every 3 steps

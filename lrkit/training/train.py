@@ -78,6 +78,9 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
     with warnings.catch_warnings():
         # ConceptModel.train keeps the frozen modules in eval mode on purpose (see there)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # a few photos make epochs shorter than log_every_n_steps; Lightning counts the interval in
+        # optimizer steps across epochs, so the logs still come every n steps
+        warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
         trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
     if trainer.is_global_zero:
         export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
