@@ -196,6 +196,9 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The `lightning` package gives its logger a console handler of its own on import; without this its
+    # messages would print twice, once there and once through the root handler above.
+    logging.getLogger("lightning").propagate = False
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: lrkit COMMAND [options]   (lrkit COMMAND --help for its options)\n\ncommands:\n" + "\n".join(lines))
