@@ -187,3 +187,13 @@ def test_training_raises_no_warning_about_the_batch_hook_eval_modules_or_short_e
     assert not [m for m in messages if any(n in m for n in noise)], messages
     rows = [r for r in csv.DictReader(open(out / "logs" / "metrics.csv")) if r.get("loss")]
     assert [int(r["step"]) for r in rows] == [2, 5]  # Lightning's 0-based steps 2 and 5: every 3 steps
+
+
+def test_progress_bar_counts_steps_across_epochs(photos, tmp_path, capsys):
+    """One bar over max_steps, not one per epoch (2 photos at batch 1 make epochs of 2 steps)."""
+    train_concept(small_config(photos, data={"batch_size": 1}), output_dir=str(tmp_path / "run"), max_steps=5,
+                  accelerator="cpu", validation={"prompts": []})
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err  # Lightning's bars write to stdout
+    assert "training: 100%" in shown and "5/5" in shown, shown[-2000:]
+    assert "Epoch" not in shown

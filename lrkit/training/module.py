@@ -18,6 +18,7 @@ from typing import Iterator
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrkit.io import atomic_write_bytes
@@ -317,6 +318,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's optimizer steps, `training: 340/1200 [..., loss=0.02]`.
+
+    Training is counted in steps (`max_steps`, `max_epochs=-1`), and a few photos make epochs of one or
+    two steps: Lightning's bar would restart every epoch and read "Epoch 599/-2"."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.n = trainer.global_step  # a resumed run starts where it stopped
+        bar.set_description("training")
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # the one bar spans every epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if not bar.disable and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # nothing to close or reset between epochs
 
 
 class ValidationImages(L.Callback):

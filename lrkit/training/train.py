@@ -20,8 +20,8 @@ from lrkit.concept import Concept, write_bundle
 from lrkit.io import atomic_write_bytes
 from lrkit.training.config import TrainConfig, config_from_dict, load_config
 from lrkit.training.model import ConceptModel
-from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, ValidationImages,
-                                   world_from_environment)
+from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, StepProgressBar,
+                                   ValidationImages, world_from_environment)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), **t
         enable_model_summary=False,
     )
     kwargs.update(trainer_kwargs)
+    if kwargs.get("enable_progress_bar", True):
+        kwargs["callbacks"].append(StepProgressBar())
     return L.Trainer(**kwargs)
 
 
