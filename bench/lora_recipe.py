@@ -42,6 +42,7 @@ def write_backdrop_photos(subject, out_dir: Path, scenes: list[str], copies: int
     and pasted on a fresh render of that scene, captioned `a photo of {token} {class_word} <phrase>`."""
     from PIL import Image
 
+    from lrkit.demo import write_photos
     from lrkit.inference.outputs import save_png
     from lrkit.toyworld.render import render
     from lrkit.toyworld.world import SCENES, random_scene
@@ -50,10 +51,8 @@ def write_backdrop_photos(subject, out_dir: Path, scenes: list[str], copies: int
     if unknown:
         raise SystemExit(f"--backdrops: unknown scene(s) {unknown}; choose from {', '.join(SCENES)}")
     rng = np.random.default_rng(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    photos = subject.photos(5)
-    for i, photo in enumerate(photos):
-        save_png(photo.image, out_dir / f"photo_{i}.png")
+    write_photos(subject, out_dir)
+    photos = subject.photos(5)  # the same 5 (seeded), now with their masks
     for copy in range(copies):
         for scene in scenes:
             for i, photo in enumerate(photos):

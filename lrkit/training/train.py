@@ -58,7 +58,7 @@ def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), **t
     )
     kwargs.update(trainer_kwargs)
     if kwargs.get("enable_progress_bar", True):
-        kwargs["callbacks"].append(StepProgressBar())
+        kwargs["callbacks"] = [*kwargs["callbacks"], StepProgressBar()]  # never the caller's list
     return L.Trainer(**kwargs)
 
 
