@@ -36,7 +36,7 @@ from lrkit.toyworld import (
     segment_object,
 )
 from lrkit.toyworld.render import SCALE_RANGE, box_size, place, random_object
-from lrkit.toyworld.scorers import background_distance, largest_component
+from lrkit.toyworld.scorers import background_distance, largest_component, scene_scores
 from lrkit.toyworld.world import MIN_CONTRAST, TINT_MAX, color_contrast, random_scene, shade_of
 
 
@@ -304,6 +304,20 @@ def test_object_class_colour_and_pattern_on_ground_truth(bench):
     assert _rate(bench, "cls_ok") >= 0.9
     assert _rate(bench, "color_ok") >= 0.97
     assert _rate(bench, "pattern_ok", min_scale=0.3) >= 0.9
+
+
+def test_stars_do_not_explain_grey_backgrounds():
+    """Night's sparse stars are not part of its scene score: their segments (sky blue to white) pass
+    through every grey, and used to make a greyish generated snow picture read as night."""
+    grey = np.full((64, 64, 3), (186.0, 195.0, 200.0))
+    assert scene_scores(grey)["night"] < 0.05
+    rng = np.random.default_rng(0)
+    for _ in range(10):  # a washed-out snow picture: 15 % grey, a little less blue
+        snow = np.asarray(render(random_scene(rng, "snow"), [], 64).image.convert("RGB"), dtype=np.float64)
+        washed = 0.85 * snow + 0.15 * np.array([150.0, 150.0, 150.0]) - np.array([0.0, 0.0, 15.0])
+        assert classify_scene(washed)[0] == "snow"
+    for _ in range(10):  # night pictures, stars and all, still read as night
+        assert classify_scene(render(random_scene(rng, "night"), [], 64).image)[0] == "night"
 
 
 def test_scorers_work_at_128_px():

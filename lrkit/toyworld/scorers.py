@@ -168,11 +168,16 @@ def _softmax(scores: dict[str, float], temperature: float) -> dict[str, float]:
 
 
 def scene_scores(image: ImageLike) -> dict[str, float]:
-    """Per scene, the share of the image its background model explains (soft, in [0, 1])."""
+    """Per scene, the share of the image its background model explains (soft, in [0, 1]).
+
+    Sparse details (stars) are left out: they cover a few percent of a night picture, but their
+    segments run from the sky's blues to white through every grey, so with them the night model
+    would explain the pale, greyish skies and snow of a generated snow picture.
+    """
     p = _pixels(image)
     out = {}
     for scene in SCENE_NAMES:
-        d = background_distance(p, scene)
+        d = background_distance(p, scene, details=False)
         out[scene] = float(np.exp(-(d**2) / (2 * BACKGROUND_SIGMA**2)).mean())
     return out
 
