@@ -37,37 +37,6 @@ SCENE_PROMPTS = (("beach", "on the beach"), ("snow", "in the snow"), ("grass", "
                  ("desert", "in the desert"), ("studio", ""))
 
 
-def write_backdrop_photos(subject, out_dir: Path, scenes: list[str], copies: int, seed: int = 0) -> Path:
-    """The 5 studio photos plus, per scene and copy, each photo's subject cut out (`segment_object`'s mask)
-    and pasted on a fresh render of that scene, captioned `a photo of {token} {class_word} <phrase>`."""
-    from PIL import Image
-
-    from lrkit.demo import write_photos
-    from lrkit.inference.outputs import save_png
-    from lrkit.toyworld.render import render
-    from lrkit.toyworld.scorers import segment_object
-    from lrkit.toyworld.world import SCENES, random_scene
-
-    unknown = [s for s in scenes if s not in SCENES]
-    if unknown:
-        raise SystemExit(f"--backdrops: unknown scene(s) {unknown}; choose from {', '.join(SCENES)}")
-    rng = np.random.default_rng(seed)
-    write_photos(subject, out_dir)
-    photos = subject.photos(5)  # the same 5 (seeded) as the PNGs
-    # Cut out by the toy world's segmenter, which plays SAM here (a user would run SAM on the photos).
-    masks = [segment_object(photo.image, scene="studio") for photo in photos]
-    for copy in range(copies):
-        for scene in scenes:
-            for i, photo in enumerate(photos):
-                backdrop = np.asarray(render(random_scene(rng, scene), [], 64).image.convert("RGB"), np.float32)
-                mask = masks[i][..., None].astype(np.float32)
-                pixels = np.asarray(photo.image.convert("RGB"), np.float32) * mask + backdrop * (1 - mask)
-                stem = out_dir / f"{scene}_{copy}_{i}"
-                save_png(Image.fromarray(pixels.round().astype(np.uint8)), stem.with_suffix(".png"))
-                stem.with_suffix(".txt").write_text(f"a photo of {{token}} {{class_word}} {SCENES[scene].phrase}\n")
-    return out_dir
-
-
 class Snapshots(L.Callback):
     """At each snapshot step: generate the prompts x seeds x guidance scales and score them."""
 
@@ -160,10 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     run = f"{subject.name}-{zlib.crc32(json.dumps(key, sort_keys=True).encode()):08x}"
     recipe = merge_nested(TOY_LORA_RECIPE, changes)
     recipe["max_steps"] = steps[-1]
-    if backdrops:
-        photos = write_backdrop_photos(subject, args.work / f"{run}-photos", backdrops, args.backdrop_copies)
-    else:
-        photos = args.photos or write_photos(subject, args.work / f"photos-{subject.name}")
+    photos = args.photos or write_photos(subject, args.work / f"{run}-photos" if backdrops else args.work / f"photos-{subject.name}",
+                                         backdrops=backdrops, copies=args.backdrop_copies)
     config = load_config({"base": args.base, "output_dir": str(args.work / run), "resume": None, "overwrite": True,
                           "data": {"photos": str(photos), "class_word": class_word, "resolution": 64}}, **recipe)
     args.out.parent.mkdir(parents=True, exist_ok=True)

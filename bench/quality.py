@@ -1,4 +1,4 @@
-"""Quality bench on the toy world: the vanilla model with the class word, personalized LoRA, DreamBooth and
+"""Quality bench on the toy world: the vanilla model with the class phrase, personalized LoRA, DreamBooth and
 Textual Inversion concepts, layout only and layout-retouch, on the same prompts and seeds, scored with the
 toy world's exact scorers (subject identity, prompted scene, object class, layout diversity sigma^2_avg)
 plus a centre-point heatmap per method. `--sweep` also scores layout-retouch over its inference options
@@ -26,7 +26,7 @@ from PIL import Image
 
 import _common
 
-from lrkit.demo import TOY_LORA_RECIPE, write_photos
+from lrkit.demo import DEMO_SUBJECT, TOY_BACKDROPS, TOY_LORA_RECIPE, toy_training_data
 from lrkit.evaluation import report
 from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
 from lrkit.jobs import fill_prompts, generate_to_folder, train_or_reuse
@@ -81,8 +81,10 @@ class ToySegmenter:
 
 
 def bench_prompts(subject) -> list[str]:
-    """'a photo of {} <phrase>' for every scene the subject's colours are visible on (not the studio)."""
-    return [f"a photo of {{}} {SCENES[s].phrase}" for s in subject.compatible_scenes() if SCENES[s].phrase]
+    """'a photo of {} <phrase>' for every scene the subject's colours are visible on, except the studio and the
+    scenes of the training backdrops (TOY_BACKDROPS): the concepts are judged on scenes they never saw."""
+    return [f"a photo of {{}} {SCENES[s].phrase}" for s in subject.compatible_scenes()
+            if SCENES[s].phrase and s not in TOY_BACKDROPS]
 
 
 def score_folder(done, subject) -> list[dict]:
@@ -120,7 +122,7 @@ def run_method(pipeline, prompts, seeds, options: GenerationOptions, out: Path, 
 
 
 METHODS = (  # (name, concept, generation overrides)
-    ("vanilla (class word)", "lora", {"mode": "vanilla"}),
+    ("vanilla (class phrase)", "lora", {"mode": "vanilla"}),
     ("LoRA", "lora", {"mode": "personalized"}),
     ("DreamBooth", "dreambooth", {"mode": "personalized"}),
     ("Textual Inversion", "textual_inversion", {"mode": "personalized"}),
@@ -154,7 +156,7 @@ def markdown(rows: list[tuple[str, dict]], vanilla_sigma: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subject", default="toy_vase")
+    parser.add_argument("--subject", default=DEMO_SUBJECT)
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (0..N-1)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("--work", default="outputs/bench-quality", help="concepts and images (reused)")
@@ -171,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 
     subject = get_subject(args.subject)
     work = Path(args.work)
-    photos = write_photos(subject, work / "photos")
+    photos, class_word = toy_training_data(subject, work / "photos")  # every method trains on the same data
     wanted = [m for m in args.methods.split(",") if m]
     concepts, train_seconds = {}, {}
     for method in wanted:
         recipe = dict(RECIPES[method])
         t0 = time.perf_counter()
-        concepts[method] = train_or_reuse(photos, subject.cls, work / "concepts" / method, base="toy",
+        concepts[method] = train_or_reuse(photos, class_word, work / "concepts" / method, base="toy",
                                           method=recipe.pop("method"), train_overrides=recipe)
         train_seconds[method] = round(time.perf_counter() - t0, 1)
     seeds = list(range(args.seeds))
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep[label] = summarize(run_method(pipe, filled, seeds, options, folder, subject), subject)
             print(f"sweep {label:<20} {json.dumps(sweep[label])}", flush=True)
 
-    vanilla_sigma = results.get("vanilla (class word)", {}).get("sigma2_avg", float("nan"))
+    vanilla_sigma = results.get("vanilla (class phrase)", {}).get("sigma2_avg", float("nan"))
     table = markdown(list(results.items()), vanilla_sigma)
     print(table)
     if sweep:

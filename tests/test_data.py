@@ -373,6 +373,17 @@ def test_per_photo_captions_override_template():
     assert [ds[i]["caption"] for i in range(3)] == ["sks dog on a beach", "sks the dog", "close-up of sks"]
 
 
+def test_unknown_placeholder_in_a_caption_file_is_reported(caplog):
+    """`{class_word}` (a natural slip for `{class}`) is not filled in; the warning names the photo."""
+    photos = make_photos(captions=["a photo of {token} {class_word} at night", "{token} {class}", None])
+    with caplog.at_level("WARNING", logger="lrkit.training.data"):
+        ds = PhotoDataset(photos, resolution=32, token="sks", class_word="dog")
+    assert ds[0]["caption"] == "a photo of sks {class_word} at night"  # kept as written, as before
+    warned = [r.getMessage() for r in caplog.records if "{class_word}" in r.getMessage()]
+    assert len(warned) == 1 and photos[0].name in warned[0] and "{class}" in warned[0]
+    assert not any(photos[1].name in r.getMessage() for r in caplog.records)
+
+
 def test_getitem_is_deterministic_per_index_and_seed():
     kwargs = dict(resolution=32, token="sks", class_word="vase", center_crop=False, random_flip=0.5)
     ds = PhotoDataset(make_photos(), **kwargs)

@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from lrkit.concept import Concept
-from lrkit.demo import DEMO_MODES, run_demo
-from lrkit.toyworld import SUBJECTS
+from lrkit.demo import DEMO_MODES, TOY_BACKDROPS, run_demo, write_photos
+from lrkit.toyworld import SUBJECTS, classify_scene, segment_object
+from lrkit.training.data import PhotoDataset, load_images
 
 FAST = dict(prompts=["a photo of {} on the beach", "a photo of {} in the snow"], seeds=[0, 1],
             train_overrides={"max_steps": 2}, options={"num_inference_steps": 4})
@@ -21,8 +23,9 @@ def demo(tmp_path_factory):
 
 def test_demo_writes_photos_bundle_images_grid_and_scores(demo):
     photos = sorted((demo.out_dir / "photos").glob("*.png"))
-    assert len(photos) == 5
+    assert len(photos) == 5 + 3 * 5 * len(TOY_BACKDROPS)  # studio photos + 3 backdrop copies of each
     assert (demo.bundle / "concept.json").is_file()
+    assert Concept.load(demo.bundle).class_word == SUBJECTS["toy_ball"].description == "red checked ball"
     for mode in DEMO_MODES:
         assert sorted(p.name for p in (demo.out_dir / mode).glob("p*.png")) == [
             "p000_s0.png", "p000_s1.png", "p001_s0.png", "p001_s1.png"]
@@ -52,6 +55,29 @@ def test_demo_rerun_reuses_the_bundle_and_the_images(demo, monkeypatch):
     again = run_demo(demo.out_dir, subject="toy_ball", **FAST)
     assert {p: p.stat().st_mtime_ns for p in images} == before
     assert again.scores == demo.scores
+
+
+def test_backdrop_photos_paste_the_subject_on_the_scene_and_name_it(tmp_path):
+    subject = SUBJECTS["toy_ball"]
+    write_photos(subject, tmp_path, n=2, backdrops=("night",), copies=2)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "night_0_0.png", "night_0_1.png", "night_1_0.png", "night_1_1.png", "photo_0.png", "photo_1.png"]
+    photos = {p.name: p for p in load_images(tmp_path)}
+    studio = [np.asarray(photos[f"photo_{i}.png"].image) for i in range(2)]
+    for copy in range(2):
+        for i in range(2):
+            pasted = photos[f"night_{copy}_{i}.png"]
+            mask = segment_object(studio[i], scene="studio")
+            pixels = np.asarray(pasted.image)
+            assert np.array_equal(pixels[mask], studio[i][mask])  # the subject, pixel for pixel
+            assert classify_scene(pasted.image)[0] == "night" and not np.array_equal(pixels[~mask], studio[i][~mask])
+    assert not np.array_equal(np.asarray(photos["night_0_0.png"].image), np.asarray(photos["night_1_0.png"].image))
+    dataset = PhotoDataset(list(photos.values()), resolution=64, token="sks", class_word=subject.description)
+    captions = {p.name: dataset[k]["caption"] for k, p in enumerate(dataset.photos)}
+    assert captions["night_1_0.png"] == "a photo of sks red checked ball under the night sky"
+    assert captions["photo_0.png"] == "a photo of sks red checked ball"
+    with pytest.raises(ValueError, match="backdrops.*'moon'.*choose from"):
+        write_photos(subject, tmp_path / "bad", backdrops=("moon",))
 
 
 def test_demo_rejects_unknown_subject_and_empty_inputs(tmp_path):

@@ -394,6 +394,10 @@ class PhotoDataset(torch.utils.data.Dataset):
 
     def _caption(self, photo: Photo) -> str:
         template = photo.caption if photo.caption is not None else self.caption_template
+        unknown = sorted({p for p in _PLACEHOLDER.findall(template) if p not in CAPTION_PLACEHOLDERS})
+        if photo.caption is not None and unknown:  # the template itself was validated in __init__
+            logger.warning("caption of %s has %s, which is not filled in (only {token} and {class} are); "
+                           "it stays as written: %r", photo.name, ", ".join("{" + p + "}" for p in unknown), template)
         caption = format_caption(template, token=self.token, class_word=self.class_word)
         if self.token not in caption:
             logger.warning("caption of %s does not mention the token %r: %r", photo.name, self.token, caption)
