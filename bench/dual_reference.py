@@ -1,26 +1,27 @@
 """Dual-reference personalization (DESIGN §6.1) on the toy world: the plain concept and concept + style, side by side.
 
-A toy subject's studio photos -> a LoRA concept on the toy base model (trained once per base-model
-fingerprint, reused afterwards) -> for every prompt x seed, one image per method:
+A toy subject -> a LoRA concept on the toy base model, trained with the demo's recipe (`lrkit.demo`:
+`toy_training_data`, `TOY_LORA_RECIPE`; once per base-model fingerprint and step count, reused
+afterwards) -> for every prompt x seed, one image per method:
 
 - **personalized**: the plain concept (the yardstick);
 - **dual-reference**: the concept as customization reference, plus a style reference with a distinct
-  palette and texture: a brick wall (red-brown bricks, pale mortar lines) with a yellow ball in front
-  of it (the style image's content, named by `style_subject="ball"` so that it is masked out of the
-  style); the switch step from the entropy rule;
+  palette and texture: by default the night sky (navy, stars) with a yellow vase in front of it (the
+  style image's content, named by `style_subject` so that it is masked out of the style;
+  `--style-scene`, `--style-content`); the switch step from the entropy rule;
 - **customize-only** and **stylize-only**: one phase each (the same switch step), to see what each does;
 - **dual-reference, style_weight 10**: both phases, the style tokens' attention weights multiplied by 10.
 
 Every image is scored with the toy world's exact scorers (`lrkit.toyworld.scorers`) on the subject found
 by `segment_object` on the prompted scene: its colour (`color_scores`: probability of the subject's own
 colour, of the style palette's colour and of the style content's colour; the mean RGB distance of its
-pixels to the brick palette, `background_distance`), its shape (`identity_components`' P(shape) and
+pixels to the style scene's palette, `background_distance`), its shape (`identity_components`' P(shape) and
 `classify_object`), the whole identity (`subject_identity`), and the background (`classify_scene` against
 the prompted scene). The style should move the subject's colour towards the palette, keep its shape, and
 leave the prompted scene in the background.
 
-    python bench/dual_reference.py                       # toy_vase, 3 scenes x 4 seeds, 25 DDIM steps
-    python bench/dual_reference.py --subject toy_ball --seeds 0 1 --train-steps 200
+    python bench/dual_reference.py                       # toy_ball, 3 scenes x 8 seeds, 25 DDIM steps
+    python bench/dual_reference.py --subject toy_vase --style-scene brick --style-content ball:yellow
 
 Results: a markdown table on stdout, JSON at `--out` (default bench/results/dual_reference.json).
 """
@@ -49,10 +50,6 @@ logger = logging.getLogger("bench.dual_reference")
 
 PROMPTS = (("a photo of {} on the beach", "beach"), ("a photo of {} in the snow", "snow"),
            ("a photo of {} on the grass", "grass"))
-STYLE_SCENE, STYLE_CONTENT = "brick", ("ball", "yellow")
-# The toy LoRA recipe: UNet + text-encoder LoRA, rank 8, on the 5 subject photos at 64 px (CPU minutes).
-TOY_LORA = {"method": "lora", "lora": {"rank": 8, "alpha": 8, "train_text_encoder": True}, "optim": {"lr": 1e-3},
-            "data": {"repeats": 1, "random_flip": 0.0, "batch_size": 4}, "accelerator": "cpu", "cache_latents": True}
 METHODS = {  # name -> GenerationOptions overrides (None: the plain concept)
     "personalized": None,
     "dual-reference": {},
@@ -61,6 +58,7 @@ METHODS = {  # name -> GenerationOptions overrides (None: the plain concept)
     "dual-reference, style_weight 10": {"style_weight": 10.0},
     "dual-reference, style_shift 0.5": {"style_shift": 0.5},
     "dual-reference, style_shift 1": {"style_shift": 1.0},
+    "dual-reference, style_shift 1 from the switch": {"style_shift": 1.0, "style_shift_start": 0.0},
 }
 
 
@@ -74,40 +72,31 @@ def base_tag(base: str) -> str:
 
 
 def concept_for(subject, work: Path, base: str, train_steps: int) -> Path:
-    """The subject's LoRA concept on `base` (trained unless already there for this base and step count)."""
-    from lrkit.concept import MANIFEST
-    from lrkit.inference.outputs import save_png
-    from lrkit.training import train_concept
+    """The subject's LoRA concept on `base` with the demo's recipe (trained unless already there for this base and
+    step count)."""
+    from lrkit.demo import TOY_LORA_RECIPE, toy_training_data
+    from lrkit.jobs import train_or_reuse
 
     run = work / f"concept-{subject.name}-{base_tag(base)}-{train_steps}"
-    bundle = run / "concept"
-    if (bundle / MANIFEST).is_file():
-        logger.info("reusing the concept %s", bundle)
-        return bundle
-    photos = work / f"photos-{subject.name}"
-    photos.mkdir(parents=True, exist_ok=True)
-    for i, photo in enumerate(subject.photos(5)):
-        save_png(photo.image, photos / f"photo_{i}.png")
-    logger.info("training a LoRA concept of %s on %s (%d steps)", subject.name, base, train_steps)
-    recipe = json.loads(json.dumps(TOY_LORA))
-    recipe["data"].update(photos=str(photos), class_word=subject.cls, resolution=64)
-    train_concept({**recipe, "base": base, "output_dir": str(run), "max_steps": train_steps, "overwrite": True})
-    return bundle
+    photos, class_word = toy_training_data(subject, work / f"photos-{subject.name}")
+    recipe = {**TOY_LORA_RECIPE, "max_steps": train_steps}
+    return train_or_reuse(photos, class_word, run, base=base, method=recipe.pop("method"), train_overrides=recipe).path
 
 
-def style_image(path: Path, seed: int = 0):
-    """The style reference: a brick wall with a yellow ball (a toy-world render); returns the image and its masks."""
+def style_image(path: Path, scene: str, content: tuple[str, str]):
+    """The style reference: a toy-world render of `scene` with one (class, colour) object; returns the image and
+    the object's mask."""
     from lrkit.toyworld.render import render
     from lrkit.toyworld.world import ObjectSpec, SceneSpec
 
-    cls, color = STYLE_CONTENT
-    sample = render(SceneSpec(STYLE_SCENE), [ObjectSpec(cls, color, cx=0.5, cy=0.55, scale=0.45)], 64)
+    cls, color = content
+    sample = render(SceneSpec(scene), [ObjectSpec(cls, color, cx=0.5, cy=0.55, scale=0.45)], 64)
     path.parent.mkdir(parents=True, exist_ok=True)
     sample.image.save(path)
     return sample.image, sample.masks[0]
 
 
-def score(image, subject, scene: str, style_color: str) -> dict:
+def score(image, subject, scene: str, style_scene: str, style_color: str, content_color: str) -> dict:
     """The toy scorers' judgement of one generation (module docstring)."""
     from lrkit.toyworld import scorers
 
@@ -123,8 +112,8 @@ def score(image, subject, scene: str, style_color: str) -> dict:
         object_class=scorers.classify_object(image, mask)[0],
         color=max(colors, key=colors.get),
         p_subject_color=colors[subject.color], p_style_color=colors[style_color],
-        p_content_color=colors[STYLE_CONTENT[1]],
-        palette_distance=float(scorers.background_distance(image, STYLE_SCENE)[mask].mean()),
+        p_content_color=colors[content_color],
+        palette_distance=float(scorers.background_distance(image, style_scene)[mask].mean()),
         mean_rgb=[round(float(c), 1) for c in pixels.mean(axis=0)],
         shape=parts["shape"], identity=scorers.subject_identity(image, subject, mask),
     )
@@ -147,12 +136,16 @@ def summarize(records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subject", default="toy_vase", help="a toy subject (lrkit.toyworld.SUBJECTS)")
+    parser.add_argument("--subject", default="toy_ball", help="a toy subject (lrkit.toyworld.SUBJECTS)")
     parser.add_argument("--base", default="toy", help="base model (the embedded toy model)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
-    parser.add_argument("--train-steps", type=int, default=400, help="LoRA training steps of the concept")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="LoRA training steps of the concept (default: the demo recipe's)")
+    parser.add_argument("--style-scene", default="night", help="the style image's scene (its palette and texture)")
+    parser.add_argument("--style-content", default="vase:yellow", metavar="CLASS:COLOUR",
+                        help="the object in front of the style scene (masked out of the style by style_subject)")
     parser.add_argument("--switch", type=float, default=None, help="override the entropy rule (fraction of T)")
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-dual-reference"),
                         help="concepts, inversion cache and images")
@@ -174,13 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     from lrkit.toyworld import scorers
     from lrkit.toyworld.subjects import get_subject
 
+    from lrkit.demo import TOY_LORA_RECIPE
+    from lrkit.toyworld.world import CLASSES, COLORS, SCENES
+
     subject = get_subject(args.subject)
+    content = tuple(args.style_content.split(":"))
+    if len(content) != 2 or content[0] not in CLASSES or content[1] not in COLORS:
+        raise SystemExit(f"--style-content: expected CLASS:COLOUR with CLASS in {CLASSES} and COLOUR in "
+                         f"{tuple(COLORS)}, got {args.style_content!r}")
+    if args.style_scene not in SCENES:
+        raise SystemExit(f"--style-scene: one of {tuple(SCENES)}, got {args.style_scene!r}")
+    args.train_steps = args.train_steps or TOY_LORA_RECIPE["max_steps"]
     work = Path(args.work)
     bundle = concept_for(subject, work, args.base, args.train_steps)
-    style_path = work / "style_brick_ball.png"
-    style, content_mask = style_image(style_path)
-    style_colors = scorers.color_scores(style, ~content_mask)  # the brick wall alone
-    style_color = max(style_colors, key=style_colors.get)  # the named colour nearest to the brick palette
+    style_path = work / f"style_{args.style_scene}_{content[1]}_{content[0]}.png"
+    style, content_mask = style_image(style_path, args.style_scene, content)
+    style_colors = scorers.color_scores(style, ~content_mask)  # the scene alone
+    style_color = max(style_colors, key=style_colors.get)  # the named colour nearest to the style palette
+    if style_color == subject.color:
+        raise SystemExit(f"--style-scene {args.style_scene}: its palette reads as {style_color}, the subject's own "
+                         f"colour; choose a scene with another palette")
     pipeline = LayoutRetouchPipeline.from_concept(args.base, bundle, cache_dir=work / "cache")
     if args.segmenter == "toy":
         from quality import ToySegmenter
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             options = GenerationOptions(mode="personalized", **common)
         else:
             options = GenerationOptions(mode="dual-reference", style_reference=str(style_path),
-                                        style_subject=STYLE_CONTENT[0], switch=args.switch, **common, **overrides)
+                                        style_subject=content[0], switch=args.switch, **common, **overrides)
         t0 = time.perf_counter()
         generations = pipeline(prompts, seeds=args.seeds, options=options)
         timings[method] = round(time.perf_counter() - t0, 1)
@@ -210,15 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             gen.image.save(path)
             records.append({"method": method, "prompt": gen.prompt, "seed": gen.seed, "image": str(path),
-                            **score(gen.image, subject, scene, style_color)})
+                            **score(gen.image, subject, scene, args.style_scene, style_color, content[1])})
         logger.info("%s: %d images in %.1f s", method, len(generations), timings[method])
 
     summary = {m: summarize([r for r in records if r["method"] == m]) for m in METHODS}
     finish_machine_info(machine, started)
     write_json(Path(args.out), command=command, machine=machine,
                setup={"subject": subject.name, "subject_color": subject.color, "subject_class": subject.cls,
-                      "style": f"{STYLE_SCENE} wall with a {' '.join(reversed(STYLE_CONTENT))}",
-                      "style_color": style_color, "style_content_color": STYLE_CONTENT[1],
+                      "style": f"{args.style_scene} with a {content[1]} {content[0]}",
+                      "style_color": style_color, "style_content_color": content[1],
                       "entropy_custom_bits": round(h_c, 4), "entropy_style_bits": round(h_s, 4),
                       "switch_fraction": switch, "switch_step": GenerationOptions(
                           num_inference_steps=args.steps).step_index(switch),
@@ -234,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, s in summary.items():
         cells = ["-" if s[c] is None else f"{s[c]:.3f}" if c != "palette_distance" else f"{s[c]:.1f}" for c in columns]
         lines.append(f"| {method} | {' | '.join(cells)} |")
-    print(f"subject {subject.name} ({subject.color} {subject.pattern} {subject.cls}); style: {STYLE_SCENE} wall "
-          f"(palette colour {style_color}) with a {STYLE_CONTENT[1]} {STYLE_CONTENT[0]}; entropy H_C = {h_c:.2f}, "
+    print(f"subject {subject.name} ({subject.color} {subject.pattern} {subject.cls}); style: {args.style_scene} "
+          f"(palette colour {style_color}) with a {content[1]} {content[0]}; entropy H_C = {h_c:.2f}, "
           f"H_S = {h_s:.2f} bits -> switch {switch:.3f} of {args.steps} steps")
     print("\n".join(lines))
     print(f"results: {args.out}")

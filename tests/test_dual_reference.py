@@ -315,6 +315,34 @@ def test_style_shift_in_the_loop_gives_the_subject_the_styles_latent_means(pipes
         GenerationOptions(mode="personalized", style_shift=0.5)
 
 
+def test_style_shift_starts_at_style_shift_start(pipes, style_png):
+    """Shifted at the last step only, the latents outside the subject are the plain run's bit for bit (only the
+    mask's inside moves); shifted from the switch step, the later steps redraw the outside too."""
+    from lrkit.inference.dual_reference import denoise_dual_reference
+
+    pipe, prompt = pipes["lora"], PROMPT["lora"]
+    base = dict(num_inference_steps=STEPS, mode="dual-reference", style_reference=style_png, style_subject="square",
+                switch=0.5)
+
+    def run(**kw):
+        return denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)],
+                                      GenerationOptions(**base, **kw), 64, 64)
+
+    plain = run()
+    last = run(style_shift=1.0, style_shift_start=1.0)
+    early = run(style_shift=1.0, style_shift_start=0.0)  # from the switch step on
+    m = last.shift_masks[0] > 0.5
+    assert m.any() and not m.all()
+    assert torch.equal(last.latents[0][:, ~m], plain.latents[0][:, ~m])
+    assert (last.latents[0][:, m] - plain.latents[0][:, m]).abs().max() > 1e-2
+    assert (early.latents[0][:, ~m] - plain.latents[0][:, ~m]).abs().max() > 1e-4
+    assert torch.equal(early.shift_masks, last.shift_masks)  # both read the masks of the switch step
+    with pytest.raises(InferenceError, match="style_shift_start must be in"):
+        GenerationOptions(mode="dual-reference", style_shift_start=1.5)
+    with pytest.raises(InferenceError, match="style_shift_start is an option of mode 'dual-reference'"):
+        GenerationOptions(mode="personalized", style_shift_start=0.5)
+
+
 def test_a_segmenter_gives_the_target_mask_from_the_switch_step(pipes, style_png, monkeypatch):
     from lrkit.inference.dual_reference import denoise_dual_reference
 

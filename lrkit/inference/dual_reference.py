@@ -39,9 +39,10 @@ With a segmenter (SAM, `sam_checkpoint`), from the switch step on M is the retou
 [alpha · M_SAM + (1 − alpha) · A >= tau], M_SAM segmenting the image predicted at the switch step
 (x̂0 of step s − 1, decoded) inside the box of its subject's cross-attention.
 
-`style_shift` (lrkit's addition, 0 = off = the paper's method): in the style phase, after each step,
-the channel means of the subject's latents (inside M of the switch step) move that fraction of the
-way to the style background's latent means at the same noise level (`shift_to_style`).
+`style_shift` (lrkit's addition, 0 = off = the paper's method): in the style phase, after each step
+from `style_shift_start` (default 0.9 of T; the last step always), the channel means of the subject's
+latents (inside M of the switch step) move that fraction of the way to the style background's latent
+means at the same noise level (`shift_to_style`).
 Reference masks come from the retouch stage's segmenters: the concept's stored/computed reference
 mask, and for other images the phrase's cross-attention box prompting SAM, or the thresholded map
 (`AttentionSegmenter`) without SAM. A style image without `style_subject` has no foreground: all
@@ -294,6 +295,7 @@ def denoise_dual_reference(pipeline, prompt: str, generators, options, height: i
     chosen.update({l.name: DualReferenceProcessor(state, grid[0] / grid[1], l.name) for l in layers})
     masks = torch.zeros(batch, *grid, device=pipeline.device)
     shift_masks = None  # style_shift: the subject masks of the first style step
+    shift_from = min(options.step_index(options.style_shift_start), steps - 1)  # style_shift's first step
     attn = None
     sam: list = [None] * batch  # the segmenter's masks of the predicted image at the switch step
     x0 = None
@@ -316,8 +318,9 @@ def denoise_dual_reference(pipeline, prompt: str, generators, options, height: i
                 # The subject region is fixed where the style phase starts: re-reading it every step lets the
                 # recoloured pixels move the attention map and the shift wander over the background.
                 shift_masks = masks if shift_masks is None else shift_masks
-                latents = shift_to_style(latents, shift_masks, style.trajectory[i + 1][0], 1.0 - style.mask,
-                                         options.style_shift)
+                if i >= shift_from:
+                    latents = shift_to_style(latents, shift_masks, style.trajectory[i + 1][0], 1.0 - style.mask,
+                                             options.style_shift)
             attn = store.take()
     return DualResult(latents=latents, masks=masks, custom=custom, style=style, switch=switch, shift_masks=shift_masks)
 

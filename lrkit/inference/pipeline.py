@@ -113,6 +113,11 @@ class GenerationOptions:
     step, move the per-channel mean of the target's subject latents this fraction of the way to the mean of
     the style image's background latents at the same noise level (1: equal means). Self-attention alone
     may not recolour a subject whose colour the text and adapters fix; this carries the style's palette."""
+    style_shift_start: float = 0.9
+    """Dual-reference: the first step of `style_shift`, a fraction of T (never before the switch step; the last
+    step always shifts). Late steps recolour the subject without moving its outline or the background: shifted
+    from the switch step on, the model redraws a halo of the new colour around the subject and repaints the
+    background to match (bench/RESULTS.md, "Dual reference")."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -146,6 +151,8 @@ class GenerationOptions:
             given = [name for name in ("style_reference", "style_subject", "custom_reference", "switch")
                      if getattr(self, name) is not None]
             given += ["style_shift"] if self.style_shift else []
+            start_default = type(self).__dataclass_fields__["style_shift_start"].default
+            given += ["style_shift_start"] if self.style_shift_start != start_default else []
             if given:
                 raise InferenceError(f"{given[0]} is an option of mode 'dual-reference' (mode is {self.mode!r}); "
                                      "set mode: dual-reference or leave it unset")
@@ -154,6 +161,9 @@ class GenerationOptions:
         if not 0.0 <= self.style_shift <= 1.0:
             raise InferenceError(f"style_shift must be in [0, 1] (0: off, 1: the style's latent means), got "
                                  f"{self.style_shift}")
+        if not 0.0 <= self.style_shift_start <= 1.0:
+            raise InferenceError(f"style_shift_start must be in [0, 1] (a fraction of the steps), got "
+                                 f"{self.style_shift_start}")
         if not (self.custom_weight > 0 and self.style_weight > 0):
             raise InferenceError(f"custom_weight and style_weight must be > 0, got custom_weight={self.custom_weight}, "
                                  f"style_weight={self.style_weight}")
