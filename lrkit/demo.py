@@ -35,8 +35,8 @@ TOY_BACKDROPS: tuple[str, ...] = ("night", "brick")
 # on 2 CPU cores), on `toy_training_data`: the 5 studio photos plus 30 backdrop photos, with the
 # subject's description ("red checked ball") as its class phrase. On toy v2 it gives the ball in
 # 73-78 % of scene generations over 3 training seeds with every scene kept; the description alone
-# loses half the scenes to the studio, the backdrops alone reach 36-53 % (bench/RESULTS.md, "Why
-# the toy LoRA does not reach the subject").
+# loses half the scenes to the studio, and with the plain class word `ball` the backdrops give 31-81 %
+# depending on the step (bench/RESULTS.md, "Why the toy LoRA does not reach the subject").
 TOY_LORA_RECIPE: dict = {
     "method": "lora",
     "lora": {"rank": 16, "alpha": 16, "train_text_encoder": True},
@@ -102,10 +102,10 @@ def write_photos(subject, out_dir: Path, n: int = 5, *, backdrops: tuple[str, ..
                 size = photo.image.size[0]
                 backdrop = np.asarray(render(random_scene(rng, scene), [], size).image.convert("RGB"), np.float32)
                 path = out_dir / f"{scene}_{copy}_{i}.png"
-                if not path.is_file():
+                if not path.is_file():  # the caption first: a picture on disk always has its caption
+                    path.with_suffix(".txt").write_text(f"a photo of {{token}} {{class}} {SCENES[scene].phrase}\n")
                     pixels = np.where(mask, np.asarray(photo.image.convert("RGB"), np.float32), backdrop)
                     save_png(Image.fromarray(pixels.round().astype(np.uint8)), path)
-                    path.with_suffix(".txt").write_text(f"a photo of {{token}} {{class}} {SCENES[scene].phrase}\n")
     return out_dir
 
 
