@@ -1,13 +1,15 @@
 """The toy LoRA recipe, measured along its training curve: is the subject learned, and are the scenes kept?
 
-One training run of a toy subject's concept (the demo's recipe, `lrkit.demo.TOY_LORA_RECIPE`, changed
-by `--set`) stops at every snapshot step to generate, with the model as it stands (a stock diffusers
+One training run of a toy subject's concept (the demo's LoRA settings, `lrkit.demo.TOY_LORA_RECIPE`, changed
+by `--set`; on the 5 studio photos unless `--backdrops` / `--photos` say otherwise) stops at every snapshot step to generate, with the model as it stands (a stock diffusers
 pipeline over the training modules, 25 DDIM steps), `a photo of <token> <class> <scene phrase>` for four
 scenes and plain `a photo of <token> <class>` (the photos' studio: does the model reproduce its training
 photos at all?), N seeds each, at each guidance scale asked for. The toy world's exact scorers then give
 the share of generations recognised as the subject (`is_subject`) and drawn in the prompted scene.
 
-    python bench/lora_recipe.py                                          # toy_vase, the demo recipe
+    python bench/lora_recipe.py                                          # toy_vase, studio photos only
+    python bench/lora_recipe.py --subject toy_ball --class-word "red checked ball" --backdrops night,brick \
+        --snapshots 800,1000,1200 --guidance 4 7.5 --seeds 16               # the demo's data and settings
     python bench/lora_recipe.py --subject toy_ball --snapshots 800,1200 --guidance 4 7.5
     python bench/lora_recipe.py --set '{"optim": {"lr": 1e-3}}' --snapshots 400,800,1200,1600,2000
     python bench/lora_recipe.py --backdrops night,brick                  # + the subject on other backdrops
