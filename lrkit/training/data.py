@@ -284,9 +284,14 @@ def _image_source(value: Any, name: str) -> IO[bytes] | str:
 # --------------------------------------------------------------------------- captions
 
 
+def unknown_placeholders(template: str) -> list[str]:
+    """The `{...}` names in `template` that are not CAPTION_PLACEHOLDERS, sorted."""
+    return sorted({p for p in _PLACEHOLDER.findall(template) if p not in CAPTION_PLACEHOLDERS})
+
+
 def validate_caption_template(template: str) -> None:
     """Raise DataError unless `template` has `{token}` and no placeholders besides {token}/{class}."""
-    unknown = sorted({p for p in _PLACEHOLDER.findall(template) if p not in CAPTION_PLACEHOLDERS})
+    unknown = unknown_placeholders(template)
     if unknown:
         raise DataError(
             f"caption_template {template!r} has unknown placeholder(s) "
@@ -394,7 +399,7 @@ class PhotoDataset(torch.utils.data.Dataset):
 
     def _caption(self, photo: Photo) -> str:
         template = photo.caption if photo.caption is not None else self.caption_template
-        unknown = sorted({p for p in _PLACEHOLDER.findall(template) if p not in CAPTION_PLACEHOLDERS})
+        unknown = unknown_placeholders(template)
         if photo.caption is not None and unknown:  # the template itself was validated in __init__
             logger.warning("caption of %s has %s, which is not filled in (only {token} and {class} are); "
                            "it stays as written: %r", photo.name, ", ".join("{" + p + "}" for p in unknown), template)
