@@ -206,7 +206,14 @@ class ConceptEMOptions:
     threshold: Optional[float] = None
     """Binarisation threshold of the min-max-normalised maps; None: Otsu per map."""
     crf: bool = True
-    """Refine each binarised map with a dense CRF on the image colours (at latent resolution)."""
+    """Refine each binarised map with a dense CRF on the image colours (see `crf_resolution`)."""
+    crf_resolution: int = 64
+    """Side of the grid the CRF runs on: at least the latent grid, at most the picture, in whole latent-pixel
+    steps. The binarised map is upsampled to it (bilinear), the picture area-resized to it, and the refined mask
+    area-averaged back to the latent grid (share >= 0.5). The spatial ranges stay in latent pixels and the
+    kernel weights are divided by the grid pixels per latent pixel, so it is the same CRF, sampled finer. For
+    SD 1.5 at 512 px this is the latent grid (64); on the toy model (64 px pictures, 16x16 latents) it is the
+    picture, whose pixels carry the objects' own colours, where a latent cell on an outline mixes two."""
     crf_confidence: float = 0.7
     """CRF unary: P(foreground) inside the binarised map (1 - this outside)."""
     crf_iterations: int = CRFParams.iterations
@@ -243,6 +250,7 @@ class ConceptEMOptions:
         _check(self.threshold is None or 0.0 < self.threshold < 1.0,
                f"concept_em.threshold must be in (0, 1) or null (Otsu), got {self.threshold}")
         _check(0.5 < self.crf_confidence < 1.0, f"concept_em.crf_confidence must be in (0.5, 1), got {self.crf_confidence}")
+        _check(self.crf_resolution >= 1, f"concept_em.crf_resolution must be >= 1, got {self.crf_resolution}")
         _check(self.crf_iterations >= 0, f"concept_em.crf_iterations must be >= 0, got {self.crf_iterations}")
         for name in ("crf_theta_alpha", "crf_theta_beta", "crf_theta_gamma"):
             _check(getattr(self, name) > 0, f"concept_em.{name} must be > 0, got {getattr(self, name)}")

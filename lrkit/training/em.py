@@ -6,10 +6,10 @@ without user-drawn masks. The loop alternates
 
 - **E-step** (`estimate_masks`): for each image and each of its tokens, the token's cross-attention
   map is averaged over `attention_timesteps` random timesteps of the noised image latents
-  (`cross_attention_maps`; by default one caption per token); with several tokens each map becomes
+  (`cross_attention_maps`; by default one caption per token); with `relative_maps` each map becomes
   the token's share of their summed attention; each map is min-max normalised, binarised (Otsu or a
-  threshold) and refined with a dense CRF on the image colours at latent resolution
-  (`masks_from_maps`); a pixel claimed by several tokens goes to the one with the strongest attention.
+  threshold) and refined with a dense CRF on the image colours (`masks_from_maps`: on a grid of side
+  `crf_resolution`, at least the latent grid, then back to the latent grid); a pixel claimed by several tokens goes to the one with the strongest attention.
 - **M-step** (`concept_em` method, `steps_per_round` optimizer steps): the tokens (optionally LoRA)
   learn with the diffusion loss inside the union of the sampled concepts' masks plus a
   cross-attention loss pulling each token's map towards its mask.
@@ -147,25 +147,43 @@ def cross_attention_maps(model, pixel_values: torch.Tensor, tokens: list[str], c
     return total / len(steps)
 
 
-def crf_params(options: ConceptEMOptions) -> CRFParams:
-    return CRFParams(iterations=options.crf_iterations, appearance_weight=options.crf_appearance_weight,
-                     smoothness_weight=options.crf_smoothness_weight, theta_alpha=options.crf_theta_alpha,
-                     theta_beta=options.crf_theta_beta, theta_gamma=options.crf_theta_gamma)
+def crf_params(options: ConceptEMOptions, factor: int = 1) -> CRFParams:
+    """The CRF of `options` on a grid `factor` times finer than the latent grid: spatial ranges scaled by
+    `factor` (they are given in latent pixels), kernel weights divided by `factor`² (each grid pixel is that
+    share of a latent pixel), so a region's pull on a pixel does not depend on the grid."""
+    area = float(factor * factor)
+    return CRFParams(iterations=options.crf_iterations, appearance_weight=options.crf_appearance_weight / area,
+                     smoothness_weight=options.crf_smoothness_weight / area,
+                     theta_alpha=options.crf_theta_alpha * factor, theta_beta=options.crf_theta_beta,
+                     theta_gamma=options.crf_theta_gamma * factor)
+
+
+def crf_factor(latent: tuple[int, int], image: tuple[int, int], resolution: int) -> int:
+    """Grid pixels per latent pixel of the CRF: `resolution` (at least the latent grid, at most the image)."""
+    h, w = latent
+    return max(1, min(resolution // max(h, w), image[0] // h, image[1] // w))
 
 
 def masks_from_maps(maps: torch.Tensor, image: torch.Tensor, options: ConceptEMOptions) -> torch.Tensor:
-    """Binary masks (K, h, w) from attention maps (K, h, w) and the image (3, h, w) in [0, 1].
+    """Binary masks (K, h, w) from attention maps (K, h, w) and the image (3, H, W) in [0, 1], H >= h, W >= w.
 
     With `options.relative_maps` and several maps, each map is first divided by their sum (each
-    token's share of the concepts' attention). Per map: min-max normalise, threshold (Otsu or `options.threshold`), and with `options.crf`
-    refine with a dense CRF whose unary is `crf_confidence` inside the binarised map and
-    1 - `crf_confidence` outside. A pixel in several masks keeps only the token with the highest
-    normalised attention. A mask the CRF empties falls back to its binarised map.
+    token's share of the concepts' attention). Per map: min-max normalise, threshold (Otsu or
+    `options.threshold`), and with `options.crf` refine with a dense CRF whose unary is `crf_confidence`
+    inside the binarised map and 1 - `crf_confidence` outside, on a grid of side `options.crf_resolution`
+    (`crf_factor`; the map upsampled bilinearly, the image area-resized, the result area-averaged back to
+    (h, w) and kept where it covers at least half a latent pixel). A pixel in several masks keeps only the
+    token with the highest normalised attention. A mask the CRF empties falls back to its binarised map.
     """
-    if maps.ndim != 3 or image.shape[1:] != maps.shape[1:]:
-        raise ValueError(f"masks_from_maps: maps (K, h, w) and image (3, h, w) must share (h, w); got "
+    if maps.ndim != 3 or image.ndim != 3 or image.shape[1] < maps.shape[1] or image.shape[2] < maps.shape[2]:
+        raise ValueError(f"masks_from_maps: maps (K, h, w) and image (3, H, W) with H >= h, W >= w expected; got "
                          f"{tuple(maps.shape)} and {tuple(image.shape)}")
     maps = maps.float()
+    grid = tuple(maps.shape[-2:])
+    factor = crf_factor(grid, tuple(image.shape[-2:]), options.crf_resolution) if options.crf else 1
+    fine = (grid[0] * factor, grid[1] * factor)
+    colours = resize_map(image.float(), fine)
+    params = crf_params(options, factor)
     if options.relative_maps and maps.shape[0] > 1:
         maps = maps / maps.sum(0, keepdim=True).clamp_min(1e-12)
     norm = minmax(maps)
@@ -175,7 +193,9 @@ def masks_from_maps(maps: torch.Tensor, image: torch.Tensor, options: ConceptEMO
         binary = a > t
         if options.crf:
             c = options.crf_confidence
-            refined = crf_refine(torch.where(binary, c, 1.0 - c), image, crf_params(options))
+            inside = resize_map(binary.float(), fine)  # 1 inside, 0 outside, a ramp across the outline
+            refined = crf_refine(c * inside + (1.0 - c) * (1.0 - inside), colours, params)
+            refined = resize_map(refined.float(), grid) >= 0.5
             binary = refined if refined.any() else binary
         masks.append(binary)
     masks = torch.stack(masks)  # (K, h, w)
@@ -185,9 +205,9 @@ def masks_from_maps(maps: torch.Tensor, image: torch.Tensor, options: ConceptEMO
     return masks
 
 
-def image_at(pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(3, H, W) pixels in [-1, 1] -> (3, h, w) colours in [0, 1] at the latent grid (area average)."""
-    return resize_map(((pixel_values.float() + 1.0) / 2.0).clamp(0, 1), grid)
+def image_at(pixel_values: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) pixels in [-1, 1] -> colours in [0, 1]."""
+    return ((pixel_values.float() + 1.0) / 2.0).clamp(0, 1)
 
 
 def image_seed(seed: int, image_index: int) -> int:
@@ -212,7 +232,7 @@ def estimate_masks(model, dataset: ConceptImageDataset, config: TrainConfig) -> 
             maps = torch.cat([cross_attention_maps(model, item["pixel_values"], [t], dataset.caption_for([t]), options,
                                                    torch.Generator().manual_seed(image_seed(config.seed, i)))
                               for t in tokens])
-        out.append(masks_from_maps(maps, image_at(item["pixel_values"], tuple(maps.shape[-2:])), options))
+        out.append(masks_from_maps(maps, image_at(item["pixel_values"]), options))
     return out
 
 
