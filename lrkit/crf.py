@@ -7,7 +7,7 @@ Krähenbühl & Koltun, "Efficient Inference in Fully Connected CRFs with Gaussia
             + w_s * exp(-|p_i - p_j|^2 / (2 theta_gamma^2))                                        smoothness
 
 with p the pixel position (in grid pixels) and c the colour (image values in [0, 1]). lrkit runs it
-at latent resolution (a 64 x 64 grid for SD 1.5 at 512 px), where the N x N kernel is computed
+on small grids (the E-step's `crf_resolution`: 64 x 64 for SD 1.5 at 512 px), where the N x N kernel is computed
 exactly (no permutohedral lattice, no native extension); above `_DENSE_LIMIT` entries it is
 computed in row chunks on the fly, so memory stays bounded.
 

@@ -9,7 +9,8 @@ without user-drawn masks. The loop alternates
   (`cross_attention_maps`; by default one caption per token); with `relative_maps` each map becomes
   the token's share of their summed attention; each map is min-max normalised, binarised (Otsu or a
   threshold) and refined with a dense CRF on the image colours (`masks_from_maps`: on a grid of side
-  `crf_resolution`, at least the latent grid, then back to the latent grid); a pixel claimed by several tokens goes to the one with the strongest attention.
+  `crf_resolution`, at least the latent grid, then back to the latent grid); a pixel claimed by
+  several tokens goes to the one with the strongest attention.
 - **M-step** (`concept_em` method, `steps_per_round` optimizer steps): the tokens (optionally LoRA)
   learn with the diffusion loss inside the union of the sampled concepts' masks plus a
   cross-attention loss pulling each token's map towards its mask.
@@ -180,10 +181,10 @@ def masks_from_maps(maps: torch.Tensor, image: torch.Tensor, options: ConceptEMO
                          f"{tuple(maps.shape)} and {tuple(image.shape)}")
     maps = maps.float()
     grid = tuple(maps.shape[-2:])
-    factor = crf_factor(grid, tuple(image.shape[-2:]), options.crf_resolution) if options.crf else 1
-    fine = (grid[0] * factor, grid[1] * factor)
-    colours = resize_map(image.float(), fine)
-    params = crf_params(options, factor)
+    if options.crf:
+        factor = crf_factor(grid, tuple(image.shape[-2:]), options.crf_resolution)
+        fine = (grid[0] * factor, grid[1] * factor)
+        colours, params = resize_map(image.float(), fine), crf_params(options, factor)
     if options.relative_maps and maps.shape[0] > 1:
         maps = maps / maps.sum(0, keepdim=True).clamp_min(1e-12)
     norm = minmax(maps)
