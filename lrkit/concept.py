@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from lrkit.io import atomic_dir, atomic_write_json
+from lrkit.lora_io import require_text_encoder_lora_support
 from lrkit.models import BaseFingerprint, dtype_kwarg, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,8 @@ class Concept:
         # Check everything before changing anything, so a refused concept leaves the pipeline as it was.
         embeddings = self._load_embeddings(pipe) if "embeddings" in self.files else {}
         if "lora" in self.files:
+            if self.lora is not None and self.lora.text_encoder_targets:
+                require_text_encoder_lora_support()
             loaded = pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}
             if any(adapter in names for names in loaded.values()):
                 raise ConceptError(f"adapter {adapter!r} is already loaded in this pipeline; pass another adapter_name")

@@ -42,6 +42,35 @@ MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
+class LoraVersionError(RuntimeError):
+    """The installed transformers cannot put a LoRA on the text encoder with the installed peft."""
+
+
+def require_text_encoder_lora_support() -> None:
+    """Raise `LoraVersionError` where transformers' PEFT integration (which both `add_adapter` and diffusers'
+    `load_lora_weights` use for the text encoder) asks for a newer peft than the one installed.
+
+    transformers 5.24 and 5.25 ask for peft >= 0.22 before any text-encoder adapter is added or loaded, while
+    PyPI's newest peft is 0.21.2 (2026-12-05); lrkit's requirements exclude that pair, and this names it
+    where an environment was upgraded by hand, before a training run starts.
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:  # older transformers: no such requirement
+        return
+    have, wanted = version("peft"), MIN_PEFT_VERSION
+    if Version(have) < Version(wanted):
+        raise LoraVersionError(
+            f"transformers {version('transformers')} needs peft >= {wanted} for a text-encoder LoRA (add_adapter, "
+            f"load_lora_weights), but peft {have} is installed: `pip install -U peft` if peft {wanted} is out, "
+            f"else `pip install 'transformers<{version('transformers')}'`"
+        )
+
+
 def _adapter_config(model: torch.nn.Module, adapter_name: str, what: str):
     configs = getattr(model, "peft_config", None) or {}
     if adapter_name not in configs:

@@ -426,3 +426,40 @@ def test_apply_dreambooth_full_unet(tmp_path, tiny_pipe):
     # The pipeline's UNet is no longer the base: applying the concept again is refused.
     with pytest.raises(ConceptError, match=r"'tiny-random\+vase'"):
         concept.apply(fresh)
+
+
+def test_text_encoder_lora_with_a_too_old_peft_is_refused_before_anything_changes(tmp_path, tiny_pipe, monkeypatch):
+    """transformers 5.24+ asks for a peft newer than PyPI's; a text-encoder LoRA then fails in diffusers'
+    loader. lrkit names both versions and the fix, and leaves the pipeline untouched."""
+    import transformers.integrations.peft as hf_peft
+
+    from lrkit.lora_io import LoraVersionError
+
+    pipe = tiny_pipe(0)
+    concept = make_concept(base=fingerprint(pipe), method="lora", tokens=[TokenSpec("sks", learned=False)],
+                           files={"lora": LORA_WEIGHTS},
+                           lora=LoraSpec(rank=4, alpha=4.0, unet_targets=["to_q"], text_encoder_targets=["q_proj"]))
+    concept = write_bundle(concept, tmp_path / "c", lambda d: (d / LORA_WEIGHTS).write_bytes(b"x"))
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "99.0")
+    with pytest.raises(LoraVersionError, match=r"needs peft >= 99.0 .* but peft \S+ is installed.*transformers<"):
+        concept.apply(pipe)
+    assert not getattr(pipe.unet, "peft_config", None) and not getattr(pipe.text_encoder, "peft_config", None)
+
+
+def test_text_encoder_lora_training_is_refused_whole_with_a_too_old_peft(tiny_pipe, monkeypatch):
+    from types import SimpleNamespace
+
+    import transformers.integrations.peft as hf_peft
+
+    from lrkit.lora_io import LoraVersionError, require_text_encoder_lora_support
+    from lrkit.training.config import LoraOptions
+    from lrkit.training.methods.lora import add_lora
+
+    require_text_encoder_lora_support()  # the installed pair is a working one
+    pipe = tiny_pipe(0)
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "99.0")
+    with pytest.raises(LoraVersionError, match="text-encoder LoRA"):
+        add_lora(SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder), LoraOptions(), text_encoder=True)
+    assert not getattr(pipe.unet, "peft_config", None)  # no UNet adapter left half-configured
+    add_lora(SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder), LoraOptions(), text_encoder=False)
+    assert getattr(pipe.unet, "peft_config", None)  # a UNet-only LoRA does not need the text-encoder integration

@@ -8,7 +8,7 @@ from pathlib import Path
 from peft import LoraConfig
 
 from lrkit.concept import LORA_WEIGHTS, LoraSpec
-from lrkit.lora_io import save_diffusers_lora, save_kohya_lora
+from lrkit.lora_io import require_text_encoder_lora_support, save_diffusers_lora, save_kohya_lora
 from lrkit.training.methods.base import Method, trainable
 
 logger = logging.getLogger(__name__)
@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 def add_lora(model, options, *, text_encoder: bool) -> None:
     """Attach the LoRA adapters described by `options` (a `LoraOptions`)."""
+    if text_encoder:
+        require_text_encoder_lora_support()  # before any adapter is added: fail whole, not half-configured
     common = dict(r=options.rank, lora_alpha=options.true_alpha, lora_dropout=options.dropout,
                   init_lora_weights="gaussian", use_dora=options.dora)
     model.unet.add_adapter(LoraConfig(target_modules=list(options.unet_targets), **common))
