@@ -39,7 +39,9 @@ def _generation_parser(prog: str, description: str):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from lrkit.inference import GenerationOptions
+    from lrkit.training.config import show_field_docstrings
 
+    show_field_docstrings()
     parser = ArgumentParser(prog=prog, description=description, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="generation options YAML (configs/infer/*.yaml)")
     parser.add_argument("--base", default="tiny-random", help="base model: tiny-random, toy, hub id, folder or .safetensors")

@@ -55,3 +55,19 @@ def test_infer_config_loads_against_the_generate_entry_point(path):
     assert isinstance(args.options, GenerationOptions)
     raw = yaml.safe_load(path.read_text())
     assert args.options.mode == raw["options"]["mode"] and args.options.lam == raw["options"]["lam"]
+
+
+@pytest.mark.parametrize("command, option, words", [
+    ("train", "--concept_em.crf_resolution", "Side of the grid the CRF runs on"),
+    ("train", "--lora.rank", "LoRA rank"),
+    ("generate", "--options.num_inference_steps", "Denoising steps T (DDIM)."),
+])
+def test_help_shows_each_options_docstring(command, option, words, capsys):
+    """`lrkit train --help` / `lrkit generate --help` carry the dataclass fields' docstrings, not only their types."""
+    from lrkit.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    assert words in text.rsplit(option, 1)[1][:400], f"{option}'s help has no description"  # its entry, not the usage
