@@ -31,16 +31,6 @@ from _common import ROOT, finish_machine_info, machine_info, start_run, write_js
 logger = logging.getLogger("bench.concept_em")
 
 
-def scene_image(subjects: tuple[str, str], scene: str, resolution: int):
-    """The two subjects side by side on `scene` -> toyworld Sample (image, per-object masks)."""
-    from lrkit.toyworld import get_subject, render
-    from lrkit.toyworld.world import SceneSpec
-
-    a, b = (get_subject(s) for s in subjects)
-    return render(SceneSpec(scene), [a.spec(cx=0.28, cy=0.6, scale=0.42), b.spec(cx=0.72, cy=0.56, scale=0.45)],
-                  resolution)
-
-
 def latent_truth(masks, grid: tuple[int, int]) -> list[torch.Tensor]:
     from lrkit.masks import resize_map
 
@@ -190,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         args.save_images.mkdir(parents=True, exist_ok=True)
     machine = machine_info("cpu", watched_paths=["lrkit", "bench/concept_em.py"])
     started = time.perf_counter()
-    sample = scene_image(tuple(args.subjects), args.scene, args.resolution)
+    from lrkit.toyworld import subject_pair
+
+    sample = subject_pair(tuple(args.subjects), args.scene, args.resolution)
     tokens = ["<v1>", "<v2>"] + ([BACKGROUND_TOKEN] if args.background else [])
     results = {}
     work = contextlib.nullcontext(str(args.work)) if args.work else tempfile.TemporaryDirectory(prefix="lrkit-bench-em-")

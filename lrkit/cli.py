@@ -39,9 +39,7 @@ def _generation_parser(prog: str, description: str):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from lrkit.inference import GenerationOptions
-    from lrkit.training.config import show_field_docstrings
 
-    show_field_docstrings()
     parser = ArgumentParser(prog=prog, description=description, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="generation options YAML (configs/infer/*.yaml)")
     parser.add_argument("--base", default="tiny-random", help="base model: tiny-random, toy, hub id, folder or .safetensors")
@@ -195,6 +193,16 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 }
 
 
+def _show_field_docstrings() -> None:
+    """Have jsonargparse put the option dataclasses' field docstrings into `--help` (off by default in 4.x)."""
+    import jsonargparse
+
+    if hasattr(jsonargparse, "set_parsing_settings"):  # jsonargparse >= 4.35
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    else:
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     command, _ = COMMANDS[argv[0]]
+    _show_field_docstrings()
     try:
         return command(argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # ConceptError is a ValueError

@@ -64,10 +64,11 @@ def require_text_encoder_lora_support() -> None:
         return
     have, wanted = version("peft"), MIN_PEFT_VERSION
     if Version(have) < Version(wanted):
+        transformers = version("transformers")
         raise LoraVersionError(
-            f"transformers {version('transformers')} needs peft >= {wanted} for a text-encoder LoRA (add_adapter, "
+            f"transformers {transformers} needs peft >= {wanted} for a text-encoder LoRA (add_adapter, "
             f"load_lora_weights), but peft {have} is installed: `pip install -U peft` if peft {wanted} is out, "
-            f"else `pip install 'transformers<{version('transformers')}'`"
+            f"else `pip install 'transformers<{transformers}'`"
         )
 
 

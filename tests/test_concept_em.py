@@ -118,8 +118,7 @@ def test_crf_grid_lies_between_the_latent_grid_and_the_picture(latent, image, re
 
 def test_crf_on_the_latent_grid_is_the_latent_resolution_crf():
     """crf_resolution = the latent grid: the CRF of the binarised map on the area-averaged picture, unchanged."""
-    from lrkit.masks import crf_refine, resize_map
-    from lrkit.masks import minmax, otsu_threshold
+    from lrkit.masks import crf_refine, minmax, otsu_threshold, resize_map
     from lrkit.training.em import crf_params, masks_from_maps
 
     small, maps, _ = two_blobs()
@@ -132,24 +131,15 @@ def test_crf_on_the_latent_grid_is_the_latent_resolution_crf():
     assert torch.equal(got, want)
 
 
-def bench_picture():
-    """The concept_em bench's picture: the toy ball and vase on the beach, with the renderer's object masks."""
-    from lrkit.toyworld import get_subject, render
-    from lrkit.toyworld.world import SceneSpec
-
-    ball, vase = get_subject("toy_ball"), get_subject("toy_vase")
-    return render(SceneSpec("beach"), [ball.spec(cx=0.28, cy=0.6, scale=0.42), vase.spec(cx=0.72, cy=0.56, scale=0.45)],
-                  64)
-
-
 def test_toy_world_estep_masks_reach_the_target_on_the_picture_grid(tmp_path):
     """Issue 6's mask target on the toy model: the first E-step's masks of two subjects in one picture reach
     IoU >= 0.7 with the renderer's ground truth; the CRF on the latent grid (16x16) misses the vase's ears and
     neck, whose latent pixels mix purple with sand and sky."""
     from lrkit.masks import resize_map
+    from lrkit.toyworld import subject_pair
     from lrkit.training.train import train_concept
 
-    sample = bench_picture()
+    sample = subject_pair(("toy_ball", "toy_vase"), "beach")  # the bench's picture
     (tmp_path / "photos").mkdir()
     sample.image.save(tmp_path / "photos" / "scene.png")
     truth = [resize_map(torch.from_numpy(m).float(), (16, 16)) >= 0.5 for m in sample.masks]

@@ -39,7 +39,7 @@ from lrkit.toyworld.scorers import (
     segment_object,
     subject_identity,
 )
-from lrkit.toyworld.subjects import SUBJECTS, Subject, get_subject
+from lrkit.toyworld.subjects import SUBJECTS, Subject, get_subject, subject_pair
 from lrkit.toyworld.world import (
     CLASSES,
     COLORS,
@@ -73,6 +73,7 @@ __all__ = [
     "classify_scene",
     "compatible_colors",
     "get_subject",
+    "subject_pair",
     "identity_components",
     "is_subject",
     "layout_diversity",

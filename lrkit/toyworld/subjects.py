@@ -137,4 +137,11 @@ def get_subject(name: str) -> Subject:
     return SUBJECTS[name]
 
 
-__all__ = ["SUBJECTS", "Subject", "get_subject"]
+def subject_pair(names: tuple[str, str], scene: str, resolution: int = 64) -> Sample:
+    """Two built-in subjects side by side on `scene` (the concept_em bench's picture), with their object masks."""
+    a, b = (get_subject(n) for n in names)
+    return render(SceneSpec(scene), [a.spec(cx=0.28, cy=0.6, scale=0.42), b.spec(cx=0.72, cy=0.56, scale=0.45)],
+                  resolution)
+
+
+__all__ = ["SUBJECTS", "Subject", "get_subject", "subject_pair"]

@@ -452,21 +452,10 @@ class TrainConfig:
 # ------------------------------------------------------------------ parsing (one way)
 
 
-def show_field_docstrings() -> None:
-    """Have jsonargparse read dataclass field docstrings into `--help` (off by default in jsonargparse 4.x)."""
-    import jsonargparse
-
-    if hasattr(jsonargparse, "set_parsing_settings"):  # jsonargparse >= 4.35
-        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    else:
-        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
-
-
 def build_parser(prog: str = "lrkit train", *, exit_on_error: bool = False):
     """The jsonargparse parser for `TrainConfig`: `--config FILE`, dotted overrides, `--print_config`."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    show_field_docstrings()
     parser = ArgumentParser(prog=prog, description=TrainConfig.__doc__, exit_on_error=exit_on_error,
                             default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/train/<method>.yaml)")
