@@ -8,7 +8,9 @@ tokens with the same seeds and step budget; they differ only in `concept_em.upda
 are compared at latent resolution (the ground truth is area-downsampled and thresholded at 0.5).
 Generations use the EM bundle with the prompt `a photo of <v1> and <v2> on the <scene>` and are
 scored with the toy world's exact scorers: each subject must be found (`subject_identity` >= 0.5)
-on its own connected object region; the relaxed count asks only for each subject's colour.
+on its own connected object region; the relaxed count asks only for each subject's colour. Each
+generation's scene (is it the prompted one?) and the scale of its largest object (`score_image`) show
+whether a concept is painted over the whole frame.
 
     python bench/concept_em.py                       # toy model, writes bench/results/concept_em.json
     python bench/concept_em.py --steps 40 --samples 4 --out /tmp/em.json   # a quick look
@@ -116,24 +118,31 @@ def both_subjects(image, subjects) -> tuple[bool, bool]:
 def generations(base: str, bundle: Path, subjects, args) -> dict:
     from lrkit.concept import Concept
     from lrkit.models import load_base
-    from lrkit.toyworld import get_subject
+    from lrkit.toyworld import get_subject, score_image
 
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
     Concept.load(bundle).apply(pipe)
     subs = [get_subject(s) for s in subjects]
     prompt = f"a photo of <v1> and <v2> {args.scene_phrase}"
-    hits_id = hits_color = 0
+    hits_id = hits_color = scenes = 0
+    scales = []
     for seed in range(args.samples):
         image = pipe(prompt, num_inference_steps=args.gen_steps, guidance_scale=args.guidance, height=args.resolution,
                      width=args.resolution, generator=torch.Generator().manual_seed(seed)).images[0]
         ident, color = both_subjects(image, subs)
         hits_id += ident
         hits_color += color
+        record = score_image(image, scene=args.scene)  # the largest object's scale: does a concept fill the frame?
+        scenes += record["scene_ok"]
+        if record["scale"] is not None:
+            scales.append(record["scale"])
         if args.save_images:
             image.save(args.save_images / f"gen{seed:02d}.png")
     return dict(prompt=prompt, samples=args.samples, both_subjects_identity=hits_id / args.samples,
-                both_subjects_colour=hits_color / args.samples, steps=args.gen_steps, guidance=args.guidance)
+                both_subjects_colour=hits_color / args.samples, scene_rate=scenes / args.samples,
+                median_object_scale=round(float(np.median(scales)), 3) if scales else None,
+                steps=args.gen_steps, guidance=args.guidance)
 
 
 def main(argv: list[str] | None = None) -> int:

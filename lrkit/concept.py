@@ -37,6 +37,17 @@ METHODS = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em", "
 # "reference": photos and a class word, no weights (`lrkit.reference`); its token IS the class word.
 
 
+def default_adapter_name(name: str) -> str:
+    """The peft adapter name `Concept.apply` gives a concept called `name`: the name itself where peft can
+    use it, else made usable. peft stores each adapter under its name as a child module, so a name with a dot
+    or one that is an `nn.Module` attribute (a concept trained into a folder called `train`, `eval`, `to`)
+    fails deep inside `load_lora_weights`: dots become `_`, and such names get `_lora` appended."""
+    import torch
+
+    safe = name.replace(".", "_") or "concept"
+    return f"{safe}_lora" if hasattr(torch.nn.Module, safe) else safe
+
+
 class ConceptError(ValueError):
     """A concept bundle is malformed or does not fit the pipeline; the message says why."""
 
@@ -262,12 +273,16 @@ class Concept:
         """Load this concept into a stock diffusers pipeline (in place); returns the pipeline.
 
         LoRA goes through `pipe.load_lora_weights`, tokens through `pipe.load_textual_inversion`,
-        DreamBooth weights replace `pipe.unet` / `pipe.text_encoder`.
+        DreamBooth weights replace `pipe.unet` / `pipe.text_encoder`. The LoRA adapter is called
+        `adapter_name`, by default `default_adapter_name(self.name)` (the concept's name, if peft can use it).
         """
         self.check_base(pipe, force=force)
         if self.path is None:
             raise ConceptError(f"concept {self.name!r} has no folder; load it with Concept.load(path)")
-        adapter = adapter_name or self.name
+        if adapter_name is not None and adapter_name != default_adapter_name(adapter_name):
+            raise ConceptError(f"adapter_name {adapter_name!r} cannot name a peft adapter (it has a dot or is an "
+                               f"nn.Module attribute); use e.g. {default_adapter_name(adapter_name)!r}")
+        adapter = adapter_name or default_adapter_name(self.name)
         # Check everything before changing anything, so a refused concept leaves the pipeline as it was.
         embeddings = self._load_embeddings(pipe) if "embeddings" in self.files else {}
         if "lora" in self.files:

@@ -16,6 +16,7 @@ from lrkit.concept import (
     ConceptError,
     LoraSpec,
     TokenSpec,
+    default_adapter_name,
     write_bundle,
 )
 from lrkit.models import BaseFingerprint, fingerprint
@@ -381,6 +382,23 @@ def test_apply_lora_matches_the_adapted_pipe(tmp_path, tiny_pipe, lora_source):
     with pytest.raises(ConceptError, match="'vase' is already loaded"):
         concept.apply(fresh)
     assert fresh.get_list_adapters() == {"unet": ["vase"]}
+
+
+@pytest.mark.parametrize("name, adapter", [("train", "train_lora"), ("my.vase", "my_vase"), ("vase", "vase")])
+def test_default_adapter_name_is_one_peft_can_use(name, adapter):
+    assert default_adapter_name(name) == adapter
+
+
+def test_apply_lora_of_a_concept_named_like_a_module_attribute(tmp_path, tiny_pipe, lora_source):
+    # a concept trained into OUTPUT_DIR=train is named "train"; peft cannot store an adapter under that name
+    adapted, lora_file = lora_source
+    pipe = tiny_pipe(0)
+    concept = write_lora_bundle(tmp_path / "c", fingerprint(pipe), lora_file, name="train")
+    concept.apply(pipe)
+    assert pipe.get_list_adapters() == {"unet": ["train_lora"]}
+    torch.testing.assert_close(latents(pipe), latents(adapted), rtol=0, atol=1e-5)
+    with pytest.raises(ConceptError, match="adapter_name 'eval' cannot name a peft adapter.*'eval_lora'"):
+        concept.apply(tiny_pipe(0), adapter_name="eval")
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")

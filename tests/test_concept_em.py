@@ -183,6 +183,25 @@ def test_dataset_samples_non_empty_concept_subsets_deterministically():
     assert {("<v1>",), ("<v2>",), ("<v1>", "<v2>")} <= seen
 
 
+def test_each_image_may_bring_its_own_caption_template():
+    from lrkit.training.data import Photo
+    from lrkit.training.em import ConceptImageDataset
+
+    photos = [Photo(name="a.png", image=Image.new("RGB", (64, 64), "red"), caption="{token} in the snow"),
+              Photo(name="b.png", image=Image.new("RGB", (64, 64), "blue"))]
+    config = load_config(em_config().to_dict(), data__caption_template="a photo of {token} on the beach")
+    ds = ConceptImageDataset(photos, config)
+    assert ds.caption_for(["<v1>", "<v2>"], 0) == "<v1> and <v2> in the snow"
+    assert ds.caption_for(["<v2>"], 1) == "a photo of <v2> on the beach"
+    for i in range(8):
+        expected = "in the snow" if ds[i]["photo_index"] == 0 else "on the beach"
+        assert ds[i]["caption"].endswith(expected)
+    assert ds.deterministic_variants(0)[0]["caption"] == "<v1> and <v2> in the snow"
+    photos[0] = Photo(name="a.png", image=photos[0].image, caption="a red ball in the snow")
+    with pytest.raises(DataError, match=r"a.png: concept_em reads its caption as a template.*must contain \{token\}"):
+        ConceptImageDataset(photos, config)
+
+
 # ------------------------------------------------------------------------------------ the M-step losses
 
 
@@ -260,6 +279,41 @@ def test_batch_masks_pick_the_sampled_concepts_and_mirror_flipped_samples():
     assert torch.equal(flipped, masks.flip(-1).float()) and flipped[0, :, 3].all()
     with pytest.raises(RuntimeError, match="no masks yet"):
         EMState().batch_masks(batch)
+
+
+def test_unclaimed_pixels_are_those_of_no_concept_of_the_image():
+    from lrkit.training.em import EMState
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :, 0], masks[1, 0, :] = True, True
+    state = EMState(masks=[masks])
+    batch = {"photo_index": torch.tensor([0, 0]), "flipped": torch.tensor([False, True]), "concepts": [[1], [0, 1]]}
+    free = state.unclaimed(batch)
+    assert free.shape == (2, 1, 4, 4)
+    assert torch.equal(free[0, 0], (~(masks[0] | masks[1])).float())
+    assert torch.equal(free[1, 0], free[0, 0].flip(-1))
+
+
+def test_loss_on_unclaimed_pixels_leaves_out_only_the_unnamed_concepts(em_model, monkeypatch):
+    """The loss region is the named concepts' masks, plus (loss_on_unclaimed) every pixel no concept claims."""
+    from lrkit.training.em import EMState
+
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, :, :5], masks[1, :, 11:] = True, True
+    method = em_model.method
+    method.em = EMState(masks=[masks])
+    seen = []
+    original = em_model.diffusion_loss
+    monkeypatch.setattr(em_model, "diffusion_loss",
+                        lambda batch, gens, pixel_weights=None: seen.append(pixel_weights) or original(batch, gens, pixel_weights))
+    batch = batch_for(em_model, chosen=((0,), (0, 1)))
+    for flag in (False, True):
+        monkeypatch.setattr(method.options, "loss_on_unclaimed", flag)
+        method.loss(em_model, batch, torch.Generator().manual_seed(0))
+    named, with_unclaimed = seen
+    assert torch.equal(named[0, 0], masks[0].float()) and torch.equal(named[1, 0], (masks[0] | masks[1]).float())
+    assert torch.equal(with_unclaimed[0, 0], (~masks[1]).float())  # all but <v2>, which the caption leaves out
+    assert with_unclaimed[1].eq(1).all()  # both named: the whole picture
 
 
 def test_mask_state_survives_a_checkpoint():
@@ -396,3 +450,43 @@ def test_generate_cli_picks_one_token_of_a_multi_concept_bundle(trained, tmp_pat
     assert not np.array_equal(pot, vase)  # '{}' became each token's own phrase
     assert main([*args, "--token", "<nope>", "--out", str(tmp_path / "bad")]) == 1
     assert "has no token '<nope>'" in capsys.readouterr().err
+
+
+def test_lora_with_the_text_encoder_round_trips_through_stock_loaders(tmp_path, vase_photos, capture_trained_model):
+    """train_lora + lora.train_text_encoder: the tokens, the UNet LoRA and the text-encoder LoRA all train, and
+    the bundle gives the trained model's output through lrkit's loader and through diffusers' own."""
+    from safetensors.torch import load_file
+
+    from lrkit.models import build_tiny_random
+
+    out = tmp_path / "em-lora"
+    with capture_trained_model() as captured:
+        code = main(["train", "--config", str(YAML), "--base", "tiny-random", "--output_dir", str(out),
+                     "--data.photos", str(vase_photos(4)), "--data.resolution", "64", "--data.repeats", "1",
+                     "--max_steps", "3", "--concept_em.steps_per_round", "3", "--concept_em.attention_timesteps", "2",
+                     "--concept_em.train_lora", "true", "--lora.train_text_encoder", "true", "--lora.rank", "4",
+                     "--lora.alpha", "8", "--optim.lr", "1e-2", "--precision", "32", "--accelerator", "cpu",
+                     "--validation.prompts", "[]"])
+    assert code == 0
+    model = captured["model"]
+    groups = {g["name"]: g["params"] for g in model.method.param_groups(model)}
+    assert set(groups) == {"embeddings", "unet_lora", "text_encoder_lora"} and all(groups.values())
+    assert all(p.abs().sum() > 0 for name, p in model.text_encoder.named_parameters() if "lora_B" in name)
+    concept = Concept.load(out / "concept")
+    assert concept.lora.text_encoder_targets and concept.files["lora"]
+
+    prompt = f"a photo of {V} and {P} on the beach"
+
+    def latents(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    model.eval()
+    expected = latents(model.pipeline())
+    torch.testing.assert_close(latents(concept.apply(load_base("tiny-random"))), expected, atol=1e-5, rtol=1e-5)
+    stock = build_tiny_random(0)
+    for token, vectors in load_file(str(concept.file("embeddings"))).items():  # one key per token
+        stock.load_textual_inversion(vectors, token=token)
+    stock.load_lora_weights(str(concept.path))
+    torch.testing.assert_close(latents(stock), expected, atol=1e-5, rtol=1e-5)

@@ -232,8 +232,14 @@ class ConceptEMOptions:
     """Weight of the cross-attention loss (MSE between each token's normalised map and its mask)."""
     masked_loss: bool = True
     """Diffusion loss only inside the union of the masks of the concepts in the caption."""
+    loss_on_unclaimed: bool = True
+    """With masked_loss, also count the pixels that no concept of the image claims (the background, which the
+    caption's other words describe: `on the beach`), so only the pixels of the concepts left out of the caption
+    are excluded. Without them a LoRA learns nothing about where a concept ends and paints it over the whole
+    frame (docs/concept-em.md); with a background concept the masks cover the picture and this changes nothing."""
     train_lora: bool = False
-    """Also train LoRA (options under `lora`) together with the tokens."""
+    """Also train LoRA (options under `lora`) together with the tokens: on the UNet, and on the text encoder
+    too when lora.train_text_encoder."""
 
     def __post_init__(self) -> None:
         _check(self.steps_per_round >= 1, f"concept_em.steps_per_round must be >= 1, got {self.steps_per_round}")

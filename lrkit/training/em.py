@@ -12,8 +12,9 @@ without user-drawn masks. The loop alternates
   `crf_resolution`, at least the latent grid, then back to the latent grid); a pixel claimed by
   several tokens goes to the one with the strongest attention.
 - **M-step** (`concept_em` method, `steps_per_round` optimizer steps): the tokens (optionally LoRA)
-  learn with the diffusion loss inside the union of the sampled concepts' masks plus a
-  cross-attention loss pulling each token's map towards its mask.
+  learn with the diffusion loss inside the union of the sampled concepts' masks (with
+  `loss_on_unclaimed`, also on the pixels no concept claims) plus a cross-attention loss pulling
+  each token's map towards its mask.
 
 until every mask's IoU with the previous round's reaches `convergence_iou`: then training stops, or
 (`after_convergence: freeze`) the masks stay fixed while the tokens train on to `max_steps`.
@@ -38,7 +39,7 @@ from lrkit.crf import CRFParams, crf_refine
 from lrkit.io import atomic_write_json
 from lrkit.masks import mask_iou, minmax, otsu_threshold, resize_map, save_mask_png
 from lrkit.training.config import ConceptEMOptions, TrainConfig
-from lrkit.training.data import DataError, Photo, PhotoDataset, format_caption, sample_seed
+from lrkit.training.data import DataError, Photo, PhotoDataset, format_caption, sample_seed, validate_caption_template
 from lrkit.training.tokens import expanded_token_names
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,11 @@ def select_images(photos: list[Photo], config: TrainConfig) -> list[Photo]:
 class ConceptImageDataset(PhotoDataset):
     """Photos of several concepts: each sample names a random non-empty subset of its image's concepts.
 
-    Item `i` adds `concepts` (indices into its image's concept list) and the caption
-    `caption_template` with `{token}` -> the chosen tokens joined by " and " (`a photo of <v1> and
-    <v2>`), both drawn from a generator seeded by `(seed, i)` only (Break-a-Scene-style union sampling).
+    Item `i` adds `concepts` (indices into its image's concept list) and the caption: the image's
+    template (its same-stem `.txt` caption, else `data.caption_template`) with `{token}` -> the chosen
+    tokens joined by " and " (`a photo of <v1> and <v2> on the beach`), both drawn from a generator seeded
+    by `(seed, i)` only (Break-a-Scene-style union sampling). A per-image template lets images of several
+    scenes say where each was taken.
     """
 
     def __init__(self, photos: list[Photo], config: TrainConfig):
@@ -79,9 +82,17 @@ class ConceptImageDataset(PhotoDataset):
                          caption_template=d.caption_template, center_crop=True, random_flip=d.random_flip,
                          repeats=d.repeats, seed=config.seed)
         self.image_concepts = [list(im.concepts) for im in config.concept_em.images]
+        for photo in self.photos:
+            if photo.caption is not None:
+                try:
+                    validate_caption_template(photo.caption)
+                except DataError as err:
+                    raise DataError(f"{photo.name}: concept_em reads its caption as a template, and {err}") from None
+        self.templates = [p.caption if p.caption is not None else d.caption_template for p in self.photos]
 
-    def caption_for(self, tokens: list[str]) -> str:
-        return format_caption(self.caption_template, token=TOKEN_JOINER.join(tokens), class_word="")
+    def caption_for(self, tokens: list[str], photo_index: int) -> str:
+        """The caption of image `photo_index` naming `tokens`."""
+        return format_caption(self.templates[photo_index], token=TOKEN_JOINER.join(tokens), class_word="")
 
     def __getitem__(self, i: int) -> dict:
         item = super().__getitem__(i)
@@ -89,12 +100,12 @@ class ConceptImageDataset(PhotoDataset):
         rng = random.Random(sample_seed(self.seed, i) ^ 0x5EED)
         size = rng.randint(1, len(concepts))
         chosen = sorted(rng.sample(range(len(concepts)), size))
-        return dict(item, concepts=chosen, caption=self.caption_for([concepts[k] for k in chosen]))
+        return dict(item, concepts=chosen, caption=self.caption_for([concepts[k] for k in chosen], item["photo_index"]))
 
     def deterministic_variants(self, photo_index: int) -> list[dict]:
         concepts = self.image_concepts[photo_index]
         every = list(range(len(concepts)))
-        return [dict(v, concepts=every, caption=self.caption_for(concepts))
+        return [dict(v, concepts=every, caption=self.caption_for(concepts, photo_index))
                 for v in super().deterministic_variants(photo_index)]
 
 
@@ -230,7 +241,7 @@ def estimate_masks(model, dataset: ConceptImageDataset, config: TrainConfig) -> 
             generator = torch.Generator().manual_seed(image_seed(config.seed, i))
             maps = cross_attention_maps(model, item["pixel_values"], tokens, item["caption"], options, generator)
         else:  # one caption per token, each with the same noise and timesteps
-            maps = torch.cat([cross_attention_maps(model, item["pixel_values"], [t], dataset.caption_for([t]), options,
+            maps = torch.cat([cross_attention_maps(model, item["pixel_values"], [t], dataset.caption_for([t], i), options,
                                                    torch.Generator().manual_seed(image_seed(config.seed, i)))
                               for t in tokens])
         out.append(masks_from_maps(maps, image_at(item["pixel_values"]), options))
@@ -254,6 +265,14 @@ class EMState:
     rounds: list[dict] = field(default_factory=list)  # {"round", "step", "min_iou_change", "iou_change"}
     history: list[list[torch.Tensor]] = field(default_factory=list)  # masks of every round (not checkpointed)
     converged: bool = False
+
+    def unclaimed(self, batch: dict) -> torch.Tensor:
+        """(batch, 1, h, w) float: 1 where no concept of the sample's image has its mask (mirrored if flipped)."""
+        out = []
+        for index, flipped in zip(batch["photo_index"].tolist(), batch["flipped"].tolist()):
+            m = (~self.masks[index].any(0, keepdim=True)).float()
+            out.append(m.flip(-1) if flipped else m)
+        return torch.stack(out)
 
     def batch_masks(self, batch: dict) -> list[torch.Tensor]:
         """Per sample: float masks (n_chosen, h, w) of its chosen concepts, mirrored for flipped samples."""

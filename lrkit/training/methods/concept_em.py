@@ -1,8 +1,8 @@
 """`concept_em`: several concept tokens (optionally with LoRA) and their latent masks, learned by EM.
 
 What trains: the new token rows (and LoRA when `concept_em.train_lora`). Extra loss terms: the
-diffusion loss restricted to the union of the sampled concepts' masks, plus the cross-attention
-loss. What is exported: the tokens (learned_embeds.safetensors), the LoRA if any, and each token's
+diffusion loss restricted to the union of the sampled concepts' masks (and, with
+`loss_on_unclaimed`, the pixels no concept claims), plus the cross-attention loss. What is exported: the tokens (learned_embeds.safetensors), the LoRA if any, and each token's
 mask in each reference image (masks/). The E-steps run in `lrkit.training.em.MaskEstimation`.
 """
 
@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lrkit.concept import LoraSpec, TokenSpec
-from lrkit.training.methods.base import trainable
-from lrkit.training.methods.lora import add_lora, lora_spec_of, write_lora_files
+from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
 
 
@@ -36,19 +35,23 @@ class ConceptEMMethod(TextualInversionMethod):
     def _token_entries(self) -> list[tuple[str, int, str]]:
         return [(c.token, c.num_vectors, c.initializer) for c in self.options.concepts]
 
+    @property
+    def _te(self) -> bool:
+        """Text-encoder LoRA: with train_lora, when lora.train_text_encoder asks for it."""
+        return self.options.train_lora and self.config.lora.train_text_encoder
+
     # what trains -------------------------------------------------------------------------
     def configure(self, model) -> None:
         if self.options.train_lora:
             # LoRA first: peft's add_adapter freezes every non-LoRA parameter, new token rows included.
-            add_lora(model, self.config.lora, text_encoder=False)
+            add_lora(model, self.config.lora, text_encoder=self._te)
         super().configure(model)
 
     def param_groups(self, model) -> list[dict]:
-        groups = [self.embedding_group(model)]
-        if self.options.train_lora:
-            groups.append(dict(name="unet_lora", params=trainable(model.unet), lr=self.config.optim.lr or self.default_lr,
-                               weight_decay=self.config.optim.weight_decay))
-        return groups
+        if not self.options.train_lora:
+            return [self.embedding_group(model)]
+        return lora_groups_beside_tokens(model, self.embedding_group(model), self.config.optim.lr or self.default_lr,
+                                         self.config.optim.weight_decay, text_encoder=self._te)
 
     def callbacks(self) -> list:
         from lrkit.training.em import MaskEstimation
@@ -69,7 +72,11 @@ class ConceptEMMethod(TextualInversionMethod):
         positions = [token_positions(ids[b], model.tokenizer, t) for b, toks in enumerate(tokens) for t in toks]
         store = AttentionStore(rows=rows, tokens=positions, size=grid)
         layers = attention_layers_for(model.unet, self.options)
-        union = torch.stack([m.amax(0, keepdim=True) for m in masks]) if self.options.masked_loss else None
+        union = None
+        if self.options.masked_loss:
+            union = torch.stack([m.amax(0, keepdim=True) for m in masks])
+            if self.options.loss_on_unclaimed:
+                union = torch.maximum(union, self.em.unclaimed(batch))
         with processors(model.unet, {l.name: AttentionStoreProcessor(store) for l in layers}):
             loss, logs = model.diffusion_loss(batch, generators, pixel_weights=union)
         if self.options.attention_loss_weight > 0:
@@ -86,12 +93,12 @@ class ConceptEMMethod(TextualInversionMethod):
                           class_word=c.class_word or None) for c in self.options.concepts]
 
     def lora_spec(self) -> LoraSpec | None:
-        return lora_spec_of(self.config.lora, text_encoder=False) if self.options.train_lora else None
+        return lora_spec_of(self.config.lora, text_encoder=self._te) if self.options.train_lora else None
 
     def write_files(self, model, root: Path) -> dict[str, str]:
         files = self.write_embeddings(model, root)
         if self.options.train_lora:
-            files.update(write_lora_files(model, root, self.config.concept_name, text_encoder=False,
+            files.update(write_lora_files(model, root, self.config.concept_name, text_encoder=self._te,
                                           dora=self.config.lora.dora))
         return files
 

@@ -43,6 +43,19 @@ def lora_spec_of(options, *, text_encoder: bool) -> LoraSpec:
                     dropout=options.dropout, dora=options.dora)
 
 
+def lora_groups_beside_tokens(model, embedding_group: dict, lr: float, weight_decay: float, *,
+                              text_encoder: bool) -> list[dict]:
+    """The token rows' group, then the UNet LoRA and (`text_encoder`) the text-encoder LoRA, for methods that
+    learn new tokens and LoRA together (the rows also train inside the text encoder, so they are left out of
+    its LoRA group)."""
+    groups = [embedding_group, dict(name="unet_lora", params=trainable(model.unet), lr=lr, weight_decay=weight_decay)]
+    if text_encoder:
+        rows = {id(p) for p in embedding_group["params"]}
+        te_lora = [p for p in trainable(model.text_encoder) if id(p) not in rows]
+        groups.append(dict(name="text_encoder_lora", params=te_lora, lr=lr, weight_decay=weight_decay))
+    return groups
+
+
 class LoraMethod(Method):
     name = "lora"
     default_lr = 1e-4

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lrkit.concept import LoraSpec
 from lrkit.training.methods.base import trainable
-from lrkit.training.methods.lora import add_lora, lora_spec_of, write_lora_files
+from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
 
 
@@ -29,15 +29,8 @@ class PivotalMethod(TextualInversionMethod):
         super().configure(model)
 
     def param_groups(self, model) -> list[dict]:
-        lr = self.config.optim.lr or self.default_lr
-        wd = self.config.optim.weight_decay
-        groups = [self.embedding_group(model),
-                  dict(name="unet_lora", params=trainable(model.unet), lr=lr, weight_decay=wd)]
-        if self._te:
-            embedding_rows = {id(p) for p in groups[0]["params"]}
-            te_lora = [p for p in trainable(model.text_encoder) if id(p) not in embedding_rows]
-            groups.append(dict(name="text_encoder_lora", params=te_lora, lr=lr, weight_decay=wd))
-        return groups
+        return lora_groups_beside_tokens(model, self.embedding_group(model), self.config.optim.lr or self.default_lr,
+                                         self.config.optim.weight_decay, text_encoder=self._te)
 
     def before_optimizer_step(self, model, step: int) -> None:
         # Phase 1 (tokens only): drop the LoRA gradients, so the optimizer neither moves the LoRA
