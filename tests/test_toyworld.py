@@ -469,6 +469,52 @@ def test_objects_found_on_two_object_ground_truth():
     assert np.mean(ious) >= 0.85 and min(ious) >= 0.7
 
 
+def test_object_regions_keep_a_tinted_background_out():
+    """A generation's background is often drawn a little off the scene's colours (a LoRA's tinted sand).
+    Such pixels are nearer the background than any object's colours, so they must not join the objects:
+    a distance floor alone (OBJECT_FLOOR) merged both objects and half the sand into one region."""
+    from lrkit.toyworld.scorers import OBJECT_FLOOR, object_regions, objects_found
+
+    u, v = np.array([1.0, -1.0, 0.0]) / np.sqrt(2), np.array([1.0, 1.0, -2.0]) / np.sqrt(6)  # hues, not light
+    ious, found = [], 0
+    for seed in range(2000, 2016):
+        s = sample(seed, num_objects=2, scene="beach")
+        objects = np.logical_or.reduce(s.masks)
+        angle = 2 * np.pi * (0, 3, 4, 7)[seed % 4] / 8  # hues that lie off every segment of the beach's model
+        tint = 1.5 * OBJECT_FLOOR * (np.cos(angle) * u + np.sin(angle) * v)
+        pixels = np.asarray(s.image, dtype=np.float64)
+        pixels[~_dilate(objects, 1)] += tint  # the background only; the objects keep their colours
+        image = np.clip(pixels, 0, 255).round().astype(np.uint8)
+        off = background_distance(image, "beach", details=False)[~_dilate(objects, 1)] > OBJECT_FLOOR
+        assert off.mean() > 0.5  # most of the background is past the floor
+        regions = object_regions(image, scene="beach")
+        ious += [max(_iou(r, gt) for r in regions) for gt in s.masks]
+        found += objects_found(image, [(o.cls, o.color) for o in s.objects])["colours"]
+    assert found == 16 and np.mean(ious) >= 0.85 and min(ious) >= 0.6, (found, np.round(ious, 2))
+
+
+def test_subjects_found_levels_on_rendered_pairs():
+    """The two subjects rendered side by side pass every level; the same objects without their subject-only
+    features pass up to `appearance` but not `identity`; other subjects fail from `colours` on; one subject
+    alone is not two regions."""
+    from lrkit.toyworld import SceneSpec, get_subject, render, subject_pair, subjects_found
+    from lrkit.toyworld.scorers import SUBJECT_LEVELS
+
+    for names, scene in ((("toy_ball", "toy_teapot"), "beach"), (("toy_ball", "toy_vase"), "grass"),
+                         (("toy_mug", "toy_mushroom"), "snow")):
+        subs = [get_subject(n) for n in names]
+        assert subjects_found(subject_pair(names, scene).image, subs) == dict.fromkeys(SUBJECT_LEVELS, True)
+        plain = [s.spec(cx=cx, cy=0.58, scale=0.42).moved(extras=()) for s, cx in zip(subs, (0.28, 0.72))]
+        found = subjects_found(render(SceneSpec(scene), plain).image, subs)
+        assert found == dict(regions=True, colours=True, appearance=True, identity=False), (names, found)
+    others = [get_subject("toy_mug"), get_subject("toy_mushroom")]
+    found = subjects_found(subject_pair(("toy_ball", "toy_teapot"), "beach").image, others)
+    assert found == dict(regions=True, colours=False, appearance=False, identity=False)
+    alone = get_subject("toy_ball").render("beach", cx=0.3, scale=0.45).image
+    assert subjects_found(alone, [get_subject("toy_ball"), get_subject("toy_teapot")]) == dict.fromkeys(
+        SUBJECT_LEVELS, False)
+
+
 def test_two_object_fidelity_of_a_perfect_and_a_blank_model():
     from types import SimpleNamespace
 

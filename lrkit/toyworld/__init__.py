@@ -38,6 +38,7 @@ from lrkit.toyworld.scorers import (
     score_image,
     segment_object,
     subject_identity,
+    subjects_found,
 )
 from lrkit.toyworld.subjects import SUBJECTS, Subject, get_subject, subject_pair
 from lrkit.toyworld.world import (
@@ -74,6 +75,7 @@ __all__ = [
     "compatible_colors",
     "get_subject",
     "subject_pair",
+    "subjects_found",
     "identity_components",
     "is_subject",
     "layout_diversity",

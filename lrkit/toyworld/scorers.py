@@ -218,19 +218,13 @@ def _two_medians(p: np.ndarray, iters: int = 8) -> tuple[np.ndarray, np.ndarray]
     return c[0], c[1]
 
 
-def segment_object(image: ImageLike, scene: str | None = None) -> np.ndarray:
-    """Bool (H, W) mask of the (largest) object; `scene` defaults to `classify_scene`'s answer."""
-    p = _pixels(image)
-    scene = scene or classify_scene(p)[0]
-    # The object model: the segment between two colour centres of the pixels far from the
-    # background (without its sparse details: a white object at night is not a star), joined by
-    # the segment of the nearest named colour (shade..colour), so a rare pattern colour is not
-    # lost. The details join the background model unless the object shares their colours
-    # (stray stars are then specks that the largest component drops).
-    d_bg = background_distance(p, scene, details=False)
-    seeds = d_bg > OBJECT_CORE
-    if seeds.sum() < 3:
-        return np.zeros(d_bg.shape, dtype=bool)
+def _nearer_object(p: np.ndarray, d_bg: np.ndarray, seeds: np.ndarray, scene: str) -> np.ndarray:
+    """Bool (H, W): pixels nearer the colour model of the `seeds` pixels than the background, and past
+    OBJECT_FLOOR.
+
+    The object model: the segment between two colour centres of the seeds, joined by the segment of the
+    nearest named colour (shade..colour), so a rare pattern colour is not lost. The background's sparse
+    details join its model unless the object shares their colours (stray stars are then specks)."""
     a, b = _two_medians(p[seeds])
     dist = _color_distances(p[seeds])
     named = min(dist, key=dist.get)
@@ -238,17 +232,52 @@ def segment_object(image: ImageLike, scene: str | None = None) -> np.ndarray:
     d_near = d_bg
     if background_distance(np.stack([a, b])[None], scene, details=True).max() > OBJECT_CORE:
         d_near = np.minimum(d_bg, background_distance(p, scene, details=True))
-    return largest_component((d_obj < d_near) & (d_bg > OBJECT_FLOOR))
+    return (d_obj < d_near) & (d_bg > OBJECT_FLOOR)
+
+
+def segment_object(image: ImageLike, scene: str | None = None) -> np.ndarray:
+    """Bool (H, W) mask of the (largest) object; `scene` defaults to `classify_scene`'s answer.
+
+    The pixels far from the background (without its sparse details: a white object at night is not a
+    star) seed one object colour model (`_nearer_object`); the largest component of what it claims."""
+    p = _pixels(image)
+    scene = scene or classify_scene(p)[0]
+    d_bg = background_distance(p, scene, details=False)
+    seeds = d_bg > OBJECT_CORE
+    if seeds.sum() < 3:
+        return np.zeros(d_bg.shape, dtype=bool)
+    return largest_component(_nearer_object(p, d_bg, seeds, scene))
 
 
 def object_regions(image: ImageLike, min_pixels: int = 20, scene: str | None = None) -> list[np.ndarray]:
-    """Bool (H, W) masks of the separate objects, largest first: the connected regions of pixels far from
-    the scene's background model (`scene` defaults to `classify_scene`'s answer), of at least `min_pixels`."""
+    """Bool (H, W) masks of the separate objects, largest first, of at least `min_pixels` each; `scene`
+    defaults to `classify_scene`'s answer.
+
+    Each connected core of pixels far from the background seeds a colour model of its own
+    (`_nearer_object`); a pixel belongs to an object when one of these models is nearer to it than the
+    background. So a background drawn a little off the scene's colours (a generation's tinted sand) stays
+    background instead of joining the objects into one region, as a plain distance floor would."""
     p = _pixels(image)
     scene = scene or classify_scene(p)[0]
-    labels, n = _components(background_distance(p, scene, details=False) > OBJECT_FLOOR)
+    d_bg = background_distance(p, scene, details=False)
+    cores, n = _components(d_bg > OBJECT_CORE)
+    claimed = np.zeros(d_bg.shape, dtype=bool)
+    for k in range(1, n + 1):
+        seeds = cores == k
+        if seeds.sum() >= 3:
+            claimed |= _nearer_object(p, d_bg, seeds, scene)
+    labels, n = _components(claimed)
     regions = [labels == k for k in range(1, n + 1)]
     return sorted([r for r in regions if r.sum() >= min_pixels], key=lambda r: -int(r.sum()))
+
+
+def _on_distinct_regions(hits: list[list[bool]]) -> bool:
+    """hits[k][i]: whether wanted item k is seen on region i. True when every item is seen on a region of
+    its own (some assignment of distinct regions)."""
+    from itertools import permutations
+
+    n = len(hits[0]) if hits else 0
+    return any(all(row[i] for row, i in zip(hits, order)) for order in permutations(range(n), len(hits)))
 
 
 def objects_found(image: ImageLike, wanted: list[tuple[str, str]], max_regions: int = 4) -> dict[str, bool]:
@@ -256,18 +285,34 @@ def objects_found(image: ImageLike, wanted: list[tuple[str, str]], max_regions: 
 
     `regions`: at least len(wanted) object regions; `colours` / `classes`: the wanted colours / classes
     can be matched to distinct regions (`object_color`, `classify_object` per region)."""
-    from itertools import permutations
-
     regions = object_regions(image)[:max_regions]
     colours = [object_color(image, r) for r in regions]
     classes = [classify_object(image, r)[0] for r in regions]
+    return {"regions": len(regions) >= len(wanted),
+            "colours": _on_distinct_regions([[c == colour for c in colours] for _, colour in wanted]),
+            "classes": _on_distinct_regions([[c == cls for c in classes] for cls, _ in wanted])}
 
-    def matched(found: list, keys: list) -> bool:
-        return any(all(found[i] == k for i, k in zip(order, keys))
-                   for order in permutations(range(len(regions)), len(keys)))
 
-    return {"regions": len(regions) >= len(wanted), "colours": matched(colours, [c for _, c in wanted]),
-            "classes": matched(classes, [k for k, _ in wanted])}
+SUBJECT_LEVELS = ("regions", "colours", "appearance", "identity")
+"""What `subjects_found` checks, from the weakest to the full identity."""
+
+
+def subjects_found(image: ImageLike, subjects: list[Subject], max_regions: int = 4) -> dict[str, bool]:
+    """Whether every subject is drawn, each on a region of its own, level by level (`SUBJECT_LEVELS`).
+
+    `regions`: at least len(subjects) object regions; `colours`: each subject's colour on distinct regions;
+    `appearance`: its colour and pattern; `identity`: `is_subject` (colour, pattern and the subject's own
+    silhouette, subject-only features included). The object class is not a level: `classify_object` knows
+    generic silhouettes only, and a subject's features can tip it (the toy teapot's tall knob reads as a vase)."""
+    regions = object_regions(image)[:max_regions]
+    colours = [object_color(image, r) for r in regions]
+    looks = [(colour, object_pattern(image, r, colour)) for r, colour in zip(regions, colours)]
+    return {
+        "regions": len(regions) >= len(subjects),
+        "colours": _on_distinct_regions([[c == s.color for c in colours] for s in subjects]),
+        "appearance": _on_distinct_regions([[look == (s.color, s.pattern) for look in looks] for s in subjects]),
+        "identity": _on_distinct_regions([[is_subject(image, s, r) for r in regions] for s in subjects]),
+    }
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -522,6 +567,7 @@ def score_image(image: ImageLike, subject: Subject | None = None, scene: str | N
 
 __all__ = [
     "IDENTITY_THRESHOLD",
+    "SUBJECT_LEVELS",
     "background_distance",
     "center_and_scale",
     "class_distances",
@@ -543,4 +589,5 @@ __all__ = [
     "segment_object",
     "shape_descriptor",
     "subject_identity",
+    "subjects_found",
 ]
