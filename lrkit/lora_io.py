@@ -137,7 +137,11 @@ def save_diffusers_lora(
     if not weight_name.endswith(".safetensors"):
         raise ValueError(f"weight_name {weight_name!r} must end with '.safetensors'")
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder, adapter_name)
-    unet_layers = convert_state_dict_to_diffusers(unet_sd)
+    # The UNet keeps peft's key names, which diffusers' loader takes as they are. Its
+    # `convert_state_dict_to_diffusers` renames only the attention projections (`to_q.lora_A` ->
+    # `to_q.lora.down`); with other targets too (conv1, proj_in, ff) the file mixes both namings and the
+    # loader silently drops the renamed ones.
+    unet_layers = unet_sd
     # The LoraConfig dicts go in the header; the loader rebuilds the adapters with LoraConfig(**metadata).
     unet_metadata = unet.peft_config[adapter_name].to_dict()
     te_layers = te_metadata = None

@@ -24,6 +24,10 @@ from lrkit.models import build_tiny_random
 RANK, UNET_ALPHA, TE_ALPHA = 4, 8.0, 2.0
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# the attention projections plus the transformer blocks' 1x1 projections, feed-forward and the resnets' 3x3
+# convolutions (peft's Conv2d LoRA: lora_A is a (rank, in, 3, 3) convolution)
+WIDE_UNET_TARGETS = UNET_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+WIDE_TE_TARGETS = TE_TARGETS + ["fc1", "fc2"]
 KOHYA_NAME = "x.kohya.safetensors"
 PROMPT = "a photo of sks dog"
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -47,15 +51,15 @@ class Trained:
     ref: torch.Tensor  # latents with LoRA
 
 
-def make_trained(use_dora: bool) -> Trained:
+def make_trained(use_dora: bool, unet_targets: list[str] = UNET_TARGETS, te_targets: list[str] = TE_TARGETS) -> Trained:
     """A tiny pipe with UNet + text-encoder LoRA whose every adapter weight is seeded and non-zero."""
     from peft import LoraConfig
 
     pipe = fresh_pipe()
     base = latents(pipe)
-    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=UNET_ALPHA, target_modules=UNET_TARGETS,
+    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=UNET_ALPHA, target_modules=unet_targets,
                                      init_lora_weights="gaussian", use_dora=use_dora))
-    pipe.text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=TE_ALPHA, target_modules=TE_TARGETS,
+    pipe.text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=TE_ALPHA, target_modules=te_targets,
                                              init_lora_weights="gaussian", use_dora=use_dora))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -71,6 +75,11 @@ def make_trained(use_dora: bool) -> Trained:
 @pytest.fixture(scope="module")
 def lora():
     return make_trained(use_dora=False)
+
+
+@pytest.fixture(scope="module")
+def wide_lora():
+    return make_trained(use_dora=False, unet_targets=WIDE_UNET_TARGETS, te_targets=WIDE_TE_TARGETS)
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +214,25 @@ def test_kohya_round_trip_matches_diffusers_layout(lora, tmp_path):
     via_kohya = latents(loaded)
     torch.testing.assert_close(via_kohya, via_diffusers, **TOL)
     torch.testing.assert_close(via_kohya, lora.ref, **TOL)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_lora_on_convolutions_round_trips(wide_lora, tmp_path, layout):
+    """`lora.unet_targets` may name the resnets' 3x3 convolutions (conv1, conv2) and the feed-forward (and
+    `text_encoder_targets` the MLP): both layouts load them back into a stock pipe, every tensor under its own name.
+    (diffusers' `convert_state_dict_to_diffusers` renames only the attention projections, and its loader then drops
+    them from such a mixed file without an error: the diffusers layout keeps peft's key names.)"""
+    unet_sd, _ = lora_state_dicts(wide_lora.pipe.unet)
+    assert any(v.ndim == 4 and v.shape[-1] == 3 for v in unet_sd.values())  # a 3x3 conv LoRA is in the file
+    if layout == "diffusers":
+        save_diffusers_lora(tmp_path, wide_lora.pipe.unet, wide_lora.pipe.text_encoder)
+        loaded = load_clean(tmp_path)
+    else:
+        save_kohya_lora(tmp_path / KOHYA_NAME, wide_lora.pipe.unet, wide_lora.pipe.text_encoder)
+        loaded = load_clean(tmp_path, weight_name=KOHYA_NAME)
+    assert_same_adapter(loaded, wide_lora.pipe)
+    assert not torch.allclose(wide_lora.ref, wide_lora.base, atol=1e-3)
+    torch.testing.assert_close(latents(loaded), wide_lora.ref, **TOL)
 
 
 @pytest.mark.parametrize("prefix", ["lora_unet_", "lora_te_"])
