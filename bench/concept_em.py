@@ -12,7 +12,10 @@ object region of its own, by identity (`subject_identity` >= 0.5, the acceptance
 (regions, colours, appearance: colour + pattern) show how far a generation gets. Each
 generation's scene (is it the prompted one?) and the scale of its largest object (`score_image`) show
 whether a concept is painted over the whole frame; each token alone (`alone_identity`) shows how often the
-concept draws its subject at all, the ceiling of the combined prompt.
+concept draws its subject at all, the ceiling of the combined prompt, and `alone_other_subject` how often the
+other subject comes along; with `layout_variance` (sigma^2 of the largest object's centre over the seeds, 0 when
+every sample is the same picture) it tells two concepts that combine from a memorised training picture.
+`--also-scenes` scores the same prompts in other scenes.
 
 By default the bench picture is the only training image (the issue's setting for the masks). DESIGN §6.3's
 other input, several images that each list the concepts they show, is `--subject-photos N` (each subject's
@@ -91,7 +94,8 @@ def train(base: str, photos: Path, images: list[dict], out: Path, args, *, updat
                         attention_loss_weight=args.attention_loss_weight, convergence_iou=args.convergence_iou,
                         after_convergence=args.after_convergence,
                         train_lora=args.lora, **extra_options(args.em)),
-        lora=dict(rank=args.lora_rank, alpha=args.lora_rank, train_text_encoder=args.lora_text_encoder),
+        lora=dict(rank=args.lora_rank, alpha=args.lora_rank, train_text_encoder=args.lora_text_encoder,
+                  **(dict(unet_targets=args.lora_targets) if args.lora_targets else {})),
         optim=dict(embedding_lr=args.embedding_lr, lr=args.lr), max_steps=args.steps, accelerator="cpu",
         precision="32", log_every_n_steps=10, checkpoint_every_n_epochs=10**6,
     )
@@ -137,47 +141,70 @@ def rounds_iou(out: Path, truth: list[torch.Tensor], tokens: list[str]) -> list[
 
 @torch.no_grad()
 def generations(base: str, bundle: Path, subjects, args) -> dict:
+    """The scores of the combined prompt on the picture's scene; with `--also-scenes`, `elsewhere` holds the same
+    scores on those scenes (can the tokens be combined in a new context, or only in their picture's?)."""
     from lrkit.concept import Concept
     from lrkit.models import load_base
-    from lrkit.toyworld import get_subject, is_subject, score_image, subjects_found
-    from lrkit.toyworld.scorers import SUBJECT_LEVELS
-
-    from lrkit.toyworld.scorers import object_regions
+    from lrkit.toyworld import get_subject
 
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
     Concept.load(bundle).apply(pipe)
     subs = [get_subject(s) for s in subjects]
+    result = scene_generations(pipe, subs, args.scene, args)
+    if args.also_scenes:
+        result["elsewhere"] = {scene: scene_generations(pipe, subs, scene, args, folder=scene)
+                               for scene in args.also_scenes}
+    return result
+
+
+def scene_generations(pipe, subs, scene: str, args, folder: str = "") -> dict:
+    from lrkit.toyworld import SCENES, is_subject, layout_diversity, score_image, subjects_found
+    from lrkit.toyworld.scorers import SUBJECT_LEVELS, object_regions
+
+    phrase = SCENES[scene].phrase
+    save = args.save_images / folder if args.save_images else None
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
 
     def generate(prompt: str, seed: int):
         return pipe(prompt, num_inference_steps=args.gen_steps, guidance_scale=args.guidance, height=args.resolution,
                     width=args.resolution, generator=torch.Generator().manual_seed(seed)).images[0]
 
-    prompt = f"a photo of <v1> and <v2> {args.scene_phrase}"
+    prompt = f"a photo of <v1> and <v2> {phrase}"
     hits = dict.fromkeys(SUBJECT_LEVELS, 0)
     scenes = 0
-    scales = []
+    scales, centers = [], []
     for seed in range(args.samples):
         image = generate(prompt, seed)
         for level, ok in subjects_found(image, subs).items():
             hits[level] += ok
-        record = score_image(image, scene=args.scene)  # the largest object's scale: does a concept fill the frame?
+        record = score_image(image, scene=scene)  # the largest object's scale: does a concept fill the frame?
         scenes += record["scene_ok"]
         if record["scale"] is not None:
             scales.append(record["scale"])
-        if args.save_images:
-            image.save(args.save_images / f"gen{seed:02d}.png")
-    alone = {}  # each token alone: how often its subject is drawn at all (the ceiling of the combined prompt)
-    for token, subject in zip(("<v1>", "<v2>"), subs):
-        found = 0
+            centers.append(record["center"])
+        if save:
+            image.save(save / f"gen{seed:02d}.png")
+    # each token alone: how often its subject is drawn at all (the ceiling of the combined prompt), and how often
+    # the other subject comes with it (a LoRA that memorised the pair picture draws both for either token)
+    alone, alone_with_other = {}, {}
+    for k, token in enumerate(("<v1>", "<v2>")):
+        found = other = 0
         for seed in range(args.samples):
-            image = generate(f"a photo of {token} {args.scene_phrase}", seed)
-            found += any(is_subject(image, subject, r) for r in object_regions(image)[:4])
+            image = generate(f"a photo of {token} {phrase}", seed)
+            regions = object_regions(image)[:4]
+            found += any(is_subject(image, subs[k], r) for r in regions)
+            other += any(is_subject(image, subs[1 - k], r) for r in regions)
         alone[token] = found / args.samples
+        alone_with_other[token] = other / args.samples
     return dict(prompt=prompt, samples=args.samples,
                 both_subjects={level: n / args.samples for level, n in hits.items()}, alone_identity=alone,
+                alone_other_subject=alone_with_other,
                 scene_rate=scenes / args.samples,
                 median_object_scale=round(float(np.median(scales)), 3) if scales else None,
+                # sigma^2 of the largest object's centre over the seeds: ~0 when every sample is the same picture
+                layout_variance=round(layout_diversity({prompt: centers}), 5) if centers else None,
                 steps=args.gen_steps, guidance=args.guidance)
 
 
@@ -205,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", action="store_true", help="train LoRA with the tokens")
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--lora-text-encoder", action="store_true", help="with --lora: text-encoder LoRA too")
+    parser.add_argument("--lora-targets", nargs="*", default=None, metavar="MODULE",
+                        help="with --lora: lora.unet_targets (default: the attention projections)")
     parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--flip", type=float, default=0.0, help="data.random_flip")
@@ -219,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further concept_em options, e.g. estep_captions=joint relative_maps=true (YAML values)")
     parser.add_argument("--skip-baseline", action="store_true", help="train the EM run only")
+    parser.add_argument("--also-scenes", nargs="*", default=[], metavar="SCENE",
+                        help="also score the combined prompt (and each token alone) on these scenes")
     parser.add_argument("--samples", type=int, default=16, help="generations scored")
     parser.add_argument("--gen-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=6.0)
@@ -270,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                           resolution=args.resolution, steps=args.steps, steps_per_round=args.steps_per_round,
                           attention_timesteps=args.timesteps, attention_levels=args.levels,
                           attention_loss_weight=args.attention_loss_weight, lora=args.lora, seed=args.seed,
-                          lora_rank=args.lora_rank, lora_text_encoder=args.lora_text_encoder, lr=args.lr,
+                          lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_text_encoder=args.lora_text_encoder, lr=args.lr,
                           embedding_lr=args.embedding_lr, batch_size=args.batch_size, flip=args.flip,
                           pair_scenes=args.pair_scenes, subject_photos=args.subject_photos,
                           backdrops=args.backdrops if args.subject_photos else [], images=len(images),
-                          background=args.background, after_convergence=args.after_convergence,
+                          background=args.background, also_scenes=args.also_scenes, after_convergence=args.after_convergence,
                           options=extra_options(args.em)),
                acceptance=dict(mask_iou_target=0.7, both_subjects_target=0.5),
                results=results)

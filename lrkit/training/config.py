@@ -81,7 +81,9 @@ class LoraOptions:
     dropout: float = 0.0
     """Dropout on the LoRA branch."""
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names to adapt."""
+    """UNet module names to adapt (peft suffix match). Default: the attention projections; adding `proj_in`,
+    `proj_out`, `ff.net.0.proj`, `ff.net.2`, `conv1`, `conv2` also adapts the transformer blocks' projections and
+    feed-forward and the resnets' 3x3 convolutions (both export layouts carry them)."""
     train_text_encoder: bool = False
     """Also put LoRA on the text encoder."""
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
