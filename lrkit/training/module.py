@@ -243,6 +243,11 @@ class PersonalizationModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.method.before_optimizer_step(self.model, self.global_step)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip here, not in Lightning's precision plugin: it refuses fused optimizers even under bf16-mixed."""
+        if gradient_clip_val:
+            clip_grad_norm(optimizer, gradient_clip_val, getattr(self.trainer.precision_plugin, "scaler", None))
+
     def on_train_end(self) -> None:
         logger.info("rank %d/%d finished training at step %d", self.global_rank, self.trainer.world_size,
                     self.global_step)
@@ -287,6 +292,21 @@ class PersonalizationModule(L.LightningModule):
                 f"checkpoint does not fit this configuration (missing {missing}, unexpected {extra}); "
                 "was it written with another method or LoRA setting?"
             )
+
+
+def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float, scaler=None) -> torch.Tensor:
+    """Clip the optimizer's gradients to total norm `max_norm`, with any optimizer and precision.
+
+    Lightning's mixed-precision plugin unscales a 16-mixed run's gradients before clipping, except for
+    optimizers that unscale inside their own step (fused AdamW): for those it refuses to clip at all,
+    even under bf16-mixed, where nothing is scaled. Here such an optimizer's gradients are unscaled
+    first (`GradScaler.step` then skips its own unscale, and still skips the step on inf/NaN);
+    bf16-mixed and 32 have no scaler. Returns the total norm before clipping.
+    """
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
