@@ -42,7 +42,8 @@ def _generation_parser(prog: str, description: str):
 
     parser = ArgumentParser(prog=prog, description=description, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="generation options YAML (configs/infer/*.yaml)")
-    parser.add_argument("--base", default="tiny-random", help="base model: tiny-random, toy, hub id, folder or .safetensors")
+    parser.add_argument("--base", default=None, help="base model: tiny-random, toy, hub id, folder or .safetensors "
+                        "(default: the base the concept records; a new `lrkit run` concept trains on tiny-random)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); '{}' becomes '<token> <class>'")
     parser.add_argument("--prompts", default=None, help="file with one prompt a line (data/prompts/*.txt)")
     parser.add_argument("--seeds", type=list[int], default=[0, 1], help="seeds, e.g. [0,1,2,3]")
@@ -63,9 +64,10 @@ def _prompts(args) -> list[str]:
 
 
 def _generate(argv: list[str]) -> int:
-    from lrkit.concept import Concept
+    from lrkit.concept import Concept, recorded_base, recorded_base_error
     from lrkit.inference import LayoutRetouchPipeline
     from lrkit.jobs import fill_prompts, generate_to_folder
+    from lrkit.models import BaseModelError
 
     parser = _generation_parser("lrkit generate", "Generate images of a concept (vanilla, personalized, layout, "
                                 "layout-retouch, dual-reference: --options.style_reference IMAGE).")
@@ -78,8 +80,14 @@ def _generate(argv: list[str]) -> int:
     concept = Concept.load(args.concept)
     if args.token is not None:
         concept = concept.for_token(args.token)
-    pipeline = LayoutRetouchPipeline.from_concept(args.base, concept, sam_checkpoint=args.sam_checkpoint,
-                                                  force=args.force)
+    base = args.base or recorded_base([concept])
+    try:
+        pipeline = LayoutRetouchPipeline.from_concept(base, concept, sam_checkpoint=args.sam_checkpoint,
+                                                      force=args.force)
+    except BaseModelError as err:
+        if args.base:
+            raise
+        raise recorded_base_error(err, base) from err
     prompts = fill_prompts(_prompts(args), pipeline.concept, require_token=args.options.mode != "vanilla")
     out = args.out or "outputs/generate"
     generate_to_folder(pipeline, prompts, args.seeds, out, args.options, intermediates=args.intermediates,

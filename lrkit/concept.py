@@ -347,6 +347,23 @@ class Concept:
             pipe.register_modules(text_encoder=te.to(device))
 
 
+def recorded_base(concepts: "list[Concept]", option: str = "--base") -> str:
+    """The base model the concepts were trained on (their manifests' `base.id`): what generation and
+    evaluation load when no base is given. Concepts trained on different bases need `option`."""
+    ids = sorted({c.base.id for c in concepts})
+    if len(ids) != 1:
+        raise ConceptError(f"the concepts were trained on different base models ({', '.join(map(repr, ids))}); "
+                           f"pass {option} to choose one")
+    logger.info("base model %s (recorded in the concept)", ids[0])
+    return ids[0]
+
+
+def recorded_base_error(err: Exception, base: str, option: str = "--base") -> ConceptError:
+    """The error for a recorded base model that cannot be loaded here: the loader's reason, and the fix."""
+    return ConceptError(f"cannot load base model {base!r}, which the concept records ({err}); "
+                        f"pass {option} NAME_OR_PATH to load it from elsewhere")
+
+
 def write_bundle(concept: Concept, out_dir: str | os.PathLike, write_files: Callable[[Path], None], *,
                  overwrite: bool = False) -> Concept:
     """Write a bundle atomically: `write_files(tmp)` fills a temp folder, the manifest goes last,

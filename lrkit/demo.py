@@ -162,7 +162,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, subject: str = DEMO
     out = Path(out_dir)
     photos, class_word = toy_training_data(toy_subject, out / "photos")
     recipe = merge_nested(TOY_LORA_RECIPE, train_overrides or {})
-    concept = train_or_reuse(photos, class_word, out / "concept", base=base, method=recipe.pop("method"),
+    concept = train_or_reuse(photos, class_word, out / toy_subject.name, base=base, method=recipe.pop("method"),
                              train_overrides=recipe)
     filled = fill_prompts(list(prompts), concept)
     pipeline = LayoutRetouchPipeline.from_concept(base, concept, cache_dir=out / "cache")

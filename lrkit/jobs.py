@@ -80,47 +80,75 @@ def default_resolution(base: str) -> int:
     return BUILTIN_RESOLUTION if base.split(":")[0] in BUILTIN_BASES else 512
 
 
+def subject_name(photos: str | os.PathLike) -> str:
+    """The name a job gives the concept of `photos`: the photo folder's name (`data/subjects/vase` -> `vase`)."""
+    name = Path(photos).expanduser().resolve().name
+    return name or "concept"
+
+
 def train_or_reuse(photos: str | os.PathLike, class_word: str, train_dir: str | os.PathLike, *, base: str,
-                   method: str = "lora", resolution: int | None = None, train_overrides: dict | None = None) -> Concept:
-    """The concept bundle in TRAIN_DIR/concept, trained from `photos` unless it is already there."""
+                   method: str = "lora", resolution: int | None = None, train_overrides: dict | None = None,
+                   phase: str = "") -> Concept:
+    """The concept bundle in TRAIN_DIR/concept, trained from `photos` unless it is already there.
+
+    The training run (checkpoints, logs, validation images) lives in TRAIN_DIR, as `lrkit train
+    --output_dir TRAIN_DIR` would write it, and the concept is named after TRAIN_DIR. `phase` prefixes
+    the log line that says which of the two happens (e.g. `phase 1/2: `).
+    """
     from lrkit.training import train_concept
 
     bundle = Path(train_dir) / "concept"
     if (bundle / MANIFEST).is_file():
-        logger.info("reusing the concept bundle %s", bundle)
+        logger.info("%sreusing the concept bundle %s", phase, bundle)
     else:
-        logger.info("training a %s concept from %s", method, photos)
         overrides = {"base": base, "method": method, "output_dir": str(train_dir),
                      "data": {"photos": str(photos), "class_word": class_word,
                               "resolution": resolution or default_resolution(base)}}
+        logger.info("%straining a %s concept from %s on %s into %s", phase, method, photos, base, bundle)
         train_concept(overrides, **(train_overrides or {}))
     return Concept.load(bundle)
 
 
-def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[str], *, base: str = "tiny-random",
+def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[str], *, base: str | None = None,
                      out_dir: str | os.PathLike = "outputs/run", method: str = "lora", seeds: list[int] | None = None,
                      options=None, resolution: int | None = None, train_overrides: dict | None = None,
                      sam_checkpoint: str | None = None, intermediates: bool = True) -> Path:
     """Train (or reuse) a concept from `photos`, then Layout-and-Retouch every prompt x seed.
 
-    Re-running reuses the bundle in OUT_DIR/concept/concept and skips finished images. Returns the
+    The concept is named after the photo folder and its bundle is OUT_DIR/<name>/concept (`lrkit run
+    --photos data/subjects/vase` -> OUT_DIR/vase/concept). Re-running reuses the bundle and skips
+    finished images. `base` defaults to the reused bundle's recorded base, else `tiny-random`. Returns the
     contact sheet's path (OUT_DIR/contact_sheet.png).
     """
+    from lrkit.concept import recorded_base, recorded_base_error
     from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
     from lrkit.inference.outputs import contact_sheet, save_png
+    from lrkit.models import BaseModelError
 
     out = Path(out_dir)
     seeds = list(seeds if seeds is not None else [0, 1])
+    train_dir = out / subject_name(photos)
+    reused = train_dir / "concept" / MANIFEST
+    given = base is not None
+    if not given:
+        base = recorded_base([Concept.load(reused.parent)]) if reused.is_file() else "tiny-random"
     resolution = resolution or default_resolution(base)
-    concept = train_or_reuse(photos, class_word, out / "concept", base=base, method=method, resolution=resolution,
-                             train_overrides=train_overrides)
+    concept = train_or_reuse(photos, class_word, train_dir, base=base, method=method, resolution=resolution,
+                             train_overrides=train_overrides, phase="phase 1/2: ")
     filled = fill_prompts(prompts, concept)
     options = options or GenerationOptions(height=resolution, width=resolution)
-    logger.info("phase 2/2: %s for %d prompts x %d seeds", options.mode, len(filled), len(seeds))
-    pipeline = LayoutRetouchPipeline.from_concept(base, concept, sam_checkpoint=sam_checkpoint,
-                                                  cache_dir=out / "cache")
+    logger.info("phase 2/2: %s for %d prompts x %d seeds into %s", options.mode, len(filled), len(seeds),
+                out / "images")
+    try:
+        pipeline = LayoutRetouchPipeline.from_concept(base, concept, sam_checkpoint=sam_checkpoint,
+                                                      cache_dir=out / "cache")
+    except BaseModelError as err:
+        if given:
+            raise
+        raise recorded_base_error(err, base) from err
     done = generate_to_folder(pipeline, filled, seeds, out / "images", options, intermediates=intermediates)
     return save_png(contact_sheet(done), out / "contact_sheet.png")
 
 
-__all__ = ["default_resolution", "fill_prompts", "generate_to_folder", "photos_to_images", "read_prompts", "train_or_reuse"]
+__all__ = ["default_resolution", "fill_prompts", "generate_to_folder", "photos_to_images", "read_prompts", "subject_name",
+           "train_or_reuse"]

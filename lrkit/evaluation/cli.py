@@ -34,7 +34,8 @@ def build_parser():
         "toy-world scores on --base toy; writes OUT/results.csv, OUT/results.md and OUT/plots/. "
         "Under `accelerate launch` / `torchrun` the processes share the work."))
     parser.add_argument("--config", action=ActionConfigFile, help="options YAML")
-    parser.add_argument("--base", default="tiny-random", help="base model: tiny-random, toy, hub id, folder or .safetensors")
+    parser.add_argument("--base", default=None, help="base model: tiny-random, toy, hub id, folder or .safetensors "
+                        "(default: the base the concepts record)")
     parser.add_argument("--concepts", nargs="+", required=True, help="concept bundle folders")
     parser.add_argument("--prompts", default="dreambench",
                         help="prompt set: dreambench | vico | dreammatcher (live or non-live list by class word), a file "

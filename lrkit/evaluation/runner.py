@@ -34,7 +34,7 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
-from lrkit.concept import Concept
+from lrkit.concept import Concept, recorded_base, recorded_base_error
 from lrkit.evaluation import report
 from lrkit.evaluation.metrics import (DEFAULT_CLIP, DEFAULT_DINO, ClipEmbedder, DinoEmbedder, mask_center,
                                       pairwise_diversity, reference_similarity, text_similarity)
@@ -64,8 +64,9 @@ class EvalConfig:
     """Concept bundle folders."""
     out: str
     """Output folder; re-running with the same folder resumes."""
-    base: str = "tiny-random"
-    """Base model: tiny-random, toy, hub id, folder or .safetensors (as `lrkit generate --base`)."""
+    base: str | None = None
+    """Base model: tiny-random, toy, hub id, folder or .safetensors (as `lrkit generate --base`); default: the
+    base the concepts record (they must agree)."""
     prompts: str = "dreambench"
     """Prompt set (dreambench, vico, dreammatcher, a file stem in data/prompts, toy) or a prompt file."""
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -100,6 +101,8 @@ class EvalConfig:
     """Let metric models load pytorch_model.bin (torch.load with weights_only=True) when no safetensors exist."""
     force: bool = False
     """Apply concepts even to a base model they were not trained on."""
+    base_recorded: bool = field(default=False, init=False, repr=False)
+    """Whether `base` was read from the concepts (a load failure then says to pass --base)."""
 
     def __post_init__(self) -> None:
         if not self.concepts:
@@ -122,6 +125,9 @@ class EvalConfig:
                             "give one per concept, in --concepts order")
         if self.batch_size < 1:
             raise EvalError(f"--batch_size must be >= 1, got {self.batch_size}")
+        self.base_recorded = self.base is None
+        if self.base_recorded:
+            self.base = recorded_base([Concept.load(c) for c in self.concepts])
         self.clip_model = None if str(self.clip_model).lower() == "none" else self.clip_model
         self.dino_model = None if str(self.dino_model).lower() == "none" else self.dino_model
 
@@ -248,10 +254,17 @@ class _ConceptJob:
         if self._pipeline is None:
             from lrkit.inference import LayoutRetouchPipeline
 
+            from lrkit.models import BaseModelError
+
             sam = self.config.sam_checkpoint
-            self._pipeline = LayoutRetouchPipeline.from_concept(
-                self.config.base, self.concept, dtype=self.config.dtype, device=device, sam_checkpoint=sam,
-                force=self.config.force, cache_dir=Path(self.config.out) / "cache")
+            try:
+                self._pipeline = LayoutRetouchPipeline.from_concept(
+                    self.config.base, self.concept, dtype=self.config.dtype, device=device, sam_checkpoint=sam,
+                    force=self.config.force, cache_dir=Path(self.config.out) / "cache")
+            except BaseModelError as err:
+                if not self.config.base_recorded:
+                    raise
+                raise recorded_base_error(err, self.config.base) from err
         return self._pipeline
 
     def references(self, key: str, embedder):
