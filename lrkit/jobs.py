@@ -52,6 +52,7 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
     from lrkit.inference.outputs import image_path, save_generation
 
     out = Path(out_dir)
+    _check_toy_inputs(pipeline, prompts)
     wanted = list(range(len(prompts))) if indices is None else sorted(set(indices))
     if any(not 0 <= i < len(prompts) for i in wanted):
         raise ValueError(f"indices {wanted} must lie in [0, {len(prompts)})")
@@ -71,6 +72,21 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
                     bar.update(1)
             done.append((prompt, [image_path(out, index, s) for s in seeds]))
     return done
+
+
+def _check_toy_inputs(pipeline, prompts: list[str]) -> None:
+    """On the toy base, warn (once) about prompt words and reference photos from outside the toy world."""
+    from lrkit.models import fingerprint
+
+    if fingerprint(pipeline.pipe).id.split("+")[0].split(":")[0] != "toy":
+        return
+    from PIL import Image
+
+    from lrkit.toyworld.inputs import warn_outside_toy_world
+
+    concept = pipeline.concept
+    refs = [(path.name, Image.open(path)) for path in concept.ref_paths()[:8]] if concept.path is not None else []
+    warn_outside_toy_world(photos=refs, prompts=prompts, known=[t.token for t in concept.tokens])
 
 
 def default_resolution(base: str) -> int:

@@ -235,6 +235,20 @@ def _nearer_object(p: np.ndarray, d_bg: np.ndarray, seeds: np.ndarray, scene: st
     return (d_obj < d_near) & (d_bg > OBJECT_FLOOR)
 
 
+def explained_share(image: ImageLike, num_colors: int = 2, tolerance: float = 20.0) -> float:
+    """Share of pixels within `tolerance` (RGB) of the detected scene's background model or of one of the
+    `num_colors` object colours (with their shades) that explain most of the rest, chosen greedily.
+
+    Toy pictures are flat colours on a scene background: nearly all of their pixels are explained."""
+    p = _pixels(image)
+    distance = background_distance(p, classify_scene(p)[0])
+    per_color = {c: _segment_distance(p, *_color_segment(c)) for c in COLORS}
+    for _ in range(min(num_colors, len(per_color))):
+        best = max(per_color, key=lambda c: float((np.minimum(distance, per_color[c]) < tolerance).mean()))
+        distance = np.minimum(distance, per_color.pop(best))
+    return float((distance < tolerance).mean())
+
+
 def segment_object(image: ImageLike, scene: str | None = None) -> np.ndarray:
     """Bool (H, W) mask of the (largest) object; `scene` defaults to `classify_scene`'s answer.
 
@@ -574,6 +588,7 @@ __all__ = [
     "classify_object",
     "classify_scene",
     "color_scores",
+    "explained_share",
     "identity_components",
     "is_subject",
     "largest_component",

@@ -75,6 +75,8 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         raise FileExistsError(f"a concept bundle already exists at {bundle}; pass overwrite=True (CLI: --overwrite)")
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
+    if config.base.split(":")[0] == "toy":
+        _check_toy_inputs(config, datamodule.photos)
     module = PersonalizationModule(config)
     trainer = build_trainer(config, extra_callbacks=module.model.method.callbacks())
     with warnings.catch_warnings():
@@ -88,6 +90,20 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
     trainer.strategy.barrier("lrkit-export")
     return bundle
+
+
+def _check_toy_inputs(config: TrainConfig, photos) -> None:
+    """The toy base learns only toy-world pictures and words: warn (once) about anything else."""
+    from lrkit.toyworld.inputs import warn_outside_toy_world
+
+    tokens = [c.token for c in config.concept_em.concepts] if config.method == "concept_em" else [config.token]
+
+    def fill(text: str) -> str:
+        return text.replace("{token}", " ".join(tokens)).replace("{class}", config.data.class_word or "")
+
+    prompts = [fill(config.data.caption_template), *(fill(p.caption) for p in photos if p.caption),
+               *(fill(p) for p in config.validation.prompts)]
+    warn_outside_toy_world(photos=[(p.name, p.image) for p in photos], prompts=prompts, known=tokens)
 
 
 def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.PathLike", *, photos=None,
