@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from lrkit.runtime import configure_cpu_threads
+
+configure_cpu_threads()  # before torch loads: OpenMP reads these once (lrkit.runtime)
+
 __version__ = "0.1.0"
 
 __all__ = ["Concept", "LayoutRetouchPipeline", "load_base", "train_concept", "__version__"]
