@@ -5,6 +5,7 @@ import os
 # Tests never reach the Hugging Face Hub; set before diffusers/huggingface_hub are imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import lrkit  # noqa: E402,F401  (before any test module loads torch: the CPU thread settings of lrkit.runtime apply)
 import pytest  # noqa: E402
 
 
