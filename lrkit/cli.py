@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from typing import Callable
 
+from lrkit.argparsing import CommandLineError, argument_parser, plain_argument_parser, suggest
 from lrkit.evaluation.cli import main as _eval
 
 
@@ -14,7 +13,7 @@ def _train(argv: list[str]) -> int:
     from lrkit.training import train_concept
     from lrkit.training.config import build_parser, config_from_namespace
 
-    parser = build_parser("lrkit train", exit_on_error=True)
+    parser = build_parser("lrkit train")
     namespace = parser.instantiate(parser.parse_args(argv))
     bundle = train_concept(config_from_namespace(namespace))
     print(bundle)
@@ -24,7 +23,7 @@ def _train(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     from lrkit.training import export_checkpoint
 
-    parser = argparse.ArgumentParser(prog="lrkit export", description="Write a concept bundle from a training checkpoint.")
+    parser = plain_argument_parser("lrkit export", "Write a concept bundle from a training checkpoint.")
     parser.add_argument("checkpoint", help="a checkpoint written by `lrkit train` (OUTPUT_DIR/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="bundle folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
@@ -36,11 +35,11 @@ def _export(argv: list[str]) -> int:
 
 def _generation_parser(prog: str, description: str):
     """Shared options of `generate` and `run`: GenerationOptions fields (or --config YAML), prompts, seeds."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
     from lrkit.inference import GenerationOptions
 
-    parser = ArgumentParser(prog=prog, description=description, default_meta=False)
+    parser = argument_parser(prog, description, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="generation options YAML (configs/infer/*.yaml)")
     parser.add_argument("--base", default=None, help="base model: tiny-random, toy, hub id, folder or .safetensors "
                         "(default: the base the concept records; a new `lrkit run` concept trains on tiny-random)")
@@ -122,7 +121,7 @@ def _demo(argv: list[str]) -> int:
     from lrkit.demo import DEMO_PROMPTS, DEMO_SEEDS, DEMO_SUBJECT, run_demo
     from lrkit.toyworld.subjects import SUBJECTS
 
-    parser = argparse.ArgumentParser(
+    parser = plain_argument_parser(
         prog="lrkit demo",
         description="Toy subject photos -> LoRA concept -> personalized and layout-retouch images, a grid PNG "
                     "and exact toy-world scores. Offline, CPU, a few minutes.")
@@ -141,7 +140,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _toyworld(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lrkit toyworld", description="The toy world's embedded base model.")
+    parser = plain_argument_parser("lrkit toyworld", "The toy world's embedded base model.")
     sub = parser.add_subparsers(dest="action", required=True)
     pre = sub.add_parser("pretrain", help="pretrain the toy base model on the toy world (CPU, time-budgeted)")
     pre.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, pipeline/ (the export)")
@@ -211,23 +210,43 @@ def _show_field_docstrings() -> None:
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 
+VERBOSE_FLAGS = {"-v": 1, "--verbose": 1, "-vv": 2}
+
+USAGE = """usage: lrkit [-v | -vv] COMMAND [options]   (lrkit COMMAND --help for its options)
+
+  -v, --verbose  also show the INFO logging of third-party libraries (diffusers, transformers, ...)
+                 and their console messages lrkit leaves out; -vv: DEBUG logging. Before or after COMMAND"""
+
+
+def _split_verbosity(argv: list[str]) -> tuple[list[str], int]:
+    """`argv` without the -v / -vv / --verbose flags (before any `--`), and the verbosity they ask for."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [VERBOSE_FLAGS[a] for a in argv[:end] if a in VERBOSE_FLAGS]
+    rest = [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
+    return rest, sum(flags)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # The `lightning` package gives its logger a console handler of its own on import; without this its
-    # messages would print twice, once there and once through the root handler above.
-    logging.getLogger("lightning").propagate = False
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: lrkit COMMAND [options]   (lrkit COMMAND --help for its options)\n\ncommands:\n" + "\n".join(lines))
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nlrkit: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
+    from lrkit.logs import configure_console
+
+    argv, verbosity = _split_verbosity(list(sys.argv[1:] if argv is None else argv))
+    configure_console(verbosity)
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print(f"{USAGE}\n\ncommands:\n" + "\n".join(lines))
         return 0
+    if argv[0] not in COMMANDS:
+        match = suggest(argv[0], list(COMMANDS))
+        hint = f"; did you mean {match}?" if match else ""
+        print(f"lrkit: error: unknown command {argv[0]!r}{hint} (lrkit --help lists the commands)", file=sys.stderr)
+        return 2
     command, _ = COMMANDS[argv[0]]
     _show_field_docstrings()
     try:
         return command(argv[1:])
+    except CommandLineError as err:  # a refused option or value, as argparse exits: code 2
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # ConceptError is a ValueError
         print(f"lrkit {argv[0]}: error: {err}", file=sys.stderr)
         return 1

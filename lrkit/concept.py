@@ -16,6 +16,7 @@ Training writes bundles with `write_bundle`; inference reads them with `Concept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from lrkit.io import atomic_dir, atomic_write_json
+from lrkit.logs import dropped
 from lrkit.lora_io import require_text_encoder_lora_support
 from lrkit.models import BaseFingerprint, dtype_kwarg, fingerprint
 
@@ -101,6 +103,11 @@ class Concept:
     training: dict = field(default_factory=dict)
     lrkit_version: str = ""
     path: Path | None = None
+
+    def __repr__(self) -> str:
+        path = None if self.path is None else str(self.path)
+        return (f"Concept(name={self.name!r}, method={self.method!r}, tokens={[t.token for t in self.tokens]!r}, "
+                f"class_word={self.class_word!r}, base={self.base.id!r}, path={path!r})")
 
     # ------------------------------------------------------------------ convenience
 
@@ -296,7 +303,13 @@ class Concept:
         for token, vectors in embeddings.items():
             pipe.load_textual_inversion({token: vectors}, token=token)
         if "lora" in self.files:
-            pipe.load_lora_weights(str(self.path), weight_name=self.files["lora"], adapter_name=adapter)
+            # diffusers looks for a text-encoder part in every LoRA and warns when there is none; a bundle whose
+            # LoRA spec lists no text-encoder targets has none by design
+            quiet = (dropped("diffusers.loaders.lora_base", r"No LoRA keys associated to \w+ found with the "
+                                                            r"prefix='text_encoder'")
+                     if self.lora is not None and not self.lora.text_encoder_targets else contextlib.nullcontext())
+            with quiet:
+                pipe.load_lora_weights(str(self.path), weight_name=self.files["lora"], adapter_name=adapter)
             if lora_scale != 1.0:
                 pipe.set_adapters([adapter], adapter_weights=[lora_scale])
         return pipe

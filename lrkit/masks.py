@@ -437,10 +437,14 @@ class AttentionSegmenter:
 def load_segmenter(sam_checkpoint: str | os.PathLike | None, device=None) -> SamSegmenter | None:
     """A SAM segmenter from a checkpoint, or None (with a warning) when no checkpoint is given."""
     if sam_checkpoint is None:
+        import importlib.util
+
+        installed = importlib.util.find_spec("segment_anything") is not None
+        install = "" if installed else "install segment-anything (pip install 'lrkit[sam]') and "
         logger.warning(
-            "No SAM checkpoint given: target masks fall back to cross-attention only (alpha = 0). "
-            "For SAM masks, install segment-anything (pip install 'lrkit[sam]') and pass "
-            "sam_checkpoint=<path to sam_vit_b_01ec64.pth, sam_vit_l_*.pth or sam_vit_h_*.pth>."
+            "No SAM checkpoint given: Layout-and-Retouch target masks come from cross-attention alone (alpha = 0). "
+            f"For SAM masks, {install}pass sam_checkpoint=<path to sam_vit_b_01ec64.pth, sam_vit_l_*.pth or "
+            "sam_vit_h_*.pth> (CLI: --sam_checkpoint)."
         )
         return None
     return SamSegmenter.from_checkpoint(sam_checkpoint, device=device)

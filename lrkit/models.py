@@ -7,6 +7,7 @@ once per UNet, which concept bundles use to refuse being applied to a different 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -246,6 +247,25 @@ def _require_pipeline_folder(path: Path, what: str) -> None:
         )
 
 
+def _one_loading_bar(load):
+    """While `load` runs, diffusers' `Loading pipeline components` bar is the only one: transformers' bar for
+    each text encoder's weights (nested in it) is off."""
+    @functools.wraps(load)
+    def load_with_one_bar(*args, **kwargs):
+        from transformers.utils import logging as transformers_logging
+
+        if not transformers_logging.is_progress_bar_enabled():
+            return load(*args, **kwargs)
+        transformers_logging.disable_progress_bar()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            transformers_logging.enable_progress_bar()
+
+    return load_with_one_bar
+
+
+@_one_loading_bar
 def load_base(
     name_or_path: str | os.PathLike = "tiny-random",
     *,

@@ -93,9 +93,9 @@ def reference_concept(photos, class_word: str, out_dir: str | os.PathLike, *, ba
 
 def cli(argv: list[str]) -> int:
     """`lrkit reference`: write a reference concept bundle."""
-    import argparse
+    from lrkit.argparsing import plain_argument_parser
 
-    parser = argparse.ArgumentParser(
+    parser = plain_argument_parser(
         prog="lrkit reference",
         description="Write a reference concept (photos, no training) that lrkit generate uses like any concept: "
                     "dual-reference and layout-retouch take the subject from the photo.",

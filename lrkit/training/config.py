@@ -460,12 +460,16 @@ class TrainConfig:
 # ------------------------------------------------------------------ parsing (one way)
 
 
-def build_parser(prog: str = "lrkit train", *, exit_on_error: bool = False):
-    """The jsonargparse parser for `TrainConfig`: `--config FILE`, dotted overrides, `--print_config`."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def build_parser(prog: str = "lrkit train"):
+    """The jsonargparse parser for `TrainConfig`: `--config FILE`, dotted overrides, `--print_config`.
 
-    parser = ArgumentParser(prog=prog, description=TrainConfig.__doc__, exit_on_error=exit_on_error,
-                            default_meta=False)
+    Options must be spelled in full; a refused command line or key raises `lrkit.argparsing.CommandLineError`
+    (one line, with the closest real option)."""
+    from jsonargparse import ActionConfigFile
+
+    from lrkit.argparsing import argument_parser
+
+    parser = argument_parser(prog, TrainConfig.__doc__, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/train/<method>.yaml)")
     parser.add_class_arguments(TrainConfig, None, as_group=False)
     return parser

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrkit.logs import dropped
 from lrkit.models import fingerprint, load_base
 from lrkit.training.config import TrainConfig
 from lrkit.training.methods import get_method
@@ -82,7 +83,10 @@ class ConceptModel(nn.Module):
         """Frozen modules in `dtype`; everything that trains stays float32."""
         def cast(module, to):
             if module.dtype != to:
-                module.to(dtype=to)
+                # diffusers warns on every `.to(dtype)`, even when no module of the model is meant to stay float32
+                with dropped("diffusers.models.modeling_utils", r"There are modules in \w+ that should be kept in "
+                                                                 r"float32: \[\]\."):
+                    module.to(dtype=to)
 
         cast(self.vae, dtype)
         for name in ("unet", "text_encoder"):

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrkit.io import atomic_write_bytes
@@ -346,12 +348,13 @@ class StepProgressBar(TQDMProgressBar):
     Training is counted in steps (`max_steps`, `max_epochs=-1`), and a few photos make epochs of one or
     two steps: Lightning's bar would restart every epoch and read "Epoch 599/-2"."""
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.n = trainer.global_step  # a resumed run starts where it stopped
-        bar.set_description("training")
+    def init_train_tqdm(self):
+        """The bar as it first shows: `training`, out of max_steps, from the current step (a resumed run starts
+        where it stopped). Lightning's own first shows `Training: 0/?`, then `Epoch 0`."""
+        trainer = self.trainer
+        return Tqdm(desc="training", total=trainer.max_steps if trainer.max_steps > 0 else None,
+                    initial=trainer.global_step, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         pass  # the one bar spans every epoch

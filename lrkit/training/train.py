@@ -18,6 +18,7 @@ import torch
 from lrkit import __version__
 from lrkit.concept import Concept, write_bundle
 from lrkit.io import atomic_write_bytes
+from lrkit.logs import dropped
 from lrkit.training.config import TrainConfig, config_from_dict, load_config
 from lrkit.training.model import ConceptModel
 from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, StepProgressBar,
@@ -59,7 +60,8 @@ def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), **t
     kwargs.update(trainer_kwargs)
     if kwargs.get("enable_progress_bar", True):
         kwargs["callbacks"] = [*kwargs["callbacks"], StepProgressBar()]  # never the caller's list
-    return L.Trainer(**kwargs)
+    with dropped("lightning.pytorch.utilities.rank_zero", "💡 Tip: "):  # Lightning's ads for litlogger/litmodels
+        return L.Trainer(**kwargs)
 
 
 def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides) -> Path:
@@ -85,6 +87,9 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         # a few photos make epochs shorter than log_every_n_steps; Lightning counts the interval in
         # optimizer steps across epochs, so the logs still come every n steps
         warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+        # Lightning's own use of a torch API that torch deprecates; nothing the user can change
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
         trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
     if trainer.is_global_zero:
         export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from peft import LoraConfig
-
 from lrkit.concept import LORA_WEIGHTS, LoraSpec
 from lrkit.lora_io import require_text_encoder_lora_support, save_diffusers_lora, save_kohya_lora
 from lrkit.training.methods.base import Method, trainable
@@ -16,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 def add_lora(model, options, *, text_encoder: bool) -> None:
     """Attach the LoRA adapters described by `options` (a `LoraOptions`)."""
+    from peft import LoraConfig  # here: `lrkit train --help` needs neither peft nor the bitsandbytes it imports
+
     if text_encoder:
         require_text_encoder_lora_support()  # before any adapter is added: fail whole, not half-configured
     common = dict(r=options.rank, lora_alpha=options.true_alpha, lora_dropout=options.dropout,

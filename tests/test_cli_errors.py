@@ -1,0 +1,107 @@
+"""Every lrkit subcommand takes options spelled in full and refuses a bad command line in one line, exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA_YAML = str(ROOT / "configs" / "train" / "lora.yaml")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """`lrkit ARGV` in this process: its exit code and its stderr lines."""
+    from lrkit.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as done:
+        code = done.code
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("argv, given, meant", [
+    (["train", "--config", LORA_YAML, "--data.photos", "/no/such/photos", "--max_step", "10"],
+     "--max_step", "--max_steps"),
+    (["generate", "--concept", "/no/such/concept", "--prompt", "a {}", "--seed", "3"], "--seed", "--seeds"),
+    (["eval", "--concept", "/no/such/concept", "--out", "/no/such/out"], "--concept", "--concepts"),
+    (["export", "/no/such.ckpt", "--ou", "/no/such/out"], "--ou", "--out"),
+    (["reference", "--photos", "/no/such/photos", "--class_word", "vase", "--out", "/no/such/out"],
+     "--class_word", "--class-word"),
+])
+def test_an_abbreviated_or_misspelled_option_is_refused_naming_the_real_one(argv, given, meant, capsys):
+    code, err = run_cli(argv, capsys)
+    command = argv[0]
+    assert code == 2, err
+    assert err == [f"lrkit {command}: error: unrecognized option {given}; did you mean {meant}? "
+                   f"(lrkit {command} --help lists every option)"]
+
+
+def test_a_typo_in_a_nested_option_gets_one_line_with_the_closest_option(capsys):
+    code, err = run_cli(["train", "--config", LORA_YAML, "--lora.rnk", "8"], capsys)
+    assert code == 2
+    assert err == ["lrkit train: error: unrecognized option --lora.rnk; did you mean --lora.rank? "
+                   "(lrkit train --help lists every option)"]
+
+
+def test_several_unknown_options_are_named_in_one_line(capsys):
+    code, err = run_cli(["train", "--config", LORA_YAML, "--max_stepz", "4", "--colour", "red"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "--max_stepz (did you mean --max_steps?)" in err[0] and "--colour" in err[0]
+
+
+def test_an_unknown_key_in_a_config_file_is_named_with_the_closest_key(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(Path(LORA_YAML).read_text() + "max_step: 3\n")
+    code, err = run_cli(["train", "--config", str(config)], capsys)
+    assert code == 2
+    assert err == ["lrkit train: error: unrecognized key max_step; did you mean max_steps?"]
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("lora:\n  rnk: 8\n")
+    code, err = run_cli(["train", "--config", LORA_YAML, "--config", str(nested)], capsys)
+    assert code == 2
+    assert err == ["lrkit train: error: unrecognized key lora.rnk; did you mean lora.rank?"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--config", LORA_YAML, "--data.resolution", "abc"],
+     "lrkit train: error: --data.resolution: expected int, got 'abc'"),
+    (["train", "--config", LORA_YAML, "--data.min_size", "abc"],
+     "lrkit train: error: --data.min_size: expected int or None, got 'abc'"),
+    (["generate", "--prompt", "a {}"],
+     "lrkit generate: error: missing --concept (lrkit generate --help lists every option)"),
+    (["demo", "--seeds", "one"], "lrkit demo: error: argument --seeds: invalid int value: 'one'"),
+    (["toyworld", "pretrain", "--out", "/no/such/run", "--minutes", "soon"],
+     "lrkit toyworld pretrain: error: argument --minutes: invalid float value: 'soon'"),
+])
+def test_a_bad_or_missing_value_is_one_line_naming_the_option(argv, line, capsys):
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err == [line]
+
+
+def test_an_unknown_command_gets_one_line_with_the_closest_command(capsys):
+    code, err = run_cli(["trian", "--max_steps", "3"], capsys)
+    assert code == 2
+    assert err == ["lrkit: error: unknown command 'trian'; did you mean train? (lrkit --help lists the commands)"]
+
+
+def test_load_config_names_an_unknown_key_with_the_closest_one():
+    from lrkit.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"unrecognized key max_step; did you mean max_steps\?"):
+        load_config(LORA_YAML, max_step=3)
+    with pytest.raises(ConfigError, match=r"unrecognized key lora\.rnk; did you mean lora\.rank\?"):
+        load_config(LORA_YAML, lora={"rnk": 3})
+
+
+def test_help_still_exits_0_and_lists_the_options(capsys):
+    from lrkit.cli import main
+
+    for command, option in (("train", "--max_steps"), ("export", "--overwrite"), ("toyworld", "pretrain")):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        assert option in capsys.readouterr().out
