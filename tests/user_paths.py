@@ -17,7 +17,6 @@ API (kept small on purpose):
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import yaml
@@ -35,6 +34,7 @@ SIZE_KEYS: dict[str, object] = {
     "dreambooth.class_inference_steps": 2,
     "concept_em.steps_per_round": 2,            # two EM rounds in max_steps
     "concept_em.attention_timesteps": 2,
+    "concept_em.crf_resolution": 8,             # the latent grid, as 64 is at 512 px (the CRF cost grows as side^4)
     "options.num_inference_steps": 4,
     "seeds": [0, 1],
 }
