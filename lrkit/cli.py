@@ -107,11 +107,9 @@ def _run(argv: list[str]) -> int:
     args = parser.instantiate(parser.parse_args(argv))
     train = {"max_steps": args.max_steps} if args.max_steps else {}
     options = args.options
-    if args.resolution and options.height is None:
-        options.height = options.width = args.resolution
     sheet = photos_to_images(args.photos, args.class_word, _prompts(args), base=args.base,
                              out_dir=args.out or "outputs/run", method=args.method, seeds=args.seeds,
-                             options=options if options.height else None, resolution=args.resolution,
+                             options=options, resolution=args.resolution,
                              train_overrides=train, sam_checkpoint=args.sam_checkpoint, intermediates=True)
     print(sheet)
     return 0

@@ -152,7 +152,7 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
     concept = train_or_reuse(photos, class_word, train_dir, base=base, method=method, resolution=resolution,
                              train_overrides=train_overrides, phase="phase 1/2: ")
     filled = fill_prompts(prompts, concept)
-    options = options or GenerationOptions(height=resolution, width=resolution)
+    options = options or GenerationOptions()  # unset height/width: the concept's training resolution
     logger.info("phase 2/2: %s for %d prompts x %d seeds into %s", options.mode, len(filled), len(seeds),
                 out / "images")
     try:

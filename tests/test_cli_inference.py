@@ -158,3 +158,14 @@ def test_eval_refuses_concepts_of_different_bases_without_base(concept_on_seed_1
 
     with pytest.raises(ConceptError, match="different base models.*pass --base"):
         config_from_args(["--concepts", str(concept_on_seed_1), bundle, "--out", str(tmp_path)])
+
+
+def test_run_passes_its_generation_options_on(tmp_path, photos):
+    """`--options.*` reach the generation without --resolution (they were dropped unless a height was set)."""
+    out = tmp_path / "run"
+    assert main(["run", "--photos", str(photos), "--class_word", "vase", "--prompt", "a photo of {}", "--max_steps", "1",
+                 "--out", str(out), "--seeds", "[0]", "--options.mode", "personalized",
+                 "--options.num_inference_steps", "2"]) == 0
+    names = sorted(p.name for p in (out / "images").glob("*.png"))
+    assert "p000_s0.png" in names and "p000_s0_layout.png" not in names  # personalized: no layout (nor mask)
+    assert Image.open(out / "images" / "p000_s0.png").size == (64, 64)  # the concept's resolution
