@@ -28,13 +28,20 @@ HERE = Path(__file__).resolve().parent
 SETTINGS = {
     # name: (environment for the worker, worker arguments, description)
     "torch": ({}, ["--import-torch-first"], "torch's defaults (torch imported before lrkit: lrkit sets nothing)"),
-    "lrkit": ({}, [], "what lrkit sets: OMP_WAIT_POLICY=PASSIVE (`lrkit.runtime.configure_cpu_threads`)"),
+    "lrkit": ({}, ["--as-lrkit"], "what lrkit sets: OMP_WAIT_POLICY=PASSIVE, one thread for the toy base "
+                                  "(`lrkit.runtime`)"),
     "1-thread": ({}, ["--import-torch-first", "--threads", "1"], "torch.set_num_threads(1), OpenMP defaults"),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["--import-torch-first"],
+                "OMP_WAIT_POLICY=PASSIVE (waiting OpenMP threads sleep at once)"),
     "spin10k": ({"GOMP_SPINCOUNT": "10000"}, ["--import-torch-first"],
                 "GOMP_SPINCOUNT=10000 (libgomp spins a short while, then sleeps)"),
 }
 
-BUSY_LOOP = "while True:\n    pass\n"
+COMPETITORS = {
+    "python": "while True:\n    pass\n",  # one core, all the time
+    # another torch job: OpenMP threads on every core, like a second training run or a test suite
+    "torch": "import torch\na = torch.randn(256, 256)\nwhile True:\n    a = torch.tanh(a @ a)\n",
+}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -42,6 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.import_torch_first:
         import torch  # noqa: F401  (OpenMP initialised before lrkit could set anything)
     import lrkit  # noqa: F401  (first, as the `lrkit` command imports it: its settings apply)
+    import contextlib
     import logging
     import tempfile
 
@@ -49,6 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from lrkit.demo import TOY_LORA_RECIPE, toy_training_data
+    from lrkit.runtime import cpu_threads_for
     from lrkit.toyworld.subjects import get_subject
     from lrkit.training.config import load_config, merge_nested
     from lrkit.training.module import ConceptDataModule, PersonalizationModule
@@ -73,16 +82,20 @@ def worker(args: argparse.Namespace) -> None:
         L.seed_everything(0, verbose=False)
         module = PersonalizationModule(config)
         trainer = build_trainer(config, extra_callbacks=[Timer()], enable_progress_bar=False, logger=False)
-        trainer.fit(module, datamodule=ConceptDataModule(config))
+        scope = cpu_threads_for(config.base, "cpu") if args.as_lrkit else contextlib.nullcontext()
+        with scope:  # as train_concept runs the fit
+            trainer.fit(module, datamodule=ConceptDataModule(config))
+            threads = torch.get_num_threads()
     elapsed = timings[args.warmup + args.steps] - timings[args.warmup]
-    print(json.dumps({"steps_per_s": args.steps / elapsed, "threads": torch.get_num_threads(),
+    print(json.dumps({"steps_per_s": args.steps / elapsed, "threads": threads,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
 
 
-def run_one(setting: str, busy: bool, warmup: int, steps: int) -> dict:
+def run_one(setting: str, busy: bool, warmup: int, steps: int, competitor_kind: str = "python") -> dict:
     env_extra, argv, _ = SETTINGS[setting]
-    env = dict(os.environ, **env_extra)
-    competitor = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    env.update(env_extra)
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITORS[competitor_kind]]) if busy else None
     try:
         out = subprocess.run([sys.executable, __file__, "--worker", "--warmup", str(warmup), "--steps", str(steps),
                               *argv], env=env, capture_output=True, text=True, check=True).stdout
@@ -99,10 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", default=str(HERE / "results" / "threads-cpu.json"))
+    parser.add_argument("--competitor", choices=list(COMPETITORS), default="python",
+                        help="python: a pure-Python busy loop (one core); torch: a torch matmul loop (every core)")
+    parser.add_argument("--out", default=None, help="JSON (default: bench/results/threads-cpu-<competitor>.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--import-torch-first", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--as-lrkit", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for setting in args.settings:
             for busy in (False, True):
-                result = run_one(setting, busy, args.warmup, args.steps)
+                result = run_one(setting, busy, args.warmup, args.steps, args.competitor)
                 runs.setdefault((setting, busy), []).append(result)
                 print(f"round {r + 1}/{args.rounds} {setting:<9} {'busy' if busy else 'idle'}: "
                       f"{result['steps_per_s']:.2f} steps/s ({result['threads']} thread(s))", flush=True)
@@ -138,13 +154,15 @@ def main(argv: list[str] | None = None) -> None:
                     f"{idle / base_idle:.2f} | {SETTINGS[setting][2]} |")
     markdown = "\n".join(rows)
     print(markdown)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "warmup": args.warmup, "steps": args.steps,
-                                          "rounds": args.rounds, "settings": table}, indent=1) + "\n")
-    section = (f"### `threads.py` (CPU, demo training, {args.rounds} rounds)\n\n{machine_line(machine)}\n\n"
-               f"Medians over the rounds; busy = beside one pure-Python busy loop.\n\n{markdown}\n")
-    write_results_section(HERE / "RESULTS.md", "CPU threads under contention", section,
-                          f"`threads.py` (CPU, demo training, {args.rounds} rounds)")
+    out = Path(args.out or HERE / "results" / f"threads-cpu-{args.competitor}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+                               "competitor": args.competitor, "settings": table}, indent=1) + "\n")
+    key = f"`threads.py --competitor {args.competitor}` (CPU, demo training)"
+    what = {"python": "one pure-Python busy loop", "torch": "one torch matmul loop on every core"}[args.competitor]
+    section = (f"### {key}\n\n{machine_line(machine)}\n\nMedians over {args.rounds} rounds; busy = beside {what}."
+               f"\n\n{markdown}\n")
+    write_results_section(HERE / "RESULTS.md", "CPU threads under contention", section, key)
 
 
 if __name__ == "__main__":

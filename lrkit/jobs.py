@@ -50,6 +50,8 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
     `indices` limits the work to those prompt indices (file names keep their index in `prompts`).
     """
     from lrkit.inference.outputs import image_path, save_generation
+    from lrkit.models import fingerprint
+    from lrkit.runtime import cpu_threads_for
 
     out = Path(out_dir)
     _check_toy_inputs(pipeline, prompts)
@@ -62,7 +64,8 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
     skipped = len(wanted) * len(seeds) - len(todo)
     if skipped:
         logger.info("%d of %d images already exist in %s; skipping them", skipped, len(wanted) * len(seeds), out)
-    with tqdm(total=len(todo), desc="generating", unit="img", disable=not todo) as bar:
+    threads = cpu_threads_for(fingerprint(pipeline.pipe).id, pipeline.pipe.device.type)
+    with threads, tqdm(total=len(todo), desc="generating", unit="img", disable=not todo) as bar:
         for index in wanted:
             prompt = prompts[index]
             pending = [s for i, _, s in todo if i == index]

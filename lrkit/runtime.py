@@ -1,12 +1,12 @@
-"""Process-wide CPU settings lrkit makes when it is imported before torch.
+"""CPU thread settings: how lrkit keeps a busy machine from stalling its CPU jobs.
 
 OpenMP threads that finish their share of an operation spin, waiting for the others, before they sleep.
-On a machine whose cores are busy with other work, one of torch's threads is often descheduled and the
-others spin through their time slices waiting for it: training of a small model on two cores beside one
-CPU-bound process drops to a tenth of its idle speed. With `OMP_WAIT_POLICY=PASSIVE` waiting threads sleep
-and give the core back, so a busy machine slows lrkit down in proportion (`bench/threads.py` measures it;
-README "CPU threads"). OpenMP reads the policy once, when torch loads it, so this only takes effect when
-lrkit is imported first (the `lrkit` command always is); a policy the user set is kept.
+When other processes hold cores, one of torch's threads is often descheduled and the others spin through
+their time slices waiting for it, so a job slows down far more than its share of the machine. lrkit
+therefore (1) sets `OMP_WAIT_POLICY=PASSIVE` when it is imported before torch (OpenMP reads it once, when
+torch loads it; the `lrkit` command always imports lrkit first), so waiting threads sleep and give the core
+back, and (2) runs jobs on the small built-in bases with one intra-op thread (`cpu_threads_for`). Settings
+the user made are kept. `bench/threads.py` measures both; bench/RESULTS.md has the figures.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+SMALL_BASES = ("tiny-random", "toy")
+"""The built-in bases: small enough that one intra-op thread runs them about as fast as several on a CPU."""
+
+# The user's own thread count, read before lrkit sets any (a value lrkit set in a parent process is not theirs).
+_USER_THREADS = os.environ.get("OMP_NUM_THREADS") not in (None, os.environ.get("LRKIT_OMP_NUM_THREADS"))
 
 
 def usable_cores() -> int:
@@ -42,8 +49,32 @@ def configure_cpu_threads() -> dict[str, str]:
     if cores < (os.cpu_count() or cores):
         chosen["OMP_NUM_THREADS"] = str(cores)
     chosen = {k: v for k, v in chosen.items() if k not in os.environ}
+    if "OMP_NUM_THREADS" in chosen:
+        chosen["LRKIT_OMP_NUM_THREADS"] = chosen["OMP_NUM_THREADS"]  # marks the count as lrkit's, not the user's
     os.environ.update(chosen)
     return chosen
 
 
-__all__ = ["configure_cpu_threads", "usable_cores"]
+@contextmanager
+def cpu_threads_for(base_id: str, device_type: str):
+    """While a job runs a built-in base (`SMALL_BASES`) on the CPU, torch uses one intra-op thread.
+
+    Their operations are too small for several threads to pay off, and one thread never waits for another
+    that a busy machine has descheduled. The count depends only on the base, so a run and its resumption
+    compute alike. Other bases, GPUs, and a thread count the user set (`OMP_NUM_THREADS`) are left alone;
+    the previous count comes back after."""
+    import torch
+
+    small = str(base_id).split("+")[0].split(":")[0] in SMALL_BASES
+    if device_type != "cpu" or not small or _USER_THREADS or torch.get_num_threads() == 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+__all__ = ["SMALL_BASES", "configure_cpu_threads", "cpu_threads_for", "usable_cores"]

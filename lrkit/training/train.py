@@ -19,6 +19,7 @@ from lrkit import __version__
 from lrkit.concept import Concept, write_bundle
 from lrkit.io import atomic_write_bytes
 from lrkit.logs import dropped
+from lrkit.runtime import cpu_threads_for
 from lrkit.training.config import TrainConfig, config_from_dict, load_config
 from lrkit.training.model import ConceptModel
 from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, StepProgressBar,
@@ -90,7 +91,8 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         # Lightning's own use of a torch API that torch deprecates; nothing the user can change
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
+        with cpu_threads_for(config.base, trainer.strategy.root_device.type):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
     if trainer.is_global_zero:
         export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
     trainer.strategy.barrier("lrkit-export")
