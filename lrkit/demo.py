@@ -31,8 +31,8 @@ DEMO_SEEDS: tuple[int, ...] = (0, 1, 2, 3)
 DEMO_MODES: tuple[str, ...] = ("personalized", "layout-retouch")
 TOY_BACKDROPS: tuple[str, ...] = ("night", "brick")
 """Scenes the toy recipes also show the subject on (`write_photos`); none of the prompts' scenes."""
-# The toy LoRA recipe: UNet + text-encoder LoRA, rank 16, 1200 steps at batch 4 at 64 px (about 90 s
-# on 2 CPU cores), on `toy_training_data`: the 5 studio photos plus 30 backdrop photos, with the
+# The toy LoRA recipe: UNet + text-encoder LoRA, rank 16, 1200 steps at batch 4 at 64 px (a few
+# minutes on 2 CPU cores), on `toy_training_data`: the 5 studio photos plus 30 backdrop photos, with the
 # subject's description ("red checked ball") as its class phrase. On toy v2 it gives the ball in
 # 73-78 % of scene generations over 3 training seeds with every scene kept; the description alone
 # loses half the scenes to the studio, and with the plain class word `ball` the backdrops give 31-81 %
