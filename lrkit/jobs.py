@@ -50,11 +50,13 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
     `indices` limits the work to those prompt indices (file names keep their index in `prompts`).
     """
     from lrkit.inference.outputs import image_path, save_generation
-    from lrkit.models import fingerprint
+    from lrkit.models import builtin_kind, fingerprint
     from lrkit.runtime import cpu_threads_for
 
     out = Path(out_dir)
-    _check_toy_inputs(pipeline, prompts)
+    base_id = fingerprint(pipeline.pipe).id
+    if builtin_kind(base_id) == "toy":
+        _check_toy_inputs(pipeline.concept, prompts)
     wanted = list(range(len(prompts))) if indices is None else sorted(set(indices))
     if any(not 0 <= i < len(prompts) for i in wanted):
         raise ValueError(f"indices {wanted} must lie in [0, {len(prompts)})")
@@ -64,7 +66,7 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
     skipped = len(wanted) * len(seeds) - len(todo)
     if skipped:
         logger.info("%d of %d images already exist in %s; skipping them", skipped, len(wanted) * len(seeds), out)
-    threads = cpu_threads_for(fingerprint(pipeline.pipe).id, pipeline.pipe.device.type)
+    threads = cpu_threads_for(base_id, pipeline.pipe.device.type)
     with threads, tqdm(total=len(todo), desc="generating", unit="img", disable=not todo) as bar:
         for index in wanted:
             prompt = prompts[index]
@@ -77,26 +79,19 @@ def generate_to_folder(pipeline, prompts: list[str], seeds: list[int], out_dir: 
     return done
 
 
-def _check_toy_inputs(pipeline, prompts: list[str]) -> None:
-    """On the toy base, warn (once) about prompt words and reference photos from outside the toy world."""
-    from lrkit.models import fingerprint
-
-    if fingerprint(pipeline.pipe).id.split("+")[0].split(":")[0] != "toy":
-        return
-    from PIL import Image
-
+def _check_toy_inputs(concept: Concept, prompts: list[str]) -> None:
+    """On the toy base: warn (once) about prompt words and reference photos from outside the toy world."""
     from lrkit.toyworld.inputs import warn_outside_toy_world
 
-    concept = pipeline.concept
-    refs = [(path.name, Image.open(path)) for path in concept.ref_paths()[:8]] if concept.path is not None else []
+    refs = [(str(path), path) for path in concept.ref_paths()[:8]] if concept.path is not None else []
     warn_outside_toy_world(photos=refs, prompts=prompts, known=[t.token for t in concept.tokens])
 
 
 def default_resolution(base: str) -> int:
     """64 px for the built-in bases (tiny-random, toy), 512 for anything else (SD 1.5-sized)."""
-    from lrkit.models import BUILTIN_BASES
+    from lrkit.models import builtin_kind
 
-    return BUILTIN_RESOLUTION if base.split(":")[0] in BUILTIN_BASES else 512
+    return BUILTIN_RESOLUTION if builtin_kind(base) else 512
 
 
 def subject_name(photos: str | os.PathLike) -> str:

@@ -208,6 +208,13 @@ def build_tiny_random(seed: int = 0, *, unet_overrides: dict | None = None):
 # --------------------------------------------------------------------------- load_base
 
 
+def builtin_kind(base_id: str) -> str | None:
+    """Which built-in base (`toy`, `tiny-random`) a base id names, whatever its seed (`tiny-random:3`) or
+    applied concept (`toy+my-dreambooth`, a fingerprint's id); None for any other base."""
+    head = str(base_id).split("+")[0].split(":")[0]
+    return head if head in BUILTIN_BASES else None
+
+
 def _parse_builtin(name: str) -> tuple[str, int] | None:
     """`tiny-random` or `tiny-random:SEED` -> ("tiny-random", seed)."""
     head, _, tail = name.partition(":")

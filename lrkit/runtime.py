@@ -17,9 +17,6 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-SMALL_BASES = ("tiny-random", "toy")
-"""The built-in bases: small enough that one intra-op thread runs them about as fast as several on a CPU."""
-
 # The user's own thread count, read before lrkit sets any (a value lrkit set in a parent process is not theirs).
 _USER_THREADS = os.environ.get("OMP_NUM_THREADS") not in (None, os.environ.get("LRKIT_OMP_NUM_THREADS"))
 
@@ -57,7 +54,7 @@ def configure_cpu_threads() -> dict[str, str]:
 
 @contextmanager
 def cpu_threads_for(base_id: str, device_type: str):
-    """While a job runs a built-in base (`SMALL_BASES`) on the CPU, torch uses one intra-op thread.
+    """While a job runs a built-in base (`lrkit.models.BUILTIN_BASES`) on the CPU, torch uses one intra-op thread.
 
     Their operations are too small for several threads to pay off, and one thread never waits for another
     that a busy machine has descheduled. The count depends only on the base, so a run and its resumption
@@ -65,8 +62,9 @@ def cpu_threads_for(base_id: str, device_type: str):
     the previous count comes back after."""
     import torch
 
-    small = str(base_id).split("+")[0].split(":")[0] in SMALL_BASES
-    if device_type != "cpu" or not small or _USER_THREADS or torch.get_num_threads() == 1:
+    from lrkit.models import builtin_kind
+
+    if device_type != "cpu" or builtin_kind(base_id) is None or _USER_THREADS or torch.get_num_threads() == 1:
         yield
         return
     previous = torch.get_num_threads()
@@ -77,4 +75,4 @@ def cpu_threads_for(base_id: str, device_type: str):
         torch.set_num_threads(previous)
 
 
-__all__ = ["SMALL_BASES", "configure_cpu_threads", "cpu_threads_for", "usable_cores"]
+__all__ = ["configure_cpu_threads", "cpu_threads_for", "usable_cores"]

@@ -16,6 +16,7 @@ REAL_PHOTOS = sorted((ROOT / "data" / "subjects").glob("*/*.jpg"))
 @pytest.fixture(autouse=True)
 def fresh_process(monkeypatch):
     monkeypatch.setattr(inputs, "_warned", False)  # "once per process": each test is a new process
+    monkeypatch.setattr(inputs, "_read", set())
 
 
 def _warnings(caplog) -> list[str]:

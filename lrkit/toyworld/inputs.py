@@ -34,6 +34,7 @@ MAX_COLORS = 24
 """A toy picture's colours (16 levels a channel) covering 90 % of it, at most."""
 
 _warned = False
+_read: set[str] = set()  # photos already read in this process (a job checks the same references again)
 
 
 def toy_world_reading(image: PIL.Image.Image) -> tuple[float, int]:
@@ -70,17 +71,20 @@ def words_outside_toy_world(prompts: Iterable[str], known: Iterable[str] = ()) -
     return unknown
 
 
-def warn_outside_toy_world(*, photos: Iterable[tuple[str, PIL.Image.Image]] = (), prompts: Iterable[str] = (),
-                           known: Iterable[str] = ()) -> bool:
+def warn_outside_toy_world(*, photos: Iterable[tuple[str, "PIL.Image.Image | Path"]] = (),
+                           prompts: Iterable[str] = (), known: Iterable[str] = ()) -> bool:
     """Warn once per process when the toy base gets photos or prompt words from outside the toy world.
 
-    `photos`: (name, image) pairs; `known`: concept tokens and phrases that are not toy words but belong
-    (e.g. `sks`). Returns whether it warned now.
+    `photos`: (name, image or image file) pairs, each read once per process (by name); `known`: concept
+    tokens and phrases that are not toy words but belong (e.g. `sks`). Returns whether it warned now.
     """
     global _warned
     if _warned:
         return False
-    strange_photos = [name for name, image in photos if not is_toy_picture(image)]
+    unread = [(name, image) for name, image in photos if name not in _read]
+    strange_photos = [name for name, image in unread
+                      if not is_toy_picture(image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image))]
+    _read.update(name for name, _ in unread)
     strange_words = words_outside_toy_world(prompts, known)
     if not strange_photos and not strange_words:
         return False

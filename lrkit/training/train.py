@@ -19,6 +19,7 @@ from lrkit import __version__
 from lrkit.concept import Concept, write_bundle
 from lrkit.io import atomic_write_bytes
 from lrkit.logs import dropped
+from lrkit.models import builtin_kind
 from lrkit.runtime import cpu_threads_for
 from lrkit.training.config import TrainConfig, config_from_dict, load_config
 from lrkit.training.model import ConceptModel
@@ -78,7 +79,7 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         raise FileExistsError(f"a concept bundle already exists at {bundle}; pass overwrite=True (CLI: --overwrite)")
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
-    if config.base.split(":")[0] == "toy":
+    if builtin_kind(config.base) == "toy":
         _check_toy_inputs(config, datamodule.photos)
     module = PersonalizationModule(config)
     trainer = build_trainer(config, extra_callbacks=module.model.method.callbacks())
