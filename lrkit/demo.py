@@ -77,7 +77,7 @@ def write_photos(subject, out_dir: Path, n: int = 5, *, backdrops: tuple[str, ..
     """
     import numpy as np
 
-    from lrkit.inference.outputs import save_png
+    from lrkit.io import atomic_save_png
     from lrkit.toyworld.render import render
     from lrkit.toyworld.scorers import segment_object
     from lrkit.toyworld.world import SCENES, random_scene
@@ -93,7 +93,7 @@ def write_photos(subject, out_dir: Path, n: int = 5, *, backdrops: tuple[str, ..
     for i, photo in enumerate(photos):
         path = out_dir / f"photo_{i}.png"
         if not path.is_file():
-            save_png(photo.image, path)
+            atomic_save_png(photo.image, path)
     rng = np.random.default_rng(seed)
     masks = [segment_object(photo.image, scene="studio")[..., None] for photo in photos] if backdrops else []
     for copy in range(copies if backdrops else 0):
@@ -105,7 +105,7 @@ def write_photos(subject, out_dir: Path, n: int = 5, *, backdrops: tuple[str, ..
                 if not path.is_file():  # the caption first: a picture on disk always has its caption
                     path.with_suffix(".txt").write_text(f"a photo of {{token}} {{class}} {SCENES[scene].phrase}\n")
                     pixels = np.where(mask, np.asarray(photo.image.convert("RGB"), np.float32), backdrop)
-                    save_png(Image.fromarray(pixels.round().astype(np.uint8)), path)
+                    atomic_save_png(Image.fromarray(pixels.round().astype(np.uint8)), path)
     return out_dir
 
 
@@ -150,7 +150,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, subject: str = DEMO
     options (`GenerationOptions` fields).
     """
     from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
-    from lrkit.inference.outputs import save_png
+    from lrkit.io import atomic_save_png
     from lrkit.jobs import fill_prompts, generate_to_folder, train_or_reuse
     from lrkit.training.config import merge_nested
     from lrkit.toyworld import scene_of, score_image
@@ -185,7 +185,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, subject: str = DEMO
                 subject_hits += int(record["is_subject"])
         n = len(filled) * len(seeds)
         scores[mode] = {"subject_rate": subject_hits / n, "scene_rate": hits / n, "images": n}
-    grid = save_png(_grid(photos / "photo_0.png", rows), out / "demo_grid.png")
+    grid = atomic_save_png(_grid(photos / "photo_0.png", rows), out / "demo_grid.png")
     atomic_write_text(out / "scores.json", json.dumps({"summary": scores, "images": records}, indent=1, default=str))
     return DemoResult(out_dir=out, grid=grid, bundle=concept.path, scores=scores)
 

@@ -136,7 +136,8 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
     """
     from lrkit.concept import recorded_base, recorded_base_error
     from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
-    from lrkit.inference.outputs import contact_sheet, save_png
+    from lrkit.inference.outputs import contact_sheet
+    from lrkit.io import atomic_save_png
     from lrkit.models import BaseModelError
 
     out = Path(out_dir)
@@ -161,7 +162,7 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
             raise
         raise recorded_base_error(err, base) from err
     done = generate_to_folder(pipeline, filled, seeds, out / "images", options, intermediates=intermediates)
-    return save_png(contact_sheet(done), out / "contact_sheet.png")
+    return atomic_save_png(contact_sheet(done), out / "contact_sheet.png")
 
 
 __all__ = ["default_resolution", "fill_prompts", "generate_to_folder", "photos_to_images", "read_prompts", "subject_name",

@@ -17,7 +17,6 @@ this module works without it.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pickle
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lrkit.crf import CRFParams, crf_refine, dense_crf  # noqa: F401  (re-exported: lrkit.masks.dense_crf)
-from lrkit.io import atomic_write_bytes
+from lrkit.io import atomic_save_png
 
 logger = logging.getLogger("lrkit.masks")
 
@@ -209,9 +208,7 @@ def save_mask_png(mask: torch.Tensor | np.ndarray, path: str | os.PathLike) -> P
     if mask.ndim != 2:
         raise ValueError(f"save_mask_png: mask must be (H, W), got shape {mask.shape}")
     fg = mask if mask.dtype == np.bool_ else mask >= 0.5
-    buf = io.BytesIO()
-    PIL.Image.fromarray(np.where(fg, 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_save_png(PIL.Image.fromarray(np.where(fg, 255, 0).astype(np.uint8), mode="L"), path)
 
 
 # Modes whose conversion to 8-bit greyscale keeps a 0/255 mask a 0/255 mask.

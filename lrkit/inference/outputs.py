@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from lrkit.inference.pipeline import Generation
-from lrkit.io import atomic_write_bytes
+from lrkit.io import atomic_save_png
 
 
 def image_path(out_dir: str | Path, prompt_index: int, seed: int, kind: str = "") -> Path:
     """`p{prompt:03d}_s{seed}.png`, or with a suffix: `_layout`, `_mask`, `_style`, `_grid`."""
     suffix = f"_{kind}" if kind else ""
     return Path(out_dir) / f"p{prompt_index:03d}_s{seed}{suffix}.png"
-
-
-def save_png(image: Image.Image, path: Path) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def comparison_row(gen: Generation) -> Image.Image:
@@ -37,15 +30,15 @@ def comparison_row(gen: Generation) -> Image.Image:
 
 def save_generation(gen: Generation, out_dir: str | Path, *, intermediates: bool = False) -> list[Path]:
     """Write the image, and with `intermediates` its layout, mask and comparison grid."""
-    paths = [save_png(gen.image, image_path(out_dir, gen.prompt_index, gen.seed))]
+    paths = [atomic_save_png(gen.image, image_path(out_dir, gen.prompt_index, gen.seed))]
     if intermediates:
         if gen.layout is not None:
-            paths.append(save_png(gen.layout, image_path(out_dir, gen.prompt_index, gen.seed, "layout")))
+            paths.append(atomic_save_png(gen.layout, image_path(out_dir, gen.prompt_index, gen.seed, "layout")))
         if gen.mask is not None:
-            paths.append(save_png(gen.mask, image_path(out_dir, gen.prompt_index, gen.seed, "mask")))
+            paths.append(atomic_save_png(gen.mask, image_path(out_dir, gen.prompt_index, gen.seed, "mask")))
         if gen.style is not None:
-            paths.append(save_png(gen.style, image_path(out_dir, gen.prompt_index, gen.seed, "style")))
-        paths.append(save_png(comparison_row(gen), image_path(out_dir, gen.prompt_index, gen.seed, "grid")))
+            paths.append(atomic_save_png(gen.style, image_path(out_dir, gen.prompt_index, gen.seed, "style")))
+        paths.append(atomic_save_png(comparison_row(gen), image_path(out_dir, gen.prompt_index, gen.seed, "grid")))
     return paths
 
 

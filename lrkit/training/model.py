@@ -192,6 +192,8 @@ class ConceptModel(nn.Module):
         """
         from diffusers.training_utils import compute_snr
 
+        from lrkit.losses import min_snr_weight
+
         cfg = self.config
         params = self.latent_params(batch)
         bsz = params.shape[0]
@@ -218,9 +220,7 @@ class ConceptModel(nn.Module):
             per_sample = (error * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(1e-8)
         if cfg.min_snr_gamma is not None:
             snr = compute_snr(self.noise_scheduler, timesteps)
-            weight = torch.clamp(snr, max=cfg.min_snr_gamma)
-            weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr
-            per_sample = per_sample * weight
+            per_sample = per_sample * min_snr_weight(snr, cfg.min_snr_gamma, prediction_type)
 
         n = int(batch.get("num_instance", bsz))
         instance_loss = per_sample[:n].mean()
