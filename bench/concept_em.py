@@ -17,7 +17,7 @@ other subject comes along; with `layout_variance` (sigma^2 of the largest object
 every sample is the same picture) it tells two concepts that combine from a memorised training picture.
 `--also-scenes` scores the same prompts in other scenes.
 
-By default the bench picture is the only training image (the issue's setting for the masks). DESIGN §6.3's
+By default the bench picture is the only training image (the setting of the mask target). DESIGN §6.3's
 other input, several images that each list the concepts they show, is `--subject-photos N` (each subject's
 studio photos and `--backdrops` photos, listing its token only) and `--pair-scenes` (more pictures of both).
 
@@ -123,7 +123,7 @@ def rounds_iou(out: Path, truth: list[torch.Tensor], tokens: list[str]) -> list[
     import json
 
     from lrkit.masks import load_mask_png, mask_iou, resize_map
-    from lrkit.training.em import _safe
+    from lrkit.training.em import token_file_name
 
     rounds = json.loads((out / "em" / "rounds.json").read_text())
     rows = []
@@ -131,7 +131,7 @@ def rounds_iou(out: Path, truth: list[torch.Tensor], tokens: list[str]) -> list[
         folder = out / "em" / f"round{r['round']:02d}"
         ious = {}
         for t, gt in zip(tokens, truth):
-            mask = load_mask_png(folder / f"img00-{_safe(t)}.png")
+            mask = load_mask_png(folder / f"img00-{token_file_name(t)}.png")
             ious[t] = round(mask_iou(resize_map(mask.float(), tuple(gt.shape)) >= 0.5, gt), 4)
         subjects = [v for t, v in ious.items() if t != BACKGROUND_TOKEN]  # the mean is over the subjects
         rows.append(dict(round=r["round"], step=r["step"], iou=ious, mean_iou=round(float(np.mean(subjects)), 4),

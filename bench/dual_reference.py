@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-dual-reference"),
                         help="concepts, inversion cache and images")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--alpha", type=float, default=0.5,
-                        help="weight of the segmenter's mask against cross-attention in the target mask (GenerationOptions.alpha)")
+    parser.add_argument("--sam-weight", type=float, default=0.5,
+                        help="weight of the segmenter's mask against cross-attention in the target mask "
+                             "(GenerationOptions.retouch.sam_weight)")
     parser.add_argument("--segmenter", choices=("toy", "none"), default="toy",
                         help="toy: the toy world's exact segmenter plays SAM (target masks from the switch step on, "
                              "as with sam_checkpoint); none: cross-attention masks only")
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipeline.segmenter = ToySegmenter()
     prompts = [p.format(pipeline.concept.subject_phrase()) for p, _ in PROMPTS]
-    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, alpha=args.alpha)
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sam_weight=args.sam_weight)
     with PIL.Image.open(pipeline.reference_photo(0)) as photo:
         custom = center_square(photo.convert("RGB"), 64)  # what the customization reference's entropy is read from
     h_c, h_s = image_entropy(custom), image_entropy(style)
@@ -203,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     images_dir = work / "images"
     for method, overrides in METHODS.items():
         if overrides is None:
-            options = GenerationOptions(mode="personalized", **common)
+            options = GenerationOptions.of(mode="personalized", **common)
         else:
-            options = GenerationOptions(mode="dual-reference", style_reference=str(style_path),
+            options = GenerationOptions.of(mode="dual-reference", style_reference=str(style_path),
                                         style_subject=content[0], switch=args.switch, **common, **overrides)
         t0 = time.perf_counter()
         generations = pipeline(prompts, seeds=args.seeds, options=options)
@@ -226,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                       "style": f"{args.style_scene} with a {content[1]} {content[0]}",
                       "style_color": style_color, "style_content_color": content[1],
                       "entropy_custom_bits": round(h_c, 4), "entropy_style_bits": round(h_s, 4),
-                      "switch_fraction": switch, "switch_step": GenerationOptions(
+                      "switch_fraction": switch, "switch_step": GenerationOptions.of(
                           num_inference_steps=args.steps).step_index(switch),
                       "steps": args.steps, "guidance": args.guidance, "seeds": args.seeds,
                       "train_steps": args.train_steps, "concept": str(bundle), "segmenter": args.segmenter,
-                      "alpha": args.alpha,
+                      "sam_weight": args.sam_weight,
                       "prompts": [p for p, _ in PROMPTS]},
                seconds=timings, summary=summary, images=records)
 

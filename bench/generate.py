@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from config;
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
-from lrkit.attention import AttentionCache  # noqa: E402
+from lrkit.inference.processors import AttentionCache  # noqa: E402
 from lrkit.concept import Concept, TokenSpec, write_bundle  # noqa: E402
 from lrkit.inference import GenerationOptions, LayoutRetouchPipeline  # noqa: E402
 from lrkit.lora_io import save_diffusers_lora  # noqa: E402
@@ -237,7 +237,7 @@ class Bench:
         self.unet_rows += sample.shape[0]
 
     def options(self, config: Config) -> GenerationOptions:
-        return GenerationOptions(mode="layout-retouch", num_inference_steps=self.spec.steps,
+        return GenerationOptions.of(mode="layout-retouch", num_inference_steps=self.spec.steps,
                                  guidance_scale=self.spec.guidance_scale, height=self.spec.resolution,
                                  width=self.spec.resolution, lam=self.spec.lam, cache_attention=config.cache_attention)
 
@@ -247,16 +247,14 @@ class Bench:
             return
         pipeline = self.pipeline
         if config.state == "cold":
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
-            for rel in list(pipeline.concept.masks):
-                (pipeline.concept.path / pipeline.concept.masks.pop(rel)).unlink(missing_ok=True)
-            pipeline._kv_memo.clear()
+            shutil.rmtree(self.cache_dir, ignore_errors=True)  # inversions and reference masks
+            pipeline.clear_caches()
         else:
-            reference_warm = any(self.cache_dir.rglob("*.safetensors")) and pipeline.concept.masks
-            if not reference_warm or (config.state == "all" and not pipeline._kv_memo):
+            reference_warm = any(self.cache_dir.rglob("*.safetensors")) and any(self.cache_dir.rglob("*.png"))
+            if not reference_warm or (config.state == "all" and not pipeline.references.kv_memo_size):
                 self.run(dataclasses.replace(config, cache_attention=True))  # fills all three caches
             if config.state == "reference":
-                pipeline._kv_memo.clear()
+                pipeline.references.clear_keys_values()
         gc.collect()
 
     def run(self, config: Config) -> list:
@@ -444,7 +442,7 @@ def markdown_section(spec: BenchSpec, machine: dict, rows: list[dict], buys: dic
         "",
         f"`{command}`: prompt {PROMPT!r}, a random LoRA concept (UNet + text encoder), DDIM, "
         f"{spec.steps} steps, guidance {spec.guidance_scale}, λ = {spec.lam} (retouch and swap from step "
-        f"{GenerationOptions(num_inference_steps=spec.steps, lam=spec.lam).step_index(spec.lam)}), swap levels 2, "
+        f"{GenerationOptions.of(num_inference_steps=spec.steps, lam=spec.lam).step_index(spec.lam)}), swap levels 2, "
         f"no SAM checkpoint (attention-only masks), batch {spec.batch_size}. {spec.warmup} warm-up generation(s) "
         f"per contender, then {spec.repeats} interleaved rounds of one generation each, the order rotating. "
         f"{timing} s/image and the breakdown (s/image, exclusive: stage 2 excludes the reference and R K/V, "

@@ -16,7 +16,7 @@ the share of generations recognised as the subject (`is_subject`) and drawn in t
     python bench/lora_recipe.py --class-word "purple dotted vase"        # a descriptive class phrase
 
 Snapshot images go to WORK/<run>/s<step>g<guidance>/; a JSON line per snapshot and guidance is appended
-to --out. Training time (without the snapshots) is reported per snapshot: the issue's budget is
+to --out. Training time (without the snapshots) is reported per snapshot, against a budget of
 5 CPU minutes.
 """
 

@@ -2,7 +2,7 @@
 Textual Inversion concepts, layout only and layout-retouch, on the same prompts and seeds, scored with the
 toy world's exact scorers (subject identity, prompted scene, object class, layout diversity sigma^2_avg)
 plus a centre-point heatmap per method. `--sweep` also scores layout-retouch over its inference options
-(lambda, s0, swap levels and start, alpha, tau) to choose the defaults in configs/infer/.
+(lambda, s0, swap levels and start, sam_weight, mask_threshold) to choose the defaults in configs/infer/.
 
     python bench/quality.py                  # comparison -> bench/results/quality.json, heatmaps, RESULTS.md
     python bench/quality.py --sweep          # + the option sweep
@@ -67,7 +67,7 @@ class ToySegmenter:
     """A stand-in for SAM on the toy world: the exact object segmenter, restricted to the box's surroundings.
 
     SAM weights cannot be loaded offline, and random SAM weights segment nothing; the toy world's own
-    segmenter plays SAM's part so that alpha (SAM mask vs cross-attention) can be measured at all.
+    segmenter plays SAM's part so that sam_weight (SAM mask vs cross-attention) can be measured at all.
     """
 
     def __call__(self, image: Image.Image, box=None) -> torch.Tensor:
@@ -134,12 +134,13 @@ METHODS = (  # (name, concept, generation overrides)
 def sweep_grid(defaults: GenerationOptions) -> list[tuple[str, dict]]:
     """One option varied at a time around the defaults (lambda also moves s0 and the swap start with it)."""
     grid = [("defaults", {})]
-    grid += [(f"lam={v}", {"lam": v}) for v in (0.1, 0.2, 0.4, 0.5) if v != defaults.lam]
+    grid += [(f"lam={v}", {"lam": v}) for v in (0.1, 0.2, 0.4, 0.5) if v != defaults.layout.lam]
     grid += [(f"retouch_start={v}", {"retouch_start": v}) for v in (0.5,)]
     grid += [(f"swap_start={v}", {"swap_start": v}) for v in (0.6,)]
-    grid += [(f"swap_levels={v}", {"swap_levels": v}) for v in (1, 2) if v != defaults.swap_levels]
-    grid += [(f"alpha={v}", {"alpha": v}) for v in (0.0, 1.0) if v != defaults.alpha]
-    grid += [(f"tau={v}", {"tau": v}) for v in (0.3, 0.7) if v != defaults.tau]
+    grid += [(f"swap_levels={v}", {"swap_levels": v}) for v in (1, 2) if v != defaults.retouch.swap_levels]
+    grid += [(f"sam_weight={v}", {"sam_weight": v}) for v in (0.0, 1.0) if v != defaults.retouch.sam_weight]
+    grid += [(f"mask_threshold={v}", {"mask_threshold": v}) for v in (0.3, 0.7)
+             if v != defaults.retouch.mask_threshold]
     return grid
 
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds[method] = round(time.perf_counter() - t0, 1)
     seeds = list(range(args.seeds))
     prompts = bench_prompts(subject)
-    base = GenerationOptions(num_inference_steps=args.steps, height=64, width=64)
+    base = GenerationOptions.of(num_inference_steps=args.steps, height=64, width=64)
     pipelines: dict[str, LayoutRetouchPipeline] = {}
 
     def pipeline_for(method: str) -> LayoutRetouchPipeline:
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         pipe = pipeline_for(method)
         filled = fill_prompts(prompts, pipe.concept)
-        options = GenerationOptions(**{**asdict(base), **overrides})
+        options = base.replace(**overrides)
         slug = name.split(" ")[0].lower() + ("" if method == "lora" else f"-{method}")
         records = run_method(pipe, filled, seeds, options, work / "images" / slug, subject)
         all_records[name] = records
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.segmenter = ToySegmenter()
         filled = fill_prompts(prompts, pipe.concept)
         for label, overrides in sweep_grid(base):
-            options = GenerationOptions(**{**asdict(base), "mode": "layout-retouch", **overrides})
+            options = base.replace(mode="layout-retouch", **overrides)
             folder = work / "sweep" / label.replace("=", "_")
             sweep[label] = summarize(run_method(pipe, filled, seeds, options, folder, subject), subject)
             print(f"sweep {label:<20} {json.dumps(sweep[label])}", flush=True)

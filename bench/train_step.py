@@ -55,7 +55,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from lrkit.models import (SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_random, fingerprint, load_clip_tokenizer)  # noqa: E402
 from lrkit.training.config import METHOD_NAMES, TrainConfig, load_config  # noqa: E402
 
-# The single-concept methods the benchmark compares (concept_em needs a multi-concept image config).
+# The single-concept methods this benchmark compares (concept_em needs a multi-concept image config).
 BENCH_METHODS = tuple(m for m in METHOD_NAMES if m != "concept_em")
 from lrkit.training.model import ConceptModel, step_seed  # noqa: E402
 from lrkit.training.module import ConceptDataModule, PairedDataset, PersonalizationModule, collate  # noqa: E402

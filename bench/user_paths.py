@@ -1,5 +1,5 @@
 """Every shipped config as shipped, on an SD-1.5-sized model: steps/s and peak memory per training config,
-seconds per image and peak memory per inference config (issue: "test what users run, as they run it").
+seconds per image and peak memory per inference config: what users run, as they run it.
 
 The base is an SD-1.5-sized pipeline with seeded random weights (`bench/train_step.py`'s
 `build_sd15_random`), saved once as a local diffusers folder that every config's `base` then points at,

@@ -6,7 +6,7 @@ from lrkit.runtime import configure_cpu_threads
 
 configure_cpu_threads()  # before torch loads: OpenMP reads these once (lrkit.runtime)
 
-__version__ = "0.1.0"
+from lrkit.version import __version__  # noqa: E402
 
 __all__ = ["Concept", "LayoutRetouchPipeline", "load_base", "train_concept", "__version__"]
 

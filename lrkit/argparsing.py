@@ -64,9 +64,14 @@ def _jsonargparse_parser_class():
     return JsonArgumentParser
 
 
-def argument_parser(prog: str, description: str | None = None, **kwargs):
-    """A jsonargparse `ArgumentParser` for an lrkit subcommand (no abbreviations, one-line errors)."""
-    return _jsonargparse_parser_class()(prog=prog, description=description, **kwargs)
+def argument_parser(prog: str, description: str | None = None, *, moved_keys: dict[str, str] | None = None, **kwargs):
+    """A jsonargparse `ArgumentParser` for an lrkit subcommand (no abbreviations, one-line errors).
+
+    `moved_keys` maps options that moved or were renamed (`options.alpha`) to their place now; giving an old
+    one is an error that names the new one."""
+    parser = _jsonargparse_parser_class()(prog=prog, description=description, **kwargs)
+    parser.moved_keys = dict(moved_keys or {})
+    return parser
 
 
 def plain_argument_parser(prog: str, description: str | None = None, **kwargs) -> PlainArgumentParser:
@@ -107,6 +112,9 @@ def describe_error(parser: argparse.ArgumentParser, message: str, given: Sequenc
     match = _UNKNOWN_KEY.fullmatch(message) or _UNKNOWN_GROUP_KEY.fullmatch(message)
     if match:
         key = ".".join(part for part in (match.groupdict().get("group"), match["key"]) if part)
+        moved = _moved(parser, key)
+        if moved:
+            return f"key {key} is now {moved} (in a YAML config: nested under its group)"
         keys = [a.dest for a in _all_actions(parser) if a.dest not in (argparse.SUPPRESS, "help", "config")]
         return f"unrecognized key {key}" + _did_you_mean(key, keys)
     message = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", message).replace("NoneType", "None")
@@ -132,11 +140,19 @@ def _did_you_mean(given: str, choices: list[str]) -> str:
     return f"; did you mean {match}?" if match else ""
 
 
+def _moved(parser: argparse.ArgumentParser, key: str) -> str | None:
+    """Where an option that moved or was renamed lives now (`moved_keys` given to `argument_parser`)."""
+    return getattr(parser, "moved_keys", {}).get(key)
+
+
 def _unrecognized(parser: argparse.ArgumentParser, words: list[str], options: list[str]) -> str:
     hint = f"({parser.prog} --help lists every option)"
     given = [w.split("=", 1)[0] for w in words if re.match(r"--?[A-Za-z]", w)]
     if not given:
         return f"unrecognized argument {' '.join(words)!r} {hint}"
+    moved = [(g, m) for g in given if (m := _moved(parser, g.lstrip("-")))]
+    if moved:
+        return f"option {moved[0][0]} is now --{moved[0][1]} {hint}"
     if len(given) == 1:
         return f"unrecognized option {given[0]}{_did_you_mean(given[0], options)} {hint}"
     named = [f"{g} (did you mean {s}?)" if (s := suggest(g, options)) else g for g in given]

@@ -38,8 +38,9 @@ def _generation_parser(prog: str, description: str):
     from jsonargparse import ActionConfigFile
 
     from lrkit.inference import GenerationOptions
+    from lrkit.inference.options import moved_keys
 
-    parser = argument_parser(prog, description, default_meta=False)
+    parser = argument_parser(prog, description, default_meta=False, moved_keys=moved_keys())
     parser.add_argument("--config", action=ActionConfigFile, help="generation options YAML (configs/infer/*.yaml)")
     parser.add_argument("--base", default=None, help="base model: tiny-random, toy, hub id, folder or .safetensors "
                         "(default: the base the concept records; a new `lrkit run` concept trains on tiny-random)")
@@ -69,7 +70,7 @@ def _generate(argv: list[str]) -> int:
     from lrkit.models import BaseModelError
 
     parser = _generation_parser("lrkit generate", "Generate images of a concept (vanilla, personalized, layout, "
-                                "layout-retouch, dual-reference: --options.style_reference IMAGE).")
+                                "layout-retouch, dual-reference: --options.dual_reference.style_reference IMAGE).")
     parser.add_argument("--concept", required=True, help="concept bundle folder")
     parser.add_argument("--force", type=bool, default=False, help="apply the concept even to another base model")
     parser.add_argument("--layout_image", default=None, help="retouch into this image instead of a generated layout")
@@ -140,43 +141,17 @@ def _demo(argv: list[str]) -> int:
 def _toyworld(argv: list[str]) -> int:
     parser = plain_argument_parser("lrkit toyworld", "The toy world's embedded base model.")
     sub = parser.add_subparsers(dest="action", required=True)
-    pre = sub.add_parser("pretrain", help="pretrain the toy base model on the toy world (CPU, time-budgeted)")
-    pre.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, pipeline/ (the export)")
-    pre.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for the whole run")
-    pre.add_argument("--seed", type=int, default=0, help="seeds initialisation, data, noise and caption dropout")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    pre.add_argument("--max-steps", type=int, default=None, help="stop the UNet phase after this many steps")
-    pre.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
-                     help="what the UNet predicts (default: PretrainConfig's)")
-    pre.add_argument("--object-loss-weight", type=float, default=None,
-                     help="extra diffusion-loss weight on object latents (default: PretrainConfig's)")
-    pre.add_argument("--batch-size", type=int, default=None, help="UNet batch size (default: PretrainConfig's)")
-    pre.add_argument("--lr", type=float, default=None, help="peak UNet learning rate (default: PretrainConfig's)")
-    pre.add_argument("--two-object-fraction", type=float, default=None,
-                     help="share of training pictures with two objects (default: PretrainConfig's)")
-    pre.add_argument("--device", default=None, help="where the models train, e.g. cuda (default: cpu)")
-    pre.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the UNet and text encoder")
-    pre.add_argument("--vae-from", default=None,
-                     help="reuse this pipeline folder's VAE ('toy': the shipped one) and skip the VAE phase")
-    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="any other PretrainConfig field, e.g. --set pool_size=49152 --set render_workers=14")
-    args = parser.parse_args(argv)
-    from lrkit.toyworld.pretrain import parse_config_overrides, pretrain
+    sub.add_parser("pretrain", add_help=False,  # its own parser reads the rest (lrkit toyworld pretrain --help)
+                   help="pretrain the toy base model on the toy world (time-budgeted, resumable)")
+    args, rest = parser.parse_known_args(argv)
+    return {"pretrain": _toyworld_pretrain}[args.action](rest)
 
-    options = {key: value for key, value in (
-        ("prediction_type", args.prediction_type), ("object_loss_weight", args.object_loss_weight),
-        ("batch_size", args.batch_size), ("lr", args.lr), ("vae_from", args.vae_from), ("device", args.device),
-        ("two_object_fraction", args.two_object_fraction), ("max_steps", args.max_steps),
-        ("bf16", args.bf16 or None),
-    ) if value is not None}
-    overrides = parse_config_overrides(args.set)
-    for key in ("minutes", "seed"):
-        if key in overrides:
-            parser.error(f"--set {key}=...: use --{key}")
-    twice = sorted(set(options) & set(overrides))
-    if twice:
-        parser.error(f"--set {twice[0]}=... repeats the option --{twice[0].replace('_', '-')}; give it once")
-    print(pretrain(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume, **options, **overrides))
+
+def _toyworld_pretrain(argv: list[str]) -> int:
+    from lrkit.toyworld.pretrain import parse_command_line, pretrain
+
+    out, resume, config = parse_command_line(argv, "lrkit toyworld pretrain")
+    print(pretrain(out, resume=resume, **config))
     return 0
 
 

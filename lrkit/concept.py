@@ -20,14 +20,15 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lrkit.io import atomic_dir, atomic_write_json
+from lrkit.io import atomic_dir, atomic_save_png, atomic_write_json
 from lrkit.logs import dropped
 from lrkit.lora_io import require_text_encoder_lora_support
-from lrkit.models import BaseFingerprint, dtype_kwarg, fingerprint
+from lrkit.models import BaseFingerprint, dtype_kwarg, fingerprint, record_base_id
 
 logger = logging.getLogger(__name__)
 
@@ -350,8 +351,8 @@ class Concept:
         if "unet" in self.files:
             unet = UNet2DConditionModel.from_pretrained(str(self.file("unet")), **dtype_kwarg(dtype),
                                                         use_safetensors=True)
-            # Its fingerprint is its own (no longer the base's); the id says where it came from.
-            unet._lrkit_base_id = f"{fingerprint(pipe).id}+{self.name}"
+            # The trained UNet's fingerprint is not the base's; the id names the base and the concept.
+            record_base_id(unet, f"{fingerprint(pipe).id}+{self.name}")
             pipe.register_modules(unet=unet.to(device))
         if "text_encoder" in self.files:
             te = CLIPTextModel.from_pretrained(str(self.file("text_encoder")),
@@ -375,6 +376,22 @@ def recorded_base_error(err: Exception, base: str, option: str = "--base") -> Co
     """The error for a recorded base model that cannot be loaded here: the loader's reason, and the fix."""
     return ConceptError(f"cannot load base model {base!r}, which the concept records ({err}); "
                         f"pass {option} NAME_OR_PATH to load it from elsewhere")
+
+
+def write_refs(photos, folder: Path) -> list[str]:
+    """Copy photos (`lrkit.photos.Photo`) into a bundle's refs/ folder (originals when on disk, else PNG); the
+    manifest's `refs` entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i, photo in enumerate(photos):
+        if photo.path is not None:
+            name = f"{i:02d}_{Path(photo.path).name}"
+            shutil.copyfile(photo.path, folder / name)
+        else:
+            name = f"{i:02d}.png"
+            atomic_save_png(photo.image, folder / name)
+        refs.append(f"refs/{name}")
+    return refs
 
 
 def write_bundle(concept: Concept, out_dir: str | os.PathLike, write_files: Callable[[Path], None], *,

@@ -31,12 +31,8 @@ DEMO_SEEDS: tuple[int, ...] = (0, 1, 2, 3)
 DEMO_MODES: tuple[str, ...] = ("personalized", "layout-retouch")
 TOY_BACKDROPS: tuple[str, ...] = ("night", "brick")
 """Scenes the toy recipes also show the subject on (`write_photos`); none of the prompts' scenes."""
-# The toy LoRA recipe: UNet + text-encoder LoRA, rank 16, 1200 steps at batch 4 at 64 px (a few
-# minutes on 2 CPU cores), on `toy_training_data`: the 5 studio photos plus 30 backdrop photos, with the
-# subject's description ("red checked ball") as its class phrase. On toy v2 it gives the ball in
-# 73-78 % of scene generations over 3 training seeds with every scene kept; the description alone
-# loses half the scenes to the studio, and with the plain class word `ball` the backdrops give 31-81 %
-# depending on the step (bench/RESULTS.md, "Why the toy LoRA does not reach the subject").
+# The toy LoRA recipe, trained on `toy_training_data` (studio and backdrop photos, the subject's description as
+# class phrase); what it gives: bench/RESULTS.md, "Why the toy LoRA does not reach the subject".
 TOY_LORA_RECIPE: dict = {
     "method": "lora",
     "lora": {"rank": 16, "alpha": 16, "train_text_encoder": True},
@@ -170,7 +166,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, subject: str = DEMO
     scores: dict[str, dict[str, float]] = {}
     records = []
     for mode in modes:
-        opts = GenerationOptions(**{**(options or {}), "mode": mode})
+        opts = GenerationOptions.of(**{**(options or {}), "mode": mode})
         logger.info("demo: %s, %d prompts x %d seeds", mode, len(filled), len(seeds))
         done = generate_to_folder(pipeline, filled, list(seeds), out / mode, opts)
         hits = subject_hits = 0

@@ -2,12 +2,12 @@
 
 Shared by training and inference (it imports neither). The target mask of stage 2 is
 
-    M = [alpha * M_SAM + (1 - alpha) * A_t >= tau]
+    M = [w * M_SAM + (1 - w) * A_t >= mask_threshold] (w: sam_weight)
 
 with `M_SAM` SAM's mask of the layout image (prompted with the box of the thresholded
 cross-attention of the subject word, `box_from_attention`) and `A_t` the min-max-normalised
 cross-attention map of the subject token (`blend_target_mask`). Without a SAM checkpoint
-alpha = 0 and `load_segmenter` says so.
+sam_weight = 0 and `load_segmenter` says so.
 
 SAM checkpoints (`sam_vit_b_01ec64.pth`, ...) are pickles: `SamSegmenter.from_checkpoint` builds
 the model from config and loads the state dict with `torch.load(..., weights_only=True)` (or
@@ -117,21 +117,26 @@ def otsu_threshold(x: torch.Tensor, bins: int = 256) -> float:
     return float((upper_of_lower + lower_of_upper) / 2)
 
 
-def _largest_component(fg: torch.Tensor) -> torch.Tensor:
-    """The largest 8-connected component of a (h, w) bool mask (ties: the one found first)."""
+def largest_component(mask: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """The largest 8-connected component of a (h, w) bool mask, as the same type (numpy array or torch
+    tensor, on its device); ties go to the component that comes first in raster order."""
+    fg = mask.detach().cpu().bool() if torch.is_tensor(mask) else torch.from_numpy(np.asarray(mask, dtype=bool))
     h, w = fg.shape
-    # Label every foreground pixel with a unique id, then spread the maximum id over each
-    # component (3x3 max filter, masked to the foreground) until nothing changes.
-    ids = torch.arange(1, h * w + 1, dtype=torch.float64).view(h, w) * fg  # 0 = background
+    n = h * w
+    # Each foreground pixel holds the raster index of a pixel of its component (background: n). A round takes
+    # the smallest index in the 3x3 neighbourhood, then the index that pixel holds (pointer jumping); at the
+    # fixed point every component holds the index of its first pixel.
+    label = torch.where(fg, torch.arange(n).view(h, w), n)
     while True:
-        spread = F.max_pool2d(ids[None, None], 3, stride=1, padding=1)[0, 0] * fg
-        if torch.equal(spread, ids):
+        low = -F.max_pool2d(-label[None, None].double(), 3, stride=1, padding=1)[0, 0].long()
+        low = torch.where(fg, low, n).view(-1)
+        low = torch.where(fg.view(-1), low[low.clamp(max=n - 1)], n).view(h, w)
+        if torch.equal(low, label):
             break
-        ids = spread
-    labels = ids.long().reshape(-1)
-    counts = torch.bincount(labels, minlength=h * w + 1)
-    counts[0] = 0
-    return (ids == float(counts.argmax())) & fg
+        label = low
+    counts = torch.bincount(label[fg], minlength=n)
+    out = (label == int(counts.argmax())) if fg.any() else torch.zeros_like(fg)  # argmax: the first of equals
+    return out.to(mask.device) if torch.is_tensor(mask) else out.numpy()
 
 
 def box_from_attention(
@@ -159,7 +164,7 @@ def box_from_attention(
     fg = a > t
     if not fg.any():
         return (0, 0, width, height)
-    rows, cols = torch.nonzero(_largest_component(fg), as_tuple=True)
+    rows, cols = torch.nonzero(largest_component(fg), as_tuple=True)
     h, w = a.shape
     sx, sy = width / w, height / h
     x0 = int(np.floor(int(cols.min()) * sx - pad * width))
@@ -170,16 +175,16 @@ def box_from_attention(
 
 
 def blend_target_mask(
-    attn_map: torch.Tensor, sam_mask: torch.Tensor | None, alpha: float, tau: float
+    attn_map: torch.Tensor, sam_mask: torch.Tensor | None, sam_weight: float, mask_threshold: float
 ) -> torch.Tensor:
-    """Adaptive target mask M = [alpha * M_SAM + (1 - alpha) * A_t >= tau] (DESIGN §5.2).
+    """Adaptive target mask M = [sam_weight * M_SAM + (1 - sam_weight) * A_t >= mask_threshold] (DESIGN §5.2).
 
     `attn_map` (h, w) is min-max normalised here; `sam_mask` (H, W) bool/float is resized to
-    (h, w) (area average, so boundary cells are fractional); `sam_mask=None` means alpha = 0.
+    (h, w) (area average, so boundary cells are fractional); `sam_mask=None` means sam_weight = 0.
     Returns a float {0, 1} map (h, w) on `attn_map`'s device.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"blend_target_mask: alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= sam_weight <= 1.0:
+        raise ValueError(f"blend_target_mask: sam_weight must be in [0, 1], got {sam_weight}")
     if attn_map.ndim != 2:
         raise ValueError(f"blend_target_mask: attn_map must be (h, w), got shape {tuple(attn_map.shape)}")
     a = minmax(attn_map.float())
@@ -189,9 +194,9 @@ def blend_target_mask(
         if sam_mask.ndim != 2:
             raise ValueError(f"blend_target_mask: sam_mask must be (H, W), got shape {tuple(sam_mask.shape)}")
         s = resize_map(sam_mask.to(device=a.device, dtype=torch.float32), tuple(a.shape))
-        score = alpha * s + (1.0 - alpha) * a
+        score = sam_weight * s + (1.0 - sam_weight) * a
     dtype = attn_map.dtype if attn_map.is_floating_point() else torch.float32
-    return (score >= tau).to(dtype)
+    return (score >= mask_threshold).to(dtype)
 
 
 # ------------------------------------------------------------------------------------ mask files
@@ -345,6 +350,7 @@ class SamSegmenter:
         self.model = sam_model.eval()
         self.predictor = predictor_cls(self.model)
         self._image: np.ndarray | None = None  # the image the predictor holds the embedding of
+        self.source: str | None = None  # where the weights came from (a cache key part of the masks it makes)
 
     @classmethod
     def from_checkpoint(
@@ -383,7 +389,9 @@ class SamSegmenter:
                 f"(is it a segment-anything state dict of that type?): {misfit}"
             )
         model.load_state_dict(state, strict=True)
-        return cls(model, device=device)
+        segmenter = cls(model, device=device)
+        segmenter.source = f"{model_type}:{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        return segmenter
 
     @classmethod
     def from_config(cls, model_type: str = "vit_b", seed: int = 0, device=None) -> "SamSegmenter":
@@ -393,7 +401,9 @@ class SamSegmenter:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = sam.sam_model_registry[model_type](checkpoint=None)
-        return cls(model, device=device)
+        segmenter = cls(model, device=device)
+        segmenter.source = f"{model_type}:random:{seed}"
+        return segmenter
 
     def __call__(self, image: PIL.Image.Image, box: Box | None = None) -> torch.Tensor:
         """bool (H, W) mask of the object in `box` (default: the whole image)."""
@@ -439,7 +449,7 @@ def load_segmenter(sam_checkpoint: str | os.PathLike | None, device=None) -> Sam
         installed = importlib.util.find_spec("segment_anything") is not None
         install = "" if installed else "install segment-anything (pip install 'lrkit[sam]') and "
         logger.warning(
-            "No SAM checkpoint given: Layout-and-Retouch target masks come from cross-attention alone (alpha = 0). "
+            "No SAM checkpoint given: Layout-and-Retouch target masks come from cross-attention alone (sam_weight = 0). "
             f"For SAM masks, {install}pass sam_checkpoint=<path to sam_vit_b_01ec64.pth, sam_vit_l_*.pth or "
             "sam_vit_h_*.pth> (CLI: --sam_checkpoint)."
         )

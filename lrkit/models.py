@@ -103,12 +103,21 @@ def compute_fingerprint(unet: torch.nn.Module, base_id: str) -> BaseFingerprint:
     return BaseFingerprint(id=base_id, unet_config_sha256=_unet_config_sha(unet), weight_probe=probe)
 
 
+_BASE_ID_ATTR = "_lrkit_base_id"
+
+
+def record_base_id(unet, base_id: str) -> None:
+    """Name where `unet` came from (a base id, or `<base>+<concept>` for a concept's own UNet): its fingerprint
+    records it."""
+    setattr(unet, _BASE_ID_ATTR, base_id)
+
+
 def fingerprint(pipe_or_unet, base_id: str | None = None) -> BaseFingerprint:
     """The base model's fingerprint, computed once per UNet and then cached."""
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     cached = _FINGERPRINTS.get(unet)
     if cached is None:
-        cached = compute_fingerprint(unet, base_id or getattr(unet, "_lrkit_base_id", "unknown"))
+        cached = compute_fingerprint(unet, base_id or getattr(unet, _BASE_ID_ATTR, "unknown"))
         _FINGERPRINTS[unet] = cached
     return cached
 
@@ -360,7 +369,7 @@ def load_base(
         pipe.to(dtype=torch_dtype)
     if device is not None:
         pipe.to(device)
-    pipe.unet._lrkit_base_id = base_id
+    record_base_id(pipe.unet, base_id)
     fingerprint(pipe, base_id)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -13,7 +13,7 @@ personalized model is the base model itself. Every generation mode then works fr
 
     lrkit reference --photos photo.jpg --class-word vase --base toy --out my-vase
     lrkit generate --concept my-vase --prompt "a photo of a vase in the snow" \\
-        --options.mode dual-reference --options.style_reference style.png
+        --options.mode dual-reference --options.dual_reference.style_reference style.png
 
 Prompts name the subject by its class word. The bundle records the base model's fingerprint like any
 other (the inversion caches are per base model); make one per base.
@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lrkit import __version__
-from lrkit.concept import Concept, ConceptError, TokenSpec, write_bundle
+from lrkit.concept import Concept, ConceptError, TokenSpec, write_bundle, write_refs
+from lrkit.version import __version__
 
 REFERENCE_METHOD = "reference"
 MIN_REFERENCE_SIZE = 64
@@ -33,7 +33,7 @@ MIN_REFERENCE_SIZE = 64
 
 def _photos(photos) -> list:
     """Photos from a folder, one image file, or a list of image files (each decoded and checked)."""
-    from lrkit.training.data import DataError, Photo, _raise_if_problems, _read_image, load_images
+    from lrkit.photos import DataError, Photo, load_images, raise_if_problems, read_image
 
     if isinstance(photos, (str, os.PathLike)):
         path = Path(photos).expanduser()
@@ -49,10 +49,10 @@ def _photos(photos) -> list:
             problems.append(f"{file}: no such file")
             continue
         try:
-            out.append(Photo(name=file.name, image=_read_image(file, file.name, MIN_REFERENCE_SIZE), path=file))
+            out.append(Photo(name=file.name, image=read_image(file, file.name, MIN_REFERENCE_SIZE), path=file))
         except DataError as err:
             problems.append(str(err))
-    _raise_if_problems(problems, "the reference photos")
+    raise_if_problems(problems, "the reference photos")
     return out
 
 
@@ -66,7 +66,6 @@ def reference_concept(photos, class_word: str, out_dir: str | os.PathLike, *, ba
     """
     from lrkit.jobs import default_resolution
     from lrkit.models import fingerprint, load_base
-    from lrkit.training.train import _write_refs
 
     word = (class_word or "").strip()
     if not word:
@@ -86,7 +85,7 @@ def reference_concept(photos, class_word: str, out_dir: str | os.PathLike, *, ba
     )
 
     def write_files(root: Path) -> None:
-        concept.refs = _write_refs(images, root / "refs")
+        concept.refs = write_refs(images, root / "refs")
 
     return write_bundle(concept, out, write_files, overwrite=overwrite)
 

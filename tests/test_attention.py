@@ -7,9 +7,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from lrkit.attention import (AttentionLayerError, AttentionStore, AttentionStoreProcessor, MultiSourceSwapProcessor,
-                             SwapState, attention_layers, cross_layers_at, decoder_self_layers, parse_layer, processors,
-                             reference_attention)
+from lrkit.attention import (AttentionLayerError, AttentionStore, AttentionStoreProcessor, attention_layers,
+                             cross_layers_at, decoder_self_layers, parse_layer, processors)
+from lrkit.inference.processors import MultiSourceSwapProcessor, SwapState, reference_attention
 
 # SD 1.5 and SD 2 block layouts at a small width (the names and levels are what matter).
 SD15 = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=4,

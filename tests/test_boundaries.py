@@ -1,6 +1,8 @@
 """House rules (DESIGN.md §1), checked on the source with `ast`:
 
 - `lrkit.training` and `lrkit.inference` never import each other;
+- no import cycle anywhere in `lrkit/` (imports inside functions count);
+- no module imports another module's private names;
 - the launchable scripts in `train/` and `infer/` hold no logic (no definitions but `main`).
 """
 
@@ -194,6 +196,117 @@ def test_the_toy_world_depends_on_neither_side(forbidden):
 def test_scripts_hold_no_logic(folder):
     violations = script_violations(ROOT, folder)
     assert violations == [], f"scripts in {folder}/ must only parse and call (define nothing but main): {violations}"
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """lrkit module -> the lrkit modules it imports (module level or inside functions), each import resolved to
+    the deepest module that exists (`from lrkit.a import b` is lrkit.a.b when b is a module, else lrkit.a)."""
+    modules = {module_name(p, root): p for p in python_files(root / "lrkit")}
+    graph = {}
+    for module, path in modules.items():
+        by_line: dict[int, list[str]] = {}
+        for line, name in imported_modules(path.read_text(encoding="utf-8"), module, path.name == "__init__.py"):
+            by_line.setdefault(line, []).append(name)
+        targets = set()
+        for names in by_line.values():
+            for name in names:
+                if any(other in modules and other.rpartition(".")[0] == name for other in names):
+                    continue  # `from package import submodule`: the edge goes to the submodule
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def private_imports(root: Path) -> list[str]:
+    """`file:line: module._name` for each private name (one leading underscore) a module takes from another
+    lrkit module: `from lrkit.x import _y`, or `x._y` on a name bound to an imported lrkit module."""
+    found = []
+    for path in python_files(root / "lrkit"):
+        module = module_name(path, root)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = dict(imported_modules(ast.unparse(node), module, path.name == "__init__.py"))[node.lineno] \
+                    if node.level else node.module
+                if not (target or "").startswith("lrkit"):
+                    continue
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and target != module:
+                        found.append(f"{path.relative_to(root)}:{node.lineno}: {target}.{alias.name}")
+                    aliases[alias.asname or alias.name] = f"{target}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("lrkit"):
+                        aliases[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "lrkit"
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_cycle_and_private_checks_find_violations_in_a_synthetic_tree(tmp_path):
+    files = {
+        "lrkit/__init__.py": "from lrkit.version import v\n",
+        "lrkit/version.py": "v = 1\n",
+        "lrkit/inference/__init__.py": "from lrkit.inference.pipeline import Pipeline\n",
+        "lrkit/inference/pipeline.py": "def f():\n    from lrkit.inference.dual import g\n",
+        "lrkit/inference/dual.py": "from lrkit.inference.pipeline import _reference\nimport lrkit.masks as m\nm._helper()\n",
+        "lrkit/masks.py": "from . import version\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    graph = import_graph(tmp_path)
+    assert graph["lrkit.masks"] == {"lrkit.version"} and graph["lrkit"] == {"lrkit.version"}
+    assert import_cycles(graph) == [["lrkit.inference.dual", "lrkit.inference.pipeline"]]
+    assert private_imports(tmp_path) == ["lrkit/inference/dual.py:1: lrkit.inference.pipeline._reference",
+                                         "lrkit/inference/dual.py:3: m._helper"]
+
+
+def test_no_import_cycles_in_lrkit():
+    cycles = import_cycles(import_graph(ROOT))
+    assert cycles == [], f"modules that import each other (directly or around a loop): {cycles}"
+
+
+def test_no_module_takes_another_modules_private_names():
+    found = private_imports(ROOT)
+    assert found == [], f"private names used across modules (make them public or move the code): {found}"
 
 
 def test_module_name_mapping():

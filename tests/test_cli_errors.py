@@ -74,7 +74,7 @@ def test_an_unknown_key_in_a_config_file_is_named_with_the_closest_key(tmp_path,
      "lrkit generate: error: missing --concept (lrkit generate --help lists every option)"),
     (["demo", "--seeds", "one"], "lrkit demo: error: argument --seeds: invalid int value: 'one'"),
     (["toyworld", "pretrain", "--out", "/no/such/run", "--minutes", "soon"],
-     "lrkit toyworld pretrain: error: argument --minutes: invalid float value: 'soon'"),
+     "lrkit toyworld pretrain: error: --minutes: expected float, got 'soon'"),
 ])
 def test_a_bad_or_missing_value_is_one_line_naming_the_option(argv, line, capsys):
     code, err = run_cli(argv, capsys)

@@ -37,7 +37,7 @@ def bar_descriptions(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def training_run(tmp_path_factory):
-    """The tiny LoRA run of the issue: 2 steps at 64 px with validation images every 2 steps."""
+    """A tiny LoRA run: 2 steps at 64 px with validation images every 2 steps."""
     out = tmp_path_factory.mktemp("quiet") / "run"
     proc = lrkit("train", "--config", str(ROOT / "configs/train/lora.yaml"), "--base", "tiny-random",
                  "--data.resolution", "64", "--max_steps", "2", "--validation.every_n_steps", "2",
@@ -45,7 +45,7 @@ def training_run(tmp_path_factory):
     return proc, out / "concept"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], pytest.param(["train", "--help"], marks=pytest.mark.slow)])
 def test_help_prints_the_help_alone_and_imports_no_bitsandbytes(argv):
     """peft imports bitsandbytes whenever it is installed, and bitsandbytes may log on import."""
     code = ("import sys\nfrom lrkit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
@@ -67,6 +67,7 @@ def test_the_bitsandbytes_kernel_message_shows_only_with_verbose():
     assert "gemm_4bit_forward" in verbose.stderr
 
 
+@pytest.mark.slow
 def test_a_training_run_prints_lrkit_messages_and_no_third_party_noise(training_run):
     proc, concept = training_run
     shown = proc.stdout + proc.stderr
@@ -75,6 +76,7 @@ def test_a_training_run_prints_lrkit_messages_and_no_third_party_noise(training_
     assert proc.stdout.rstrip().endswith(str(concept))
 
 
+@pytest.mark.slow
 def test_a_training_run_draws_one_progress_bar(training_run):
     """Training with validation images in between: one `training` bar, from 0/2 to 2/2, and no other bar."""
     proc, _ = training_run
@@ -84,6 +86,7 @@ def test_a_training_run_draws_one_progress_bar(training_run):
     assert "0/2" in first_drawn, first_drawn
 
 
+@pytest.mark.slow
 def test_generate_is_quiet_and_verbose_adds_third_party_logging(training_run, tmp_path):
     _, concept = training_run
     argv = ["generate", "--concept", str(concept), "--prompt", "a photo of {}", "--seeds", "[0]",
@@ -124,6 +127,7 @@ def test_the_sam_warning_says_what_is_missing(monkeypatch, caplog):
     assert "pip install 'lrkit[sam]'" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_concepts_repr_is_short_and_names_its_key_fields(training_run):
     from lrkit.concept import Concept
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,17 @@ def test_infer_config_loads_against_the_generate_entry_point(path):
     args = parser.instantiate(parser.parse_args(["--config", str(path)]))
     assert isinstance(args.options, GenerationOptions)
     raw = yaml.safe_load(path.read_text())
-    assert args.options.mode == raw["options"]["mode"] and args.options.lam == raw["options"]["lam"]
+    parsed = dataclasses.asdict(args.options)
+
+    def check(given: dict, got: dict, where: str) -> None:  # every value the YAML sets arrives, group by group
+        for key, value in given.items():
+            assert key in got, f"{where}.{key}"
+            if isinstance(value, dict):
+                check(value, got[key], f"{where}.{key}")
+            else:
+                assert got[key] == value, f"{where}.{key}"
+
+    check(raw["options"], parsed, "options")
 
 
 @pytest.mark.parametrize("command, option, words", [

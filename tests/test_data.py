@@ -10,17 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lrkit.training.data import (
-    IMAGE_SUFFIXES,
-    DataError,
-    Photo,
-    PhotoDataset,
-    ensure_class_images,
-    format_caption,
-    load_images,
-    sample_seed,
-    validate_caption_template,
-)
+from lrkit.photos import IMAGE_SUFFIXES, DataError, Photo, load_images
+from lrkit.training.data import PhotoDataset, ensure_class_images, format_caption, sample_seed, validate_caption_template
 
 REPO = Path(__file__).resolve().parents[1]
 EXIF_ORIENTATION = 0x0112

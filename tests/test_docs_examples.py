@@ -133,7 +133,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [  # (old text, new text, why); appl
      "seeds, prompts and denoising steps of `lrkit eval`; tiny local CLIP and DINO"),
     ("--seeds 4 --out outputs/eval_toy", "--seeds 2 --out outputs/eval_toy --max_prompts 1", "seeds and prompts"),
     ("--options.num_inference_steps 25", "--options.num_inference_steps 4", "denoising steps"),
-    ("--options.style_subject ball\n", "--options.style_subject ball --options.num_inference_steps 4\n",
+    ("--options.dual_reference.style_subject ball\n", "--options.dual_reference.style_subject ball --options.num_inference_steps 4\n",
      "denoising steps"),
     ('style_subject="ball")', 'style_subject="ball", num_inference_steps=4)', "denoising steps"),
 ]

@@ -11,7 +11,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
-from lrkit.attention import AttentionCache, AttentionLayerError, DualReferenceProcessor, DualReferenceState
+from lrkit.attention import AttentionLayerError
+from lrkit.inference.processors import AttentionCache, DualReferenceProcessor, DualReferenceState
 from lrkit.inference import GenerationOptions, InferenceError, LayoutRetouchPipeline
 from lrkit.inference.dual_reference import entropy_switch, image_entropy, phase_at, shift_to_style, switch_step
 from test_layout_retouch import PROMPT, ROOT, STEPS, as_np, make_bundle, stock_image
@@ -51,20 +52,20 @@ def test_entropy_switch_is_the_clamped_share_of_the_customization_entropy():
 def test_switch_step_from_images_and_its_override(tmp_path):
     one_bit = grey_image([0, 255], [128, 128])
     three_bits = grey_image([0, 30, 60, 90, 120, 150, 180, 210], [32] * 8)
-    options = GenerationOptions(mode="dual-reference", num_inference_steps=10, style_reference="s.png")
+    options = GenerationOptions.of(mode="dual-reference", num_inference_steps=10, style_reference="s.png")
     assert switch_step(options, one_bit, three_bits) == 3  # 1 / (1 + 3) = 0.25 of 10 steps -> step ceil(2.5)
     assert switch_step(options, three_bits, one_bit) == 8  # 0.75 -> step ceil(7.5)
     assert switch_step(options, three_bits, grey_image([0], [256])) == 8  # 1.0 clamped to 0.8
-    override = GenerationOptions(mode="dual-reference", num_inference_steps=10, style_reference="s.png", switch=0.4)
+    override = GenerationOptions.of(mode="dual-reference", num_inference_steps=10, style_reference="s.png", switch=0.4)
     assert switch_step(override, one_bit, three_bits) == 4
 
 
 def test_phases_over_the_steps():
-    options = GenerationOptions(mode="dual-reference", style_reference="s.png")
+    options = GenerationOptions.of(mode="dual-reference", style_reference="s.png")
     assert [phase_at(i, 3, options) for i in range(5)] == ["off", "customize", "customize", "stylize", "stylize"]
-    no_style = GenerationOptions(mode="dual-reference", style_reference="s.png", stylize=False)
+    no_style = GenerationOptions.of(mode="dual-reference", style_reference="s.png", stylize=False)
     assert [phase_at(i, 3, no_style) for i in range(5)] == ["off", "customize", "customize", "off", "off"]
-    no_custom = GenerationOptions(mode="dual-reference", style_reference="s.png", customize=False)
+    no_custom = GenerationOptions.of(mode="dual-reference", style_reference="s.png", customize=False)
     assert [phase_at(i, 3, no_custom) for i in range(5)] == ["off", "off", "off", "stylize", "stylize"]
 
 
@@ -258,7 +259,7 @@ def style_png(tmp_path_factory) -> str:
 
 
 def dual(pipe, prompt, style, seed=0, **options):
-    return pipe(prompt, seeds=seed, options=GenerationOptions(num_inference_steps=STEPS, mode="dual-reference",
+    return pipe(prompt, seeds=seed, options=GenerationOptions.of(num_inference_steps=STEPS, mode="dual-reference",
                                                               style_reference=style, **options))
 
 
@@ -287,7 +288,7 @@ def test_style_phase_touches_only_the_subject(pipes, style_png, monkeypatch):
 
     pipe, prompt = pipes["lora"], PROMPT["lora"]
     plain = as_np(dual(pipe, prompt, style_png, customize=False, stylize=False)[0].image)
-    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.zeros_like(attn))
+    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, sam_weight, mask_threshold: torch.zeros_like(attn))
     late = dual(pipe, prompt, style_png, customize=False, switch=0.25)[0]
     assert np.abs(as_np(late.image) - plain).max() <= 1.5 / 255
     assert not np.asarray(late.mask).any()
@@ -299,20 +300,20 @@ def test_style_shift_in_the_loop_gives_the_subject_the_styles_latent_means(pipes
     from lrkit.inference.dual_reference import denoise_dual_reference
 
     pipe, prompt = pipes["lora"], PROMPT["lora"]
-    options = GenerationOptions(num_inference_steps=STEPS, mode="dual-reference", style_reference=style_png,
+    options = GenerationOptions.of(num_inference_steps=STEPS, mode="dual-reference", style_reference=style_png,
                                 style_subject="square", switch=0.5, style_shift=1.0)
-    result = denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)], options, 64, 64)
+    result = denoise_dual_reference(pipe.model, pipe.references, prompt, [torch.Generator().manual_seed(0)], options, 64, 64)
     m, region = result.shift_masks[0] > 0.5, result.style.mask < 0.5
     assert m.any() and region.any() and not region.all()
     mu_style = result.style.trajectory[STEPS][0][:, region].mean(-1)  # the clean style latents' background
     torch.testing.assert_close(result.latents[0][:, m].mean(-1), mu_style, rtol=1e-4, atol=1e-4)
-    plain = denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)],
-                                   GenerationOptions(**{**options.__dict__, "style_shift": 0.0}), 64, 64)
+    plain = denoise_dual_reference(pipe.model, pipe.references, prompt, [torch.Generator().manual_seed(0)],
+                                   options.replace(style_shift=0.0), 64, 64)
     assert (plain.latents[0][:, m].mean(-1) - mu_style).abs().max() > 1e-2
     with pytest.raises(InferenceError, match="style_shift must be in"):
-        GenerationOptions(mode="dual-reference", style_shift=1.5)
+        GenerationOptions.of(mode="dual-reference", style_shift=1.5)
     with pytest.raises(InferenceError, match="style_shift is an option of mode 'dual-reference'"):
-        GenerationOptions(mode="personalized", style_shift=0.5)
+        GenerationOptions.of(mode="personalized", style_shift=0.5)
 
 
 def test_style_shift_starts_at_style_shift_start(pipes, style_png):
@@ -325,8 +326,8 @@ def test_style_shift_starts_at_style_shift_start(pipes, style_png):
                 switch=0.5)
 
     def run(**kw):
-        return denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)],
-                                      GenerationOptions(**base, **kw), 64, 64)
+        return denoise_dual_reference(pipe.model, pipe.references, prompt, [torch.Generator().manual_seed(0)],
+                                      GenerationOptions.of(**base, **kw), 64, 64)
 
     plain = run()
     last = run(style_shift=1.0, style_shift_start=1.0)
@@ -338,9 +339,9 @@ def test_style_shift_starts_at_style_shift_start(pipes, style_png):
     assert (early.latents[0][:, ~m] - plain.latents[0][:, ~m]).abs().max() > 1e-4
     assert torch.equal(early.shift_masks, last.shift_masks)  # both read the masks of the switch step
     with pytest.raises(InferenceError, match="style_shift_start must be in"):
-        GenerationOptions(mode="dual-reference", style_shift_start=1.5)
+        GenerationOptions.of(mode="dual-reference", style_shift_start=1.5)
     with pytest.raises(InferenceError, match="style_shift_start is an option of mode 'dual-reference'"):
-        GenerationOptions(mode="personalized", style_shift_start=0.5)
+        GenerationOptions.of(mode="personalized", style_shift_start=0.5)
 
 
 def test_a_segmenter_gives_the_target_mask_from_the_switch_step(pipes, style_png, monkeypatch):
@@ -355,12 +356,12 @@ def test_a_segmenter_gives_the_target_mask_from_the_switch_step(pipes, style_png
         mask[:, : image.size[0] // 2] = True
         return mask
 
-    options = GenerationOptions(num_inference_steps=STEPS, mode="dual-reference", style_reference=style_png,
-                                switch=0.5, alpha=1.0, style_shift=0.5)
-    assert pipe.segmenter is None  # so the reference's mask is stored by the attention segmenter, not the stand-in
-    denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)], options, 64, 64)
+    options = GenerationOptions.of(num_inference_steps=STEPS, mode="dual-reference", style_reference=style_png,
+                                switch=0.5, sam_weight=1.0, style_shift=0.5)
     monkeypatch.setattr(pipe, "segmenter", left_half)
-    result = denoise_dual_reference(pipe, prompt, [torch.Generator().manual_seed(0)] * 2, options, 64, 64)
+    pipe.references.from_concept(options, 64)  # the reference's mask, memoized: the loop segments only x0
+    calls.clear()
+    result = denoise_dual_reference(pipe.model, pipe.references, prompt, [torch.Generator().manual_seed(0)] * 2, options, 64, 64)
     assert [size for size, _ in calls] == [(64, 64), (64, 64)]  # once per row, on the decoded x0 at the switch
     h, w = result.masks.shape[-2:]
     expected = torch.zeros(h, w)
@@ -399,22 +400,22 @@ def test_style_subject_and_custom_reference_photo(pipes, style_png, tmp_path):
 def test_errors_name_the_option(pipes, style_png, tmp_path):
     pipe, prompt = pipes["lora"], PROMPT["lora"]
     with pytest.raises(InferenceError, match="needs a style reference image: set style_reference"):
-        pipe(prompt, options=GenerationOptions(num_inference_steps=STEPS, mode="dual-reference"))
+        pipe(prompt, options=GenerationOptions.of(num_inference_steps=STEPS, mode="dual-reference"))
     with pytest.raises(InferenceError, match="style_reference .*nope.png.* does not exist"):
         dual(pipe, prompt, str(tmp_path / "nope.png"))
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(InferenceError, match="custom_reference .*bad.png.* not a readable image"):
         dual(pipe, prompt, style_png, custom_reference=str(tmp_path / "bad.png"))
     with pytest.raises(InferenceError, match="style_reference is an option of mode 'dual-reference'"):
-        GenerationOptions(mode="personalized", style_reference=style_png)
+        GenerationOptions.of(mode="personalized", style_reference=style_png)
     with pytest.raises(InferenceError, match="ddim"):
-        GenerationOptions(mode="dual-reference", scheduler="euler")
+        GenerationOptions.of(mode="dual-reference", scheduler="euler")
     with pytest.raises(InferenceError, match="switch must be in"):
-        GenerationOptions(mode="dual-reference", switch=1.5)
+        GenerationOptions.of(mode="dual-reference", switch=1.5)
     with pytest.raises(InferenceError, match="style_weight must be > 0"):
-        GenerationOptions(mode="dual-reference", style_weight=0.0)
+        GenerationOptions.of(mode="dual-reference", style_weight=0.0)
     with pytest.raises(InferenceError, match="switch_min"):
-        GenerationOptions(mode="dual-reference", switch_min=0.9, switch_max=0.1)
+        GenerationOptions.of(mode="dual-reference", switch_min=0.9, switch_max=0.1)
     with pytest.raises(InferenceError, match="square"):
         dual(pipe, prompt, style_png, height=64, width=32)
     with pytest.raises(InferenceError, match="sks"):
@@ -427,7 +428,7 @@ def test_cli_generates_dual_reference(bundles, style_png, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["generate", "--concept", str(bundles["ti"]), "--prompt", "a photo of {} in the snow", "--seeds", "[0]",
             "--options.num_inference_steps", str(STEPS), "--options.mode", "dual-reference", "--out", str(out)]
-    assert main(args + ["--options.style_reference", style_png, "--intermediates", "true"]) == 0
+    assert main(args + ["--options.dual_reference.style_reference", style_png, "--intermediates", "true"]) == 0
     assert Image.open(out / "p000_s0.png").size == (64, 64)
     assert (out / "p000_s0_mask.png").is_file()
     style = np.asarray(Image.open(out / "p000_s0_style.png").convert("RGB"))
@@ -436,4 +437,4 @@ def test_cli_generates_dual_reference(bundles, style_png, tmp_path, capsys):
     assert grid.shape == (64, 4 * 64, 3)
     np.testing.assert_array_equal(grid[:, 64:128], style)  # reference | style | mask | result
     assert main(args) == 1
-    assert "--options.style_reference" in capsys.readouterr().err
+    assert "--options.dual_reference.style_reference" in capsys.readouterr().err

@@ -209,6 +209,7 @@ def test_cli_errors_name_the_option(fresh_concept, tmp_path, models, capsys):
 # ------------------------------------------------------------------------------------ processes
 
 
+@pytest.mark.slow
 def test_a_killed_run_restarts_and_ends_with_every_row_once(fresh_concept, tmp_path, models):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lrkit.cli", "eval", *eval_args(fresh_concept(), out, models)]
@@ -228,6 +229,7 @@ def test_a_killed_run_restarts_and_ends_with_every_row_once(fresh_concept, tmp_p
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was redone"
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_results_as_one(single, fresh_concept, tmp_path, models):
     # accelerate launch on a CPU starts two gloo processes through torch.distributed.run, so this covers
     # torchrun's environment too (`torchrun --nproc_per_node 2 -m lrkit.cli eval ...` works the same).
@@ -244,6 +246,7 @@ def test_two_processes_give_the_same_results_as_one(single, fresh_concept, tmp_p
 # ------------------------------------------------------------------------------------ toy world
 
 
+@pytest.mark.slow
 def test_toy_base_adds_the_exact_toy_scores(tmp_path, models):
     from lrkit.models import load_base
     from lrkit.toyworld.scorers import layout_diversity, score_image

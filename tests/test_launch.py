@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from launching import BIN, ROOT, env, run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def photos(vase_photos) -> Path:

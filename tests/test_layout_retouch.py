@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import save
+from PIL import Image
 
 from lrkit.concept import EMBEDDINGS, Concept, TokenSpec, write_bundle
 from lrkit.inference import GenerationOptions, InferenceError, LayoutRetouchPipeline
@@ -95,7 +96,7 @@ def stock_image(prompt: str, seed: int, concept: Path | None) -> np.ndarray:
 
 
 def ours(pipe, prompt, seed=0, **options) -> list:
-    return pipe(prompt, seeds=seed, options=GenerationOptions(num_inference_steps=STEPS, **options))
+    return pipe(prompt, seeds=seed, options=GenerationOptions.of(num_inference_steps=STEPS, **options))
 
 
 def as_np(image) -> np.ndarray:
@@ -138,10 +139,10 @@ def test_swap_off_returns_the_layout(pipes):
 def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(pipes, monkeypatch, cache):
     import lrkit.masks
 
-    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.zeros_like(attn))
+    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, sam_weight, mask_threshold: torch.zeros_like(attn))
     zero = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
     assert np.abs(as_np(zero.image) - as_np(zero.layout)).max() <= 1.5 / 255
-    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.ones_like(attn))
+    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, sam_weight, mask_threshold: torch.ones_like(attn))
     full = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
     assert np.abs(as_np(full.image) - as_np(full.layout)).mean() > 1e-3
 
@@ -150,8 +151,8 @@ def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(pipes, monkeypa
 def test_cached_attention_equals_the_batched_paths(pipes, kind):
     """Recording C in stage 1 and R once gives what running [R, C_u, C_c, X_u, X_c] per step gives."""
     kw = dict(mode="layout-retouch", lam=0.25)
-    cached = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions(num_inference_steps=STEPS, **kw))
-    plain = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions(num_inference_steps=STEPS,
+    cached = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS, **kw))
+    plain = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS,
                                                                              cache_attention=False, **kw))
     for a, b in zip(cached, plain):
         np.testing.assert_allclose(as_np(a.image), as_np(b.image), atol=1.5 / 255)
@@ -160,18 +161,64 @@ def test_cached_attention_equals_the_batched_paths(pipes, kind):
 
 
 def test_layout_retouch_runs_batched_and_is_deterministic(pipes):
-    a = pipes["ti"](PROMPT["ti"], seeds=[0, 1], options=GenerationOptions(num_inference_steps=STEPS, lam=0.5))
-    b = pipes["ti"](PROMPT["ti"], seeds=[1], options=GenerationOptions(num_inference_steps=STEPS, lam=0.5))
+    a = pipes["ti"](PROMPT["ti"], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5))
+    b = pipes["ti"](PROMPT["ti"], seeds=[1], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5))
     assert [g.seed for g in a] == [0, 1] and a[1].stem == "p000_s1"
     assert a[0].mask is not None and a[0].layout is not None and a[0].reference is not None
     np.testing.assert_allclose(as_np(a[1].image), as_np(b[0].image), atol=1.5 / 255)  # batching does not change a seed
 
 
-def test_reference_mask_is_computed_once_and_stored_in_the_bundle(pipes, bundles):
-    ours(pipes["ti"], PROMPT["ti"], mode="layout-retouch", lam=0.5)
-    concept = Concept.load(bundles["ti"])
-    assert concept.masks == {"refs/00.jpg": "masks/00.png"}
-    assert (bundles["ti"] / "masks/00.png").is_file()
+def tree_state(root: Path) -> dict:
+    """Every path under `root` with its kind, permissions, size, mtime and content hash."""
+    import hashlib
+
+    state = {}
+    for path in sorted([root, *root.rglob("*")]):
+        info = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        state[str(path.relative_to(root))] = (info.st_mode, info.st_size, info.st_mtime_ns, digest)
+    return state
+
+
+def test_reference_mask_is_computed_once_and_cached_outside_the_bundle(bundles, tmp_path):
+    bundle = tmp_path / "ti"
+    shutil.copytree(bundles["ti"], bundle)
+    before = tree_state(bundle)
+    pipe = LayoutRetouchPipeline.from_concept("tiny-random", bundle, cache_dir=tmp_path / "cache")
+    first = ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5)[0]
+    cached = sorted((tmp_path / "cache" / "masks").glob("*.png"))
+    assert len(cached) == 1 and tree_state(bundle) == before
+    stamp = cached[0].stat().st_mtime_ns
+    again = ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5)[0]
+    assert cached[0].stat().st_mtime_ns == stamp and sorted((tmp_path / "cache" / "masks").glob("*.png")) == cached
+    np.testing.assert_array_equal(as_np(first.image), as_np(again.image))
+    assert Concept.load(bundle).masks == {}
+
+
+def test_a_read_only_bundle_serves_every_mode_and_is_never_written(bundles, tmp_path):
+    """Inference treats a bundle as read-only: permissions removed on disk, every mode runs and nothing under
+    the bundle changes (checked by content too: the suite may run as root, which ignores permissions)."""
+    layout = tmp_path / "layout.png"
+    Image.new("RGB", (64, 64), (40, 120, 200)).save(layout)
+    style = tmp_path / "style.png"
+    Image.new("RGB", (64, 64), (200, 60, 30)).save(style)
+    for kind in ("lora", "ti", "db"):
+        bundle = tmp_path / kind
+        shutil.copytree(bundles[kind], bundle)
+        for path in [bundle, *bundle.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        before = tree_state(bundle)
+        try:
+            pipe = LayoutRetouchPipeline.from_concept("tiny-random", bundle, cache_dir=tmp_path / f"cache-{kind}")
+            for mode in ("vanilla", "personalized", "layout", "layout-retouch"):
+                ours(pipe, PROMPT[kind], mode=mode, lam=0.5)
+            ours(pipe, PROMPT[kind], mode="layout-retouch", lam=0.5, cache_attention=False)
+            pipe(PROMPT[kind], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5), layout_image=layout)
+            ours(pipe, PROMPT[kind], mode="dual-reference", style_reference=str(style))
+            assert tree_state(bundle) == before, kind
+        finally:
+            for path in [bundle, *bundle.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_prompt_without_token_is_refused(pipes):
@@ -182,9 +229,9 @@ def test_prompt_without_token_is_refused(pipes):
 
 def test_bad_options_are_refused():
     with pytest.raises(InferenceError, match="mode"):
-        GenerationOptions(mode="magic")
+        GenerationOptions.of(mode="magic")
     with pytest.raises(InferenceError, match="retouch_start"):
-        GenerationOptions(lam=0.5, retouch_start=0.2)
+        GenerationOptions.of(lam=0.5, retouch_start=0.2)
 
 
 def test_concept_from_another_base_is_refused(bundles):
@@ -241,14 +288,14 @@ def test_sam_masks_are_wired_in(bundles, tmp_path):
     pipe = LayoutRetouchPipeline.from_concept("tiny-random", fresh_copy(bundles["ti"], tmp_path / "ti"),
                                               cache_dir=tmp_path / "c")
     pipe.segmenter = BoxSegmenter()
-    out = ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5, alpha=1.0, tau=0.5)[0]
+    out = ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5, sam_weight=1.0, mask_threshold=0.5)[0]
     # first call: the reference (square crop at generation size), then the layout image
     assert [size for size, _ in pipe.segmenter.calls] == [(64, 64), (64, 64)]
     box = pipe.segmenter.calls[1][1]
     expected = torch.zeros(64, 64)
     expected[box[1]:box[3], box[0]:box[2]] = 1
     got = torch.from_numpy(np.asarray(out.mask) > 127).float()
-    # alpha = 1: the target mask is the SAM mask (at latent resolution, upsampled for the output)
+    # sam_weight = 1: the target mask is the SAM mask (at latent resolution, upsampled for the output)
     small = torch.nn.functional.interpolate(expected[None, None], size=(16, 16), mode="area")[0, 0] >= 0.5
     torch.testing.assert_close(got, torch.nn.functional.interpolate(small[None, None].float(), size=(64, 64))[0, 0])
 
@@ -270,7 +317,7 @@ def test_user_layout_image(pipes, tmp_path):
 
     layout = Image.new("RGB", (64, 64), (30, 120, 200))
     layout.paste((200, 60, 40), (20, 20, 44, 52))
-    out = pipes["ti"](PROMPT["ti"], seeds=[0], options=GenerationOptions(num_inference_steps=STEPS, lam=0.5),
+    out = pipes["ti"](PROMPT["ti"], seeds=[0], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5),
                       layout_image=layout)[0]
     with torch.no_grad():
         vae = pipes["ti"].pipe.vae
@@ -280,7 +327,7 @@ def test_user_layout_image(pipes, tmp_path):
     expected = pipes["ti"].pipe.image_processor.postprocess(reconstructed.sample, output_type="np")[0]
     np.testing.assert_allclose(as_np(out.layout), np.round(expected * 255) / 255, atol=1.5 / 255)
     with pytest.raises(InferenceError, match="layout-retouch"):
-        pipes["ti"](PROMPT["ti"], options=GenerationOptions(num_inference_steps=STEPS, mode="layout"), layout_image=layout)
+        pipes["ti"](PROMPT["ti"], options=GenerationOptions.of(num_inference_steps=STEPS, mode="layout"), layout_image=layout)
 
 
 def test_other_schedulers_match_stock(pipes, bundles):
@@ -294,16 +341,16 @@ def test_other_schedulers_match_stock(pipes, bundles):
     got = as_np(ours(pipes["lora"], PROMPT["lora"], mode="personalized", scheduler="euler")[0].image)
     np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
     with pytest.raises(InferenceError, match="ddim"):
-        GenerationOptions(mode="layout-retouch", scheduler="euler")
+        GenerationOptions.of(mode="layout-retouch", scheduler="euler")
 
 
 def test_explicit_swap_layers(pipes, monkeypatch):
     import lrkit.masks
 
-    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, alpha, tau: torch.ones_like(attn))
+    monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, sam_weight, mask_threshold: torch.ones_like(attn))
     pipe = pipes["ti"]
     one = ["up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor"]
-    assert [l.name for l in pipe._swap_layers(GenerationOptions(swap_layers=one))] == one
+    assert [l.name for l in pipe.swap_layers(GenerationOptions.of(swap_layers=one))] == one
     single = ours(pipe, PROMPT["ti"], lam=0.25, swap_layers=one)[0]
     default = ours(pipe, PROMPT["ti"], lam=0.25)[0]
     assert np.abs(as_np(single.image) - as_np(default.image)).mean() > 1e-4  # fewer swap layers, another image
@@ -311,19 +358,3 @@ def test_explicit_swap_layers(pipes, monkeypatch):
         ours(pipe, PROMPT["ti"], swap_layers=[one[0].replace("attn1", "attn2")])
     with pytest.raises(InferenceError, match="not an attention layer"):
         ours(pipe, PROMPT["ti"], swap_layers=["up_blocks.7.attentions.0.transformer_blocks.0.attn1.processor"])
-
-
-def test_storing_a_reference_mask_keeps_the_bundles_own_manifest(bundles, tmp_path):
-    """A pipeline built on an in-memory view of a bundle adds the mask to the manifest on disk, nothing else."""
-    import dataclasses
-    import json
-
-    from lrkit.concept import MANIFEST
-
-    bundle = fresh_copy(bundles["ti"], tmp_path / "ti")
-    before = json.loads((bundle / MANIFEST).read_text())
-    view = dataclasses.replace(Concept.load(bundle), name="an in-memory view", masks={})
-    pipe = LayoutRetouchPipeline.from_concept("tiny-random", view, cache_dir=tmp_path / "c")
-    ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5)
-    after = json.loads((bundle / MANIFEST).read_text())
-    assert after == {**before, "masks": {"refs/00.jpg": "masks/00.png"}}

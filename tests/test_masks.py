@@ -17,9 +17,9 @@ from lrkit.masks import (
     AttentionSegmenter,
     SamSegmenter,
     Segmenter,
-    _largest_component,
     blend_target_mask,
     box_from_attention,
+    largest_component,
     load_mask_png,
     load_segmenter,
     minmax,
@@ -139,9 +139,9 @@ def test_largest_component_matches_scipy_8_connectivity():
         sizes = np.bincount(labels.ravel())[1:]
         assert (sizes == sizes.max()).sum() == 1, "pick a seed with a unique largest component"
         expected = labels == (int(np.argmax(sizes)) + 1)
-        assert np.array_equal(_largest_component(fg).numpy(), expected)
+        assert np.array_equal(largest_component(fg).numpy(), expected)
     diagonal = torch.eye(5, dtype=torch.bool)  # touches only at corners: one component
-    assert torch.equal(_largest_component(diagonal), diagonal)
+    assert torch.equal(largest_component(diagonal), diagonal)
 
 
 # ------------------------------------------------------------------------------------ boxes
@@ -199,10 +199,10 @@ def test_blend_alpha_0_is_thresholded_attention_and_alpha_1_is_sam():
     sam = torch.rand(8, 8, generator=g) > 0.5
     tau = 0.4
     expected_attn = ((attn - attn.min()) / (attn.max() - attn.min()) >= tau).float()
-    assert torch.equal(blend_target_mask(attn, sam, alpha=0.0, tau=tau), expected_attn)
-    assert torch.equal(blend_target_mask(attn, None, alpha=0.7, tau=tau), expected_attn)  # no SAM: alpha = 0
-    assert torch.equal(blend_target_mask(attn, sam, alpha=1.0, tau=tau), sam.float())
-    assert torch.equal(blend_target_mask(attn, sam.float(), alpha=1.0, tau=tau), sam.float())
+    assert torch.equal(blend_target_mask(attn, sam, sam_weight=0.0, mask_threshold=tau), expected_attn)
+    assert torch.equal(blend_target_mask(attn, None, sam_weight=0.7, mask_threshold=tau), expected_attn)  # no SAM: sam_weight = 0
+    assert torch.equal(blend_target_mask(attn, sam, sam_weight=1.0, mask_threshold=tau), sam.float())
+    assert torch.equal(blend_target_mask(attn, sam.float(), sam_weight=1.0, mask_threshold=tau), sam.float())
 
 
 def test_blend_hand_computed_mixture_with_resized_sam_mask():
@@ -210,15 +210,15 @@ def test_blend_hand_computed_mixture_with_resized_sam_mask():
     sam = torch.zeros(4, 4, dtype=torch.bool)
     sam[:2, :2] = True  # area-resized to (2, 2) -> [[1, 0], [0, 0]]
     # 0.5 * sam + 0.5 * attn = [[.5, .125], [.25, .5]] -> >= .5
-    out = blend_target_mask(attn, sam, alpha=0.5, tau=0.5)
+    out = blend_target_mask(attn, sam, sam_weight=0.5, mask_threshold=0.5)
     assert out.dtype == torch.float32
     assert torch.equal(out, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     # a SAM mask covering half of a cell counts half: 0.5 * 0.5 + 0.5 * 0 = .25 < .5
     sam_half = torch.zeros(4, 4, dtype=torch.bool)
     sam_half[:2, :1] = True
-    assert torch.equal(blend_target_mask(attn, sam_half, alpha=0.5, tau=0.5), torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match="alpha"):
-        blend_target_mask(attn, sam, alpha=1.5, tau=0.5)
+    assert torch.equal(blend_target_mask(attn, sam_half, sam_weight=0.5, mask_threshold=0.5), torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="sam_weight"):
+        blend_target_mask(attn, sam, sam_weight=1.5, mask_threshold=0.5)
 
 
 # ------------------------------------------------------------------------------------ mask files
@@ -299,6 +299,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
         assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.mark.slow
 def test_sam_segmenter_box_prompt(sam_vit_b, monkeypatch):
     rng = np.random.default_rng(0)
     image = PIL.Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))  # width 80, height 48
@@ -446,7 +447,7 @@ def test_load_segmenter(sam_vit_b, sam_vit_b_pth, caplog):
         assert load_segmenter(None) is None
     records = [r for r in caplog.records if r.name == "lrkit.masks"]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
-    assert "alpha = 0" in records[0].getMessage() and "sam_checkpoint" in records[0].getMessage()
+    assert "sam_weight = 0" in records[0].getMessage() and "sam_checkpoint" in records[0].getMessage()
     caplog.clear()
     segmenter = load_segmenter(str(sam_vit_b_pth))
     assert isinstance(segmenter, SamSegmenter) and not caplog.records

@@ -9,7 +9,7 @@ from PIL import Image
 from lrkit.concept import Concept, ConceptError
 from lrkit.inference import GenerationOptions, InferenceError, LayoutRetouchPipeline
 from lrkit.reference import reference_concept
-from lrkit.training.data import DataError
+from lrkit.photos import DataError
 from test_layout_retouch import ROOT, STEPS, as_np, stock_image
 
 VASE = ROOT / "data" / "subjects" / "vase"
@@ -39,7 +39,7 @@ def style_png(tmp_path_factory) -> str:
 
 
 def run(pipe, prompt=PROMPT, seed=0, **options):
-    return pipe(prompt, seeds=seed, options=GenerationOptions(num_inference_steps=STEPS, **options))[0]
+    return pipe(prompt, seeds=seed, options=GenerationOptions.of(num_inference_steps=STEPS, **options))[0]
 
 
 def test_bundle_holds_the_photos_and_no_weights(bundle):
@@ -105,5 +105,5 @@ def test_cli_writes_a_bundle_that_generate_uses(tmp_path, style_png, capsys):
     images = tmp_path / "images"
     assert main(["generate", "--concept", str(out), "--prompt", "a photo of a {} in the snow", "--seeds", "[0]",
                  "--options.num_inference_steps", str(STEPS), "--options.mode", "dual-reference",
-                 "--options.style_reference", style_png, "--out", str(images)]) == 0
+                 "--options.dual_reference.style_reference", style_png, "--out", str(images)]) == 0
     assert Image.open(images / "p000_s0.png").size == (64, 64)

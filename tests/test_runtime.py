@@ -20,14 +20,17 @@ def _probe(first: str, **env) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_importing_lrkit_first_makes_openmp_wait_passively():
     assert _probe("import lrkit")["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
+@pytest.mark.slow
 def test_a_policy_the_user_set_is_kept():
     assert _probe("import lrkit", OMP_WAIT_POLICY="ACTIVE")["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+@pytest.mark.slow
 def test_nothing_is_set_once_torch_is_loaded():
     assert _probe("import torch\nimport lrkit")["OMP_WAIT_POLICY"] is None
 

@@ -31,6 +31,7 @@ def test_shipped_real_photos_are_not_toy_pictures():
     assert read_as_toy == []
 
 
+@pytest.mark.slow
 def test_rendered_toy_pictures_are_toy_pictures(tmp_path):
     from PIL import Image
 

@@ -77,6 +77,7 @@ def test_toy_generations_show_the_prompted_scene_and_colour(toy_pipe):
     assert colour_hits >= MIN_COLOUR_HITS, f"{colour_hits}/{len(prompts)} objects have the prompted colour: {colours}"
 
 
+@pytest.mark.slow
 def test_pretrain_smoke_writes_a_loadable_pipeline_and_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -103,6 +104,7 @@ def test_pretrain_smoke_writes_a_loadable_pipeline_and_resumes(tmp_path):
         torch.testing.assert_close(again.vae.state_dict()[key], value)
 
 
+@pytest.mark.slow
 def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -138,6 +140,7 @@ def test_pretrain_reuses_a_vae_and_exports_v_prediction(tmp_path):
     assert "trained_betas" not in source.scheduler.config or source.scheduler.config.trained_betas is None
 
 
+@pytest.mark.slow
 def test_pretrain_continues_a_pipeline_from_init_from(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -247,6 +250,7 @@ def test_pretrain_pool_renders_extras_when_asked():
         assert s.objects[0].extras and torch.equal(pool.masks[i, 0], torch.from_numpy(s.object_mask))
 
 
+@pytest.mark.slow
 def test_pretrain_render_workers_fill_the_same_pool_and_refresh_in_the_background(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -11,6 +11,7 @@ import numpy as np
 import PIL.ImageFilter
 import pytest
 
+from lrkit.masks import largest_component
 from lrkit.toyworld import (
     CLASSES,
     COLORS,
@@ -36,7 +37,7 @@ from lrkit.toyworld import (
     segment_object,
 )
 from lrkit.toyworld.render import SCALE_RANGE, box_size, place, random_object
-from lrkit.toyworld.scorers import background_distance, largest_component, scene_scores
+from lrkit.toyworld.scorers import background_distance, scene_scores
 from lrkit.toyworld.world import MIN_CONTRAST, TINT_MAX, color_contrast, random_scene, shade_of
 
 
@@ -101,7 +102,7 @@ def _check_drawn(scene: SceneSpec, spec: ObjectSpec, resolution: int) -> None:
     assert abs(scale - spec.scale) <= 2 * tol, (scale, spec.scale)
 
 
-@pytest.mark.parametrize("resolution", [64, 128])
+@pytest.mark.parametrize("resolution", [64, pytest.param(128, marks=pytest.mark.slow)])
 def test_every_scene_class_colour_and_pattern_renders_as_specified(resolution):
     rng = np.random.default_rng(0)
     for i, (cls, pattern) in enumerate((c, p) for c in CLASSES for p in PATTERNS):
@@ -126,6 +127,7 @@ def test_every_scene_has_colours_and_objects_stay_in_frame():
         assert color_contrast(spec.color, SCENE_NAMES[i % len(SCENE_NAMES)]) >= MIN_CONTRAST
 
 
+@pytest.mark.slow
 def test_extras_fraction_gives_generic_objects_subject_features_the_caption_does_not_name():
     from lrkit.toyworld.world import SUBJECT_EXTRAS
 
@@ -288,10 +290,12 @@ def _rate(rows, key, min_scale=0.0):
     return float(np.mean(sel))
 
 
+@pytest.mark.slow
 def test_scene_recognition_on_ground_truth(bench):
     assert _rate(bench, "scene_ok") >= 0.95
 
 
+@pytest.mark.slow
 def test_segmentation_matches_ground_truth_masks(bench):
     assert _rate(bench, "iou") >= 0.9
     assert min(r["iou"] for r in bench) >= 0.6
@@ -299,6 +303,7 @@ def test_segmentation_matches_ground_truth_masks(bench):
     assert _rate(bench, "scale_err") <= 0.02
 
 
+@pytest.mark.slow
 def test_object_class_colour_and_pattern_on_ground_truth(bench):
     assert _rate(bench, "cls_ok", min_scale=0.25) >= 0.95
     assert _rate(bench, "cls_ok") >= 0.9
@@ -320,6 +325,7 @@ def test_stars_do_not_explain_grey_backgrounds():
         assert classify_scene(render(random_scene(rng, "night"), [], 64).image)[0] == "night"
 
 
+@pytest.mark.slow
 def test_scorers_work_at_128_px():
     rows = []
     for seed in range(3000, 3020):
@@ -337,6 +343,7 @@ def _degrade(image, rng) -> np.ndarray:
     return np.clip(blurred + rng.normal(0, 8, blurred.shape), 0, 255).round().astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_scorers_tolerate_blur_and_noise():
     rng = np.random.default_rng(0)
     rows = []
@@ -392,6 +399,7 @@ def test_subject_from_seed_is_deterministic_and_has_extras():
         Subject("plain_vase", "vase", "red", "plain")
 
 
+@pytest.mark.slow
 def test_subject_identity_separates_the_subject_from_its_class():
     """Own renders in new scenes pass; generic class members fail, even in the subject's colour and pattern."""
     own, generic, lookalike = [], [], []
@@ -451,6 +459,7 @@ def test_score_image_reports_the_subject_scene_and_placement():
     assert record["center"] is None and record["identity"] == 0.0 and record["scene_ok"]
 
 
+@pytest.mark.slow
 def test_objects_found_on_two_object_ground_truth():
     from lrkit.toyworld.scorers import object_regions, objects_found
 
@@ -469,6 +478,7 @@ def test_objects_found_on_two_object_ground_truth():
     assert np.mean(ious) >= 0.85 and min(ious) >= 0.7
 
 
+@pytest.mark.slow
 def test_object_regions_keep_a_tinted_background_out():
     """A generation's background is often drawn a little off the scene's colours (a LoRA's tinted sand).
     Such pixels are nearer the background than any object's colours, so they must not join the objects:

@@ -124,6 +124,7 @@ def test_step_sampler_is_a_function_of_the_step():
     assert [c for pair in zip(*ranks) for c in pair] == full
 
 
+@pytest.mark.slow
 def test_mixed_precision_options_and_validation_images(photos, tmp_path, capture_trained_model):
     out = tmp_path / "run"
     with capture_trained_model() as captured:

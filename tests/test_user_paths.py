@@ -30,7 +30,7 @@ TRAIN_CONFIGS = ["configs/demo.yaml", "configs/train/concept_em.yaml", "configs/
                  "configs/train/lora.yaml", "configs/train/pivotal.yaml", "configs/train/textual_inversion.yaml"]
 INFER_CONFIGS = {  # config -> the extra arguments its header comment tells the user to give
     "configs/infer/layout_retouch.yaml": [],
-    "configs/infer/dual_reference.yaml": ["--options.style_reference", "data/subjects/vase/03.jpg"],
+    "configs/infer/dual_reference.yaml": ["--options.dual_reference.style_reference", "data/subjects/vase/03.jpg"],
 }
 INFER_CONCEPT = "configs/train/lora.yaml"  # the bundle the inference configs generate with
 PROMPT = "a photo of {} on the beach"

@@ -28,9 +28,9 @@ def build_parser():
     from lrkit.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
     from lrkit.evaluation.runner import DEFAULT_METHODS, MASK_SOURCES
     from lrkit.inference import GenerationOptions
-    from lrkit.inference.pipeline import MODES
+    from lrkit.inference.options import MODES, moved_keys
 
-    parser = argument_parser("lrkit eval", default_meta=False, description=(
+    parser = argument_parser("lrkit eval", default_meta=False, moved_keys=moved_keys(), description=(
         "Benchmark generation modes on concepts: images (resumable), CLIP-I / CLIP-T / DINO, layout diversity, "
         "toy-world scores on --base toy; writes OUT/results.csv, OUT/results.md and OUT/plots/. "
         "Under `accelerate launch` / `torchrun` the processes share the work."))

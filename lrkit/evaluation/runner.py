@@ -40,7 +40,7 @@ from lrkit.evaluation.metrics import (DEFAULT_CLIP, DEFAULT_DINO, ClipEmbedder, 
                                       pairwise_diversity, reference_similarity, text_similarity)
 from lrkit.evaluation.prompts import load_prompt_set
 from lrkit.inference.outputs import image_path
-from lrkit.inference.pipeline import MODES, GenerationOptions
+from lrkit.inference.options import MODES, GenerationOptions
 from lrkit.io import atomic_write_json, atomic_write_text
 from lrkit.jobs import fill_prompts, generate_to_folder
 

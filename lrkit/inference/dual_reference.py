@@ -33,18 +33,17 @@ The switch step s comes from the references' information entropy (`entropy_switc
 i.e. ρ / (1 + ρ) for the entropy ratio ρ = H_C / H_S: a busier subject gets more customization
 steps, a busier style more style steps; the clamp (default [0.2, 0.8]) keeps both phases. The
 `switch` option overrides it. The target mask M at step i is the min-max-normalised
-cross-attention of the subject token in X's conditional row at step i − 1, thresholded at `tau`
-(`lrkit.masks.blend_target_mask` with alpha = 0); step 0 has no map yet and runs without control.
+cross-attention of the subject token in X's conditional row at step i − 1, thresholded at `mask_threshold`
+(`lrkit.masks.blend_target_mask` with sam_weight = 0); step 0 has no map yet and runs without control.
 With a segmenter (SAM, `sam_checkpoint`), from the switch step on M is the retouch stage's blend
-[alpha · M_SAM + (1 − alpha) · A >= tau], M_SAM segmenting the image predicted at the switch step
+[w · M_SAM + (1 − w) · A >= mask_threshold] (w: `sam_weight`), M_SAM segmenting the image predicted at the switch step
 (x̂0 of step s − 1, decoded) inside the box of its subject's cross-attention.
 
 `style_shift` (lrkit's addition, 0 = off = the paper's method): in the style phase, after each step
 from `style_shift_start` (default 0.9 of T; the last step always), the channel means of the subject's
 latents (inside M of the switch step) move that fraction of the way to the style background's latent
 means at the same noise level (`shift_to_style`).
-Reference masks come from the retouch stage's segmenters: the concept's stored/computed reference
-mask, and for other images the phrase's cross-attention box prompting SAM, or the thresholded map
+Reference masks come from `lrkit.inference.references`: the concept's reference mask, and for other images the phrase's cross-attention box prompting SAM, or the thresholded map
 (`AttentionSegmenter`) without SAM. A style image without `style_subject` has no foreground: all
 of it counts as style.
 """
@@ -53,16 +52,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 
-from lrkit.attention import (AttentionCache, AttentionStore, DualReferenceProcessor, DualReferenceState,
-                             RecordingProcessor, processors)
-from lrkit.inference.pipeline import InferenceError
+from lrkit.attention import AttentionStore, processors
+from lrkit.inference.inversion import center_square
+from lrkit.inference.options import GenerationOptions, InferenceError
+from lrkit.inference.personalized import PersonalizedModel
+from lrkit.inference.processors import DualReferenceProcessor, DualReferenceState
+from lrkit.inference.references import Reference, References, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -91,147 +91,55 @@ def entropy_switch(custom_entropy: float, style_entropy: float, low: float = 0.2
     return min(max(share, low), high)
 
 
-def switch_step(options, custom_image: PIL.Image.Image, style_image: PIL.Image.Image) -> int:
+def switch_step(options: GenerationOptions, custom_image: PIL.Image.Image, style_image: PIL.Image.Image) -> int:
     """The first step of the style phase: `options.switch`, else the entropy rule, as a step index."""
-    if options.switch is not None:
-        fraction = options.switch
+    dual = options.dual_reference
+    if dual.switch is not None:
+        fraction = dual.switch
     else:
         h_c, h_s = image_entropy(custom_image), image_entropy(style_image)
-        fraction = entropy_switch(h_c, h_s, options.switch_min, options.switch_max)
+        fraction = entropy_switch(h_c, h_s, dual.switch_min, dual.switch_max)
         logger.info("dual-reference: entropy H_C = %.3f bits, H_S = %.3f bits -> switch at %.3f of the steps",
                     h_c, h_s, fraction)
     return options.step_index(fraction)
 
 
-def phase_at(step: int, switch: int, options) -> str:
+def phase_at(step: int, switch: int, options: GenerationOptions) -> str:
     """The dual processors' phase at `step`: off at step 0 (no target mask yet), customize before `switch`,
     stylize from it on; a phase turned off in the options is "off"."""
     if step == 0:
         return "off"
     if step < switch:
-        return "customize" if options.customize else "off"
-    return "stylize" if options.stylize else "off"
+        return "customize" if options.dual_reference.customize else "off"
+    return "stylize" if options.dual_reference.stylize else "off"
 
 
 # ---------------------------------------------------------------------------- references
 
 
-@dataclass
-class Reference:
-    """One reference image as the loop uses it."""
-
-    image: PIL.Image.Image  # the square crop at the generation size (what is inverted)
-    trajectory: torch.Tensor  # (T+1, 1, C, h, w): its DDIM inversion under ε*
-    embeds: torch.Tensor  # (1, tokens, dim): the prompt it was inverted with
-    mask: torch.Tensor  # (h, w) float {0, 1}: its subject (foreground) at latent resolution
-    key: str  # the inversion's cache key: identifies the reference for the key/value memo
-
-
-def _open_image(path: str, option: str) -> PIL.Image.Image:
-    """The image at `path`, EXIF-rotated, as RGB; errors name the option."""
-    file = Path(path)
-    if not file.is_file():
-        raise InferenceError(f"{option} {path!r} does not exist; give the path of an image file "
-                             f"(CLI: --options.{option} PATH)")
-    try:
-        with PIL.Image.open(file) as image:
-            image.load()
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
-    except (PIL.UnidentifiedImageError, OSError) as err:
-        raise InferenceError(f"{option} {path!r} is not a readable image ({err})") from err
-
-
-def _subject_mask(pipeline, image: PIL.Image.Image, trajectory, embeds, prompt: str, phrase: str,
-                  steps: int) -> torch.Tensor:
-    """(h, w) float mask of `phrase` in `image`: its cross-attention mid-way through the trajectory gives a box
-    for SAM, or (no SAM) is thresholded itself (`AttentionSegmenter`)."""
-    from lrkit.masks import AttentionSegmenter, box_from_attention, minmax, resize_map
-
-    unet = pipeline.pipe.unet
-    grid = tuple(trajectory.shape[-2:])
-    store = AttentionStore(rows=[0], tokens=[pipeline.token_positions(prompt, phrase)], size=grid)
-    i = steps // 2
-    with processors(unet, pipeline._store_processors(store, grid)):
-        unet(trajectory[i], pipeline.pipe.scheduler.timesteps[i], encoder_hidden_states=embeds)
-    attn = minmax(store.take()[0])
-    if pipeline.segmenter is not None:
-        mask = pipeline.segmenter(image, box_from_attention(attn, image.size))
-    else:
-        mask = AttentionSegmenter(attn)(image)
-    return (resize_map(mask.float(), grid) >= 0.5).float().to(pipeline.device)
-
-
-def _image_reference(pipeline, image: PIL.Image.Image, prompt: str, phrase: str | None, options,
+def custom_reference(model: PersonalizedModel, references: References, options: GenerationOptions,
                      size: int) -> Reference:
-    """A reference from an image: square crop, DDIM inversion with ε* and `prompt` (cached), mask of `phrase`."""
-    from lrkit.inference.inversion import center_square, ddim_invert, encode_image, image_digest
-
-    pipe = pipeline.pipe
-    square = center_square(image, size)
-    embeds = pipe.encode_prompt(prompt, pipeline.device, 1, False)[0]
-    concept = pipeline.concept
-    key = pipeline.cache.key(kind="dual-reference", concept=concept.name, base=concept.base.unet_config_sha256,
-                             weights=concept.weights_digest(), reference=image_digest(square),
-                             scheduler=dict(pipe.scheduler.config), steps=options.num_inference_steps,
-                             resolution=size, prompt=prompt, dtype=str(embeds.dtype))
-
-    def invert():
-        latents = encode_image(pipe, square, size)
-        return ddim_invert(pipe, latents, embeds, options.num_inference_steps)
-
-    trajectory, _ = pipeline.cache.get_or_compute(key, invert)
-    trajectory = trajectory.to(pipeline.device, embeds.dtype)
-    grid = tuple(trajectory.shape[-2:])
-    if phrase is None:
-        mask = torch.zeros(grid, device=pipeline.device)
-    else:
-        mask = _subject_mask(pipeline, square, trajectory, embeds, prompt, phrase, options.num_inference_steps)
-    return Reference(square, trajectory, embeds, mask, key)
+    """C: `custom_reference` (inverted with `a photo of <token> <class>`), else the concept's reference photo
+    `retouch.reference` (the retouch stage's R: same inversion cache and mask)."""
+    dual = options.dual_reference
+    if dual.custom_reference is not None:
+        image = open_image(dual.custom_reference, "custom_reference")
+        phrase = model.subject_phrase()
+        return references.from_image(image, f"a photo of {phrase}", phrase, options, size)
+    ref = references.from_concept(options, size)
+    return Reference(center_square(ref.image, size), ref.trajectory, ref.embeds, (ref.mask >= 0.5).float(), ref.key)
 
 
-def custom_reference(pipeline, options, size: int) -> Reference:
-    """C: `options.custom_reference` (inverted with `a photo of <token> <class>`), else the concept's reference
-    photo `options.reference` (the retouch stage's R: same inversion cache and stored mask)."""
-    from lrkit.inference.inversion import center_square
-
-    if options.custom_reference is not None:
-        image = _open_image(options.custom_reference, "custom_reference")
-        phrase = pipeline.subject_phrase()
-        return _image_reference(pipeline, image, f"a photo of {phrase}", phrase, options, size)
-    photo, trajectory, embeds, mask, key = pipeline._reference(options, size, size)
-    return Reference(center_square(photo, size), trajectory, embeds, (mask >= 0.5).float(), key)
-
-
-def style_reference(pipeline, options, size: int) -> Reference:
-    """S: `options.style_reference`, inverted with `a photo of a <style_subject>` (or the empty prompt)."""
-    if options.style_reference is None:
+def style_reference(references: References, options: GenerationOptions, size: int) -> Reference:
+    """S: `style_reference`, inverted with `a photo of a <style_subject>` (or the empty prompt)."""
+    dual = options.dual_reference
+    if dual.style_reference is None:
         raise InferenceError("mode 'dual-reference' needs a style reference image: set style_reference "
-                             "(CLI: --options.style_reference PATH; Python: style_reference='style.png')")
-    image = _open_image(options.style_reference, "style_reference")
-    subject = options.style_subject
+                             "(CLI: --options.dual_reference.style_reference PATH; Python: style_reference='style.png')")
+    image = open_image(dual.style_reference, "style_reference")
+    subject = dual.style_subject
     prompt = f"a photo of a {subject}" if subject else ""
-    return _image_reference(pipeline, image, prompt, subject, options, size)
-
-
-def reference_kv(pipeline, references: list[Reference], layers, steps: int) -> list[AttentionCache]:
-    """Each reference's keys/values at `layers` for every step: one pass over its trajectory, memoized on the
-    pipeline for the references of the latest call."""
-    unet = pipeline.pipe.unet
-    names = tuple(l.name for l in layers)
-    memo = {k: v for k, v in pipeline._dual_memo.items() if k in {(r.key, names, steps) for r in references}}
-    for ref in references:
-        memo_key = (ref.key, names, steps)
-        if memo_key in memo:
-            continue
-        cache = AttentionCache(rows=[0], steps=range(steps))
-        with processors(unet, {name: RecordingProcessor(cache, name, "kv") for name in names}):
-            for i in range(steps):
-                cache.step = i
-                unet(ref.trajectory[i], pipeline.pipe.scheduler.timesteps[i], encoder_hidden_states=ref.embeds,
-                     return_dict=False)
-        memo[memo_key] = cache
-    pipeline._dual_memo = memo
-    return [memo[(r.key, names, steps)] for r in references]
+    return references.from_image(image, prompt, subject, options, size)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -267,63 +175,62 @@ class DualResult:
 
 
 @torch.no_grad()
-def denoise_dual_reference(pipeline, prompt: str, generators, options, height: int, width: int) -> DualResult:
+def denoise_dual_reference(model: PersonalizedModel, references: References, prompt: str, generators,
+                           options: GenerationOptions, height: int, width: int) -> DualResult:
     """The dual-reference loop (module docstring): personalized denoising of X with the dual processors."""
     from lrkit.masks import blend_target_mask
 
     if height != width:
         raise InferenceError(f"dual-reference needs a square image size (height == width), got {height}x{width}")
-    pipe, steps, batch = pipeline.pipe, options.num_inference_steps, len(generators)
-    pipe.scheduler.set_timesteps(steps, device=pipeline.device)
-    style = style_reference(pipeline, options, height)  # first: a missing style image fails before any inversion
-    custom = custom_reference(pipeline, options, height)
+    pipe, steps, batch = model.pipe, options.num_inference_steps, len(generators)
+    dual, rt = options.dual_reference, options.retouch
+    pipe.scheduler.set_timesteps(steps, device=model.device)
+    style = style_reference(references, options, height)  # first: a missing style image fails before any inversion
+    custom = custom_reference(model, references, options, height)
     switch = switch_step(options, custom.image, style.image)
-    layers = pipeline._swap_layers(options)
-    custom_kv, style_kv = reference_kv(pipeline, [custom, style], layers, steps)
+    layers = model.swap_layers(options)
+    custom_kv, style_kv = references.keys_values([custom, style], layers, range(steps))
 
-    star = pipeline._embed([prompt] * batch, pipeline._phrase_in, options.negative_prompt, vanilla=False)
+    star = model.embed([prompt] * batch, model.phrase_in, options.negative_prompt, vanilla=False)
     embeds = torch.cat([star.uncond, star.cond])  # rows: X_u (B), X_c (B)
-    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, pipeline.device,
+    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, model.device,
                                    generators)
     extra = pipe.prepare_extra_step_kwargs(generators, options.eta)
     grid = tuple(latents.shape[-2:])
     store = AttentionStore(rows=list(range(batch, 2 * batch)), tokens=star.tokens, size=grid)
     state = DualReferenceState(custom=custom_kv, style=style_kv, custom_mask=custom.mask, style_mask=style.mask,
-                               target_mask=torch.zeros(2 * batch, *grid, device=pipeline.device),
-                               custom_weight=options.custom_weight, style_weight=options.style_weight)
-    chosen = pipeline._store_processors(store, grid)
+                               target_mask=torch.zeros(2 * batch, *grid, device=model.device),
+                               custom_weight=dual.custom_weight, style_weight=dual.style_weight)
+    chosen = model.store_processors(store, grid)
     chosen.update({l.name: DualReferenceProcessor(state, grid[0] / grid[1], l.name) for l in layers})
-    masks = torch.zeros(batch, *grid, device=pipeline.device)
+    masks = torch.zeros(batch, *grid, device=model.device)
     shift_masks = None  # style_shift: the subject masks of the first style step
-    shift_from = min(options.step_index(options.style_shift_start), steps - 1)  # style_shift's first step
+    shift_from = min(options.step_index(dual.style_shift_start), steps - 1)  # style_shift's first step
     attn = None
     sam: list = [None] * batch  # the segmenter's masks of the predicted image at the switch step
     x0 = None
     with processors(pipe.unet, chosen):
         for i, t in enumerate(pipe.scheduler.timesteps):
             if attn is not None:  # M from the previous call's subject map (and, from the switch on, the segmenter's)
-                if i == switch and pipeline.segmenter is not None:  # M_SAM of the predicted x̂0, as in retouch
-                    sam = pipeline.segment_latents(x0, attn, height, width)
-                masks = torch.stack([blend_target_mask(attn[b], sam[b], options.alpha, options.tau)
-                                     for b in range(batch)]).to(pipeline.device)
+                if i == switch and model.segmenter is not None:  # M_SAM of the predicted x̂0, as in retouch
+                    sam = model.segment_latents(x0, attn, height, width)
+                masks = torch.stack([blend_target_mask(attn[b], sam[b], rt.sam_weight, rt.mask_threshold)
+                                     for b in range(batch)]).to(model.device)
             state.set_target(torch.cat([masks, masks]))
             state.set_phase(phase_at(i, switch, options))
             state.step = i
-            latent_in = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            noise = pipe.unet(latent_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            uncond, cond = noise.chunk(2)
-            stepped = pipe.scheduler.step(uncond + options.guidance_scale * (cond - uncond), t, latents, **extra)
+            stepped = model.guided_step(latents, t, embeds, options.guidance_scale, extra)
             latents, x0 = stepped.prev_sample, stepped.pred_original_sample
-            if state.phase == "stylize" and options.style_shift > 0:
+            if state.phase == "stylize" and dual.style_shift > 0:
                 # The subject region is fixed where the style phase starts: re-reading it every step lets the
                 # recoloured pixels move the attention map and the shift wander over the background.
                 shift_masks = masks if shift_masks is None else shift_masks
                 if i >= shift_from:
                     latents = shift_to_style(latents, shift_masks, style.trajectory[i + 1][0], 1.0 - style.mask,
-                                             options.style_shift)
+                                             dual.style_shift)
             attn = store.take()
     return DualResult(latents=latents, masks=masks, custom=custom, style=style, switch=switch, shift_masks=shift_masks)
 
 
-__all__ = ["DualResult", "Reference", "custom_reference", "denoise_dual_reference", "entropy_switch", "image_entropy",
-           "phase_at", "reference_kv", "shift_to_style", "style_reference", "switch_step"]
+__all__ = ["DualResult", "custom_reference", "denoise_dual_reference", "entropy_switch", "image_entropy", "phase_at",
+           "shift_to_style", "style_reference", "switch_step"]

@@ -273,13 +273,15 @@ def _default_cache_root() -> Path:
 class TrajectoryCache:
     """On-disk cache of inverted reference trajectories (safetensors, atomic writes).
 
-    Files live in `<root>/inversions/<key>.safetensors`, root defaulting to $LRKIT_CACHE or
+    Files live in `<root>/inversions/<key>.safetensors` (reference masks: `<root>/masks/<key>.png`), root
+    defaulting to $LRKIT_CACHE or
     ~/.cache/lrkit. Trajectories read back are on the CPU; move them with `.to(device)`.
     An unreadable file is treated as a miss (with a warning) and overwritten on the next put.
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.dir = Path(root if root is not None else _default_cache_root()).expanduser() / "inversions"
+        self.root = Path(root if root is not None else _default_cache_root()).expanduser()
+        self.dir = self.root / "inversions"
 
     @staticmethod
     def key(**parts) -> str:
@@ -327,6 +329,32 @@ class TrajectoryCache:
         tensors = {_TRAJECTORY_KEY: trajectory.detach().to("cpu").contiguous()}
         data = save(tensors, metadata={"format": INVERSION_FORMAT})
         return atomic_write_bytes(path, data)
+
+    def mask_path(self, key: str) -> Path:
+        return self.root / "masks" / self.path(key).with_suffix(".png").name
+
+    def get_mask(self, key: str) -> torch.Tensor | None:
+        """The cached (H, W) bool mask, or None when absent or unreadable."""
+        from lrkit.masks import load_mask_png
+
+        path = self.mask_path(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_mask_png(path)
+        except Exception as err:  # a corrupt file is a miss
+            logger.warning("ignoring unreadable mask cache file %s (%s); recomputing", path, err)
+            return None
+
+    def put_mask(self, key: str, mask: torch.Tensor) -> Path | None:
+        """Store a mask as a PNG under `key`; a failed write is logged (the mask is recomputed next time)."""
+        from lrkit.masks import save_mask_png
+
+        try:
+            return save_mask_png(mask, self.mask_path(key))
+        except OSError as err:
+            logger.warning("could not write mask cache file %s (%s); continuing without caching", self.mask_path(key), err)
+            return None
 
     def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """(trajectory, was_cached): the cached trajectory, or `compute()` stored and returned.

@@ -128,16 +128,6 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, len(roots)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a bool mask (ties: the first in raster order)."""
-    labels, n = _components(np.asarray(mask, dtype=bool))
-    if n == 0:
-        return np.zeros(labels.shape, dtype=bool)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    counts[0] = 0
-    return labels == int(counts.argmax())
-
-
 def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary erosion with a (2r+1)^2 square."""
     out = mask.copy()
@@ -260,6 +250,8 @@ def segment_object(image: ImageLike, scene: str | None = None) -> np.ndarray:
     seeds = d_bg > OBJECT_CORE
     if seeds.sum() < 3:
         return np.zeros(d_bg.shape, dtype=bool)
+    from lrkit.masks import largest_component  # imports torch: on first use, so the toy world imports without it
+
     return largest_component(_nearer_object(p, d_bg, seeds, scene))
 
 
@@ -591,7 +583,6 @@ __all__ = [
     "explained_share",
     "identity_components",
     "is_subject",
-    "largest_component",
     "layout_diversity",
     "object_regions",
     "objects_found",

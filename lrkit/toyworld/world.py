@@ -59,7 +59,8 @@ CLASS_PARAMS: dict[str, dict[str, tuple[float, float]]] = {
     "mushroom": {"cap": (0.55, 0.75), "stem": (0.22, 0.3)},
 }
 # Features of subjects; a generic class member shows them only in pictures rendered with an
-# `extras_fraction` (`render.sample`, the toy pretraining option), never in the shipped v2 model's (see `shapes.py`).
+# `extras_fraction` (`render.sample`, the toy pretraining option); the shipped toy model was trained without
+# them (see `shapes.py`).
 SUBJECT_EXTRAS: dict[str, tuple[str, ...]] = {
     "ball": ("cap", "notch", "flat"),
     "cube": ("lid", "feet", "knob"),

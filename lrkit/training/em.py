@@ -19,7 +19,8 @@ without user-drawn masks. The loop alternates
 until every mask's IoU with the previous round's reaches `convergence_iou`: then training stops, or
 (`after_convergence: freeze`) the masks stay fixed while the tokens train on to `max_steps`.
 `MaskEstimation` is the Lightning callback that runs the E-steps; the functions work
-without Lightning.
+without Lightning. Below, `config` is a `TrainConfig` and `options` its `concept_em` options (`ConceptEMOptions`,
+in `lrkit.training.methods.concept_em`, which imports this module).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from lrkit.attention import AttentionStore, AttentionStoreProcessor, cross_layer
 from lrkit.crf import CRFParams, crf_refine
 from lrkit.io import atomic_write_json
 from lrkit.masks import mask_iou, minmax, otsu_threshold, resize_map, save_mask_png
-from lrkit.training.config import ConceptEMOptions, TrainConfig
-from lrkit.training.data import DataError, Photo, PhotoDataset, format_caption, sample_seed, validate_caption_template
+from lrkit.photos import DataError, Photo
+from lrkit.training.data import PhotoDataset, format_caption, sample_seed, validate_caption_template
+from lrkit.training.precision import autocast_for
 from lrkit.training.tokens import expanded_token_names
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ TOKEN_JOINER = " and "
 # ---------------------------------------------------------------------------- data
 
 
-def select_images(photos: list[Photo], config: TrainConfig) -> list[Photo]:
+def select_images(photos: list[Photo], config) -> list[Photo]:
     """The photos named in `concept_em.images`, in that order; a listed file that is missing is an error."""
     by_name = {p.name: p for p in photos}
     missing = [(i, im.file) for i, im in enumerate(config.concept_em.images) if im.file not in by_name]
@@ -76,7 +78,7 @@ class ConceptImageDataset(PhotoDataset):
     scenes say where each was taken.
     """
 
-    def __init__(self, photos: list[Photo], config: TrainConfig):
+    def __init__(self, photos: list[Photo], config):
         d = config.data
         super().__init__(photos, resolution=d.resolution, token=config.token, class_word="",
                          caption_template=d.caption_template, center_crop=True, random_flip=d.random_flip,
@@ -122,13 +124,13 @@ def token_positions(ids: torch.Tensor, tokenizer, token: str) -> list[int]:
     return positions
 
 
-def attention_layers_for(unet, options: ConceptEMOptions):
+def attention_layers_for(unet, options):
     return cross_layers_at(unet, options.attention_levels)
 
 
 @torch.no_grad()
 def cross_attention_maps(model, pixel_values: torch.Tensor, tokens: list[str], caption: str,
-                         options: ConceptEMOptions, generator: torch.Generator, batch_size: int = 10) -> torch.Tensor:
+                         options, generator: torch.Generator, batch_size: int = 10) -> torch.Tensor:
     """Each token's cross-attention map (K, h, w) on one image, averaged over random noised timesteps.
 
     `pixel_values` (3, H, W) in [-1, 1]; the latent is the VAE posterior mean. Timesteps are drawn
@@ -159,7 +161,7 @@ def cross_attention_maps(model, pixel_values: torch.Tensor, tokens: list[str], c
     return total / len(steps)
 
 
-def crf_params(options: ConceptEMOptions, factor: int = 1) -> CRFParams:
+def crf_params(options, factor: int = 1) -> CRFParams:
     """The CRF of `options` on a grid `factor` times finer than the latent grid: spatial ranges scaled by
     `factor` (they are given in latent pixels), kernel weights divided by `factor`² (each grid pixel is that
     share of a latent pixel), so a region's pull on a pixel does not depend on the grid."""
@@ -176,7 +178,7 @@ def crf_factor(latent: tuple[int, int], image: tuple[int, int], resolution: int)
     return max(1, min(resolution // max(h, w), image[0] // h, image[1] // w))
 
 
-def masks_from_maps(maps: torch.Tensor, image: torch.Tensor, options: ConceptEMOptions) -> torch.Tensor:
+def masks_from_maps(maps: torch.Tensor, image: torch.Tensor, options) -> torch.Tensor:
     """Binary masks (K, h, w) from attention maps (K, h, w) and the image (3, H, W) in [0, 1], H >= h, W >= w.
 
     With `options.relative_maps` and several maps, each map is first divided by their sum (each
@@ -228,7 +230,7 @@ def image_seed(seed: int, image_index: int) -> int:
 
 
 @torch.no_grad()
-def estimate_masks(model, dataset: ConceptImageDataset, config: TrainConfig) -> list[torch.Tensor]:
+def estimate_masks(model, dataset: ConceptImageDataset, config) -> list[torch.Tensor]:
     """E-step: per image, bool masks (K_i, h, w) of its concepts (in `concept_em.images` order)."""
     from tqdm.auto import tqdm
 
@@ -285,7 +287,8 @@ class EMState:
         return out
 
 
-def _safe(token: str) -> str:
+def token_file_name(token: str) -> str:
+    """`token` as part of a file name: `<red-vase>` -> `red-vase`."""
     return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
 
 
@@ -297,7 +300,7 @@ class MaskEstimation(L.Callback):
     tokens changed since. Rounds are logged to OUTPUT_DIR/em/rounds.json with their masks as PNGs.
     """
 
-    def __init__(self, config: TrainConfig, state: EMState):
+    def __init__(self, config, state: EMState):
         self.config, self.state = config, state
         self.out_dir = Path(config.output_dir) / "em"
 
@@ -307,13 +310,11 @@ class MaskEstimation(L.Callback):
 
     # -- the E-step ------------------------------------------------------------------------
     def run_estep(self, trainer, pl_module) -> None:
-        from lrkit.training.module import _autocast_for
-
         state, step = self.state, trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with _autocast_for(pl_module.model, self.config.precision):
+            with autocast_for(pl_module.model, self.config.precision):
                 masks = estimate_masks(pl_module.model, trainer.datamodule.instance, self.config)
         finally:
             pl_module.train(was_training)
@@ -335,7 +336,7 @@ class MaskEstimation(L.Callback):
         folder = self.out_dir / f"round{record['round']:02d}"
         for i, image_masks in enumerate(masks):
             for token, m in zip(self.config.concept_em.images[i].concepts, image_masks):
-                save_mask_png(m, folder / f"img{i:02d}-{_safe(token)}.png")
+                save_mask_png(m, folder / f"img{i:02d}-{token_file_name(token)}.png")
         atomic_write_json(self.out_dir / "rounds.json", self.state.rounds)
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -396,5 +397,6 @@ __all__ = [
     "masks_from_maps",
     "round_ious",
     "select_images",
+    "token_file_name",
     "token_positions",
 ]

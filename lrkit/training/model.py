@@ -16,7 +16,7 @@ from torch import nn
 from lrkit.logs import dropped
 from lrkit.models import fingerprint, load_base
 from lrkit.training.config import TrainConfig
-from lrkit.training.methods import get_method
+from lrkit.training.precision import frozen_dtype
 from lrkit.training.tokens import expand_prompt
 
 logger = logging.getLogger(__name__)
@@ -26,11 +26,6 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A 63-bit seed for (run seed, optimizer step, rank): per-step randomness survives a resume."""
     digest = hashlib.sha256(f"lrkit/{seed}/{step}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def frozen_dtype(precision: str) -> torch.dtype:
-    """Frozen weights are stored in the autocast dtype under mixed precision, else float32."""
-    return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision, torch.float32)
 
 
 class ConceptModel(nn.Module):
@@ -52,7 +47,7 @@ class ConceptModel(nn.Module):
         for module in (self.vae, self.text_encoder, self.unet):
             module.requires_grad_(False)
 
-        self.method = get_method(config.method)(config)
+        self.method = config.method_class(config)
         self.method.configure(self)
         self._cast_frozen(frozen_dtype(config.precision))
         if config.gradient_checkpointing:
@@ -228,7 +223,7 @@ class ConceptModel(nn.Module):
         loss = instance_loss
         if n < bsz:
             prior_loss = per_sample[n:].mean()
-            loss = loss + cfg.dreambooth.prior_loss_weight * prior_loss
+            loss = loss + self.method.prior_loss_weight * prior_loss
             logs["loss/prior"] = prior_loss.detach()
         return loss, logs
 

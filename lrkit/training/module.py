@@ -8,7 +8,6 @@ and resumed repeats exactly the steps an uninterrupted run takes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -23,9 +22,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lrkit.io import atomic_write_bytes
+from lrkit.io import atomic_save_png, atomic_write_bytes
 from lrkit.training.config import TrainConfig
+from lrkit.photos import load_images
 from lrkit.training.model import ConceptModel, step_seed
+from lrkit.training.precision import autocast_for
 
 logger = logging.getLogger(__name__)
 
@@ -112,69 +113,30 @@ def collate(items: list[dict]) -> dict:
 
 
 class ConceptDataModule(L.LightningDataModule):
-    """Photos (and class images for DreamBooth's prior preservation) as resumable epochs."""
+    """Photos (and class images for DreamBooth's prior preservation) as resumable epochs.
+
+    The method (its own instance, built from the config) says which photos train, how they become samples,
+    and which class images go with them."""
 
     def __init__(self, config: TrainConfig):
         super().__init__()
-        from lrkit.training.data import load_images
-
         self.config = config
+        self.method = config.method_class(config)
         data = config.data
         min_size = data.min_size if data.min_size is not None else data.resolution // 2
-        self.photos = load_images(data.photos, min_size=min_size, image_column=data.image_column,
-                                  caption_column=data.caption_column)
+        photos = load_images(data.photos, min_size=min_size, image_column=data.image_column,
+                             caption_column=data.caption_column)
+        self.photos = self.method.select_photos(photos)
+        self.instance = self.method.instance_dataset(self.photos)
         self.prior = None
-        if config.method == "concept_em":
-            from lrkit.training.em import ConceptImageDataset, select_images
-
-            self.photos = select_images(self.photos, config)
-            self.instance = ConceptImageDataset(self.photos, config)
-            return
-        self.instance = self._dataset(self.photos, config.data.caption_template, config.token)
-
-    def _dataset(self, photos, template: str, token: str):
-        from lrkit.training.data import PhotoDataset
-
-        d = self.config.data
-        return PhotoDataset(photos, resolution=d.resolution, token=token, class_word=d.class_word,
-                            caption_template=template, center_crop=d.center_crop, random_flip=d.random_flip,
-                            repeats=d.repeats, seed=self.config.seed)
-
-    @property
-    def uses_prior(self) -> bool:
-        return self.config.method == "dreambooth" and self.config.dreambooth.prior_preservation
-
-    @property
-    def class_dir(self) -> Path:
-        return Path(self.config.dreambooth.class_dir or Path(self.config.output_dir) / "class_images")
-
-    @property
-    def class_prompt(self) -> str:
-        template = self.config.dreambooth.class_prompt or "a photo of {class}"
-        return template.replace("{class}", self.config.data.class_word)
 
     def prepare_data(self) -> None:
-        """Generate missing class images with the base model (local rank 0 only)."""
-        if not self.uses_prior:
-            return
-        from lrkit.training.data import ensure_class_images
-
-        db = self.config.dreambooth
-        model: ConceptModel = self.trainer.lightning_module.model
-        with _autocast_for(model, self.config.precision):
-            ensure_class_images(model.pipeline(), self.class_dir, prompt=self.class_prompt,
-                                num_images=db.num_class_images, resolution=self.config.data.resolution,
-                                seed=self.config.seed, num_inference_steps=db.class_inference_steps)
+        """Write what the method's data needs (DreamBooth: missing class images); local rank 0 only."""
+        self.method.prepare_data(self.trainer.lightning_module.model)
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.uses_prior or self.prior is not None:
-            return
-        from lrkit.training.data import load_images
-
-        class_photos = load_images(self.class_dir, min_size=1)[: self.config.dreambooth.num_class_images]
-        # Class images are captioned with the class prompt, which carries no concept token.
-        class_photos = [dataclasses.replace(p, caption=self.class_prompt) for p in class_photos]
-        self.prior = self._dataset(class_photos, self.config.data.caption_template, self.config.data.class_word)
+        if self.prior is None:
+            self.prior = self.method.prior_dataset()
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -205,13 +167,6 @@ class ConceptDataModule(L.LightningDataModule):
 
 
 # ---------------------------------------------------------------------------- module
-
-
-def _autocast_for(model: ConceptModel, precision: str):
-    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
-    if dtype is None:
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast(model.unet.device.type, dtype=dtype)
 
 
 class PersonalizationModule(L.LightningModule):
@@ -257,7 +212,7 @@ class PersonalizationModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.config.cache_latents:
             datamodule = self.trainer.datamodule
-            with _autocast_for(self.model, self.config.precision):
+            with autocast_for(self.model, self.config.precision):
                 # in chunks of the training batch: the VAE's activation peak is then no higher than an
                 # uncached step's, so the cache never raises the run's peak memory
                 self.model.cache_latents(datamodule.cacheable_items(), batch_size=self.config.data.batch_size)
@@ -388,14 +343,14 @@ class ValidationImages(L.Callback):
         was_training = module.training
         module.eval()
         try:
-            with _autocast_for(module.model, self.config.precision):
+            with autocast_for(module.model, self.config.precision):
                 for i, prompt in enumerate(self._prompts()):
                     generator = torch.Generator().manual_seed(cfg.seed + i)
                     image = pipe(prompt, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                  height=self.config.data.resolution, width=self.config.data.resolution,
                                  generator=generator).images[0]
                     path = self.out_dir / f"step{step:06d}_{i:02d}.png"
-                    _save_png(image, path)
+                    atomic_save_png(image, path)
                     paths.append(path)
                     _log_image(module, f"validation/{i:02d}", image, step)
         finally:
@@ -410,14 +365,6 @@ class ValidationImages(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self._prompts():
             self.generate(pl_module, trainer.global_step)
-
-
-def _save_png(image, path: Path) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _log_image(module, tag: str, image, step: int) -> None:

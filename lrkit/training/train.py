@@ -5,23 +5,21 @@ The CLI (`lrkit train`, `lrkit export`), the scripts in train/ and the Python AP
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from lrkit import __version__
-from lrkit.concept import Concept, write_bundle
-from lrkit.io import atomic_write_bytes
+from lrkit.concept import Concept, write_bundle, write_refs
 from lrkit.logs import dropped
 from lrkit.models import builtin_kind
+from lrkit.photos import load_images
 from lrkit.runtime import cpu_threads_for
 from lrkit.training.config import TrainConfig, config_from_dict, load_config
+from lrkit.version import __version__
 from lrkit.training.model import ConceptModel
 from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, StepProgressBar,
                                    ValidationImages, world_from_environment)
@@ -80,7 +78,7 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
     if builtin_kind(config.base) == "toy":
-        _check_toy_inputs(config, datamodule.photos)
+        _check_toy_inputs(config, datamodule.photos, datamodule.method.prompt_tokens())
     module = PersonalizationModule(config)
     trainer = build_trainer(config, extra_callbacks=module.model.method.callbacks())
     with warnings.catch_warnings():
@@ -100,11 +98,10 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
     return bundle
 
 
-def _check_toy_inputs(config: TrainConfig, photos) -> None:
-    """The toy base learns only toy-world pictures and words: warn (once) about anything else."""
+def _check_toy_inputs(config: TrainConfig, photos, tokens: list[str]) -> None:
+    """The toy base learns only toy-world pictures and words (and the concept's `tokens`): warn (once) about
+    anything else."""
     from lrkit.toyworld.inputs import warn_outside_toy_world
-
-    tokens = [c.token for c in config.concept_em.concepts] if config.method == "concept_em" else [config.token]
 
     def fill(text: str) -> str:
         return text.replace("{token}", " ".join(tokens)).replace("{class}", config.data.class_word or "")
@@ -117,16 +114,10 @@ def _check_toy_inputs(config: TrainConfig, photos) -> None:
 def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.PathLike", *, photos=None,
                    overwrite: bool = False) -> Path:
     """Write `model`'s trained weights as a concept bundle (atomically) and return its folder."""
-    from lrkit.training.data import load_images
-
-    if photos is None:
-        photos = load_images(config.data.photos, min_size=1, image_column=config.data.image_column,
-                             caption_column=config.data.caption_column)
-        if config.method == "concept_em":  # only the listed images, in their order (their masks follow it)
-            from lrkit.training.em import select_images
-
-            photos = select_images(photos, config)
     method = model.method
+    if photos is None:
+        photos = method.select_photos(load_images(config.data.photos, min_size=1, image_column=config.data.image_column,
+                                                  caption_column=config.data.caption_column))
     concept = Concept(
         name=config.concept_name, method=config.method, tokens=method.concept_tokens(),
         class_word=config.data.class_word, base=model.base_fingerprint, resolution=config.data.resolution,
@@ -135,29 +126,12 @@ def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.
 
     def write_files(root: Path) -> None:
         concept.files = method.write_files(model, root)
-        concept.refs = _write_refs(photos, root / "refs")
+        concept.refs = write_refs(photos, root / "refs")
         method.finish_bundle(model, root, concept)
 
     write_bundle(concept, out_dir, write_files, overwrite=overwrite)
     logger.info("wrote concept bundle %s", out_dir)
     return Path(out_dir)
-
-
-def _write_refs(photos, folder: Path) -> list[str]:
-    """Copy the reference photos into the bundle (originals when on disk, else PNG)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    refs = []
-    for i, photo in enumerate(photos):
-        if photo.path is not None:
-            name = f"{i:02d}_{Path(photo.path).name}"
-            shutil.copyfile(photo.path, folder / name)
-        else:
-            name = f"{i:02d}.png"
-            buffer = io.BytesIO()
-            photo.image.save(buffer, format="PNG")
-            atomic_write_bytes(folder / name, buffer.getvalue())
-        refs.append(f"refs/{name}")
-    return refs
 
 
 def export_checkpoint(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike", *, overwrite: bool = False,

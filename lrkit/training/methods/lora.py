@@ -3,17 +3,52 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from lrkit.concept import LORA_WEIGHTS, LoraSpec
 from lrkit.lora_io import require_text_encoder_lora_support, save_diffusers_lora, save_kohya_lora
-from lrkit.training.methods.base import Method, trainable
+from lrkit.training.methods.base import Method, model_groups, trainable
+from lrkit.training.options import check
 
 logger = logging.getLogger(__name__)
 
 
-def add_lora(model, options, *, text_encoder: bool) -> None:
-    """Attach the LoRA adapters described by `options` (a `LoraOptions`)."""
+@dataclass
+class LoraOptions:
+    """LoRA adapters (peft) on the UNet attention and optionally the text encoder."""
+
+    rank: int = 4
+    """LoRA rank r."""
+    alpha: Optional[float] = None
+    """LoRA alpha (scale = alpha / rank). Default: equal to rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names to adapt (peft suffix match). Default: the attention projections; adding `proj_in`,
+    `proj_out`, `ff.net.0.proj`, `ff.net.2`, `conv1`, `conv2` also adapts the transformer blocks' projections and
+    feed-forward and the resnets' 3x3 convolutions (both export layouts carry them)."""
+    train_text_encoder: bool = False
+    """Also put LoRA on the text encoder."""
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Text-encoder module names to adapt (when train_text_encoder)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        check(self.alpha is None or self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check(bool(self.unet_targets), "lora.unet_targets must name at least one module")
+
+    @property
+    def true_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+def add_lora(model, options: LoraOptions, *, text_encoder: bool) -> None:
+    """Attach the LoRA adapters described by `options`."""
     from peft import LoraConfig  # here: `lrkit train --help` needs neither peft nor the bitsandbytes it imports
 
     if text_encoder:
@@ -37,7 +72,7 @@ def write_lora_files(model, root: Path, name: str, *, text_encoder: bool, dora: 
     return {"lora": LORA_WEIGHTS, "kohya": kohya}
 
 
-def lora_spec_of(options, *, text_encoder: bool) -> LoraSpec:
+def lora_spec_of(options: LoraOptions, *, text_encoder: bool) -> LoraSpec:
     return LoraSpec(rank=options.rank, alpha=options.true_alpha, unet_targets=list(options.unet_targets),
                     text_encoder_targets=list(options.text_encoder_targets) if text_encoder else None,
                     dropout=options.dropout, dora=options.dora)
@@ -58,29 +93,24 @@ def lora_groups_beside_tokens(model, embedding_group: dict, lr: float, weight_de
 
 class LoraMethod(Method):
     name = "lora"
+    options_class = LoraOptions
     default_lr = 1e-4
 
     @property
     def _te(self) -> bool:
-        return self.config.lora.train_text_encoder
+        return self.options.train_text_encoder
 
     def configure(self, model) -> None:
-        add_lora(model, self.config.lora, text_encoder=self._te)
+        add_lora(model, self.options, text_encoder=self._te)
 
     def param_groups(self, model) -> list[dict]:
-        lr = self.config.optim.lr or self.default_lr
-        wd = self.config.optim.weight_decay
-        groups = [dict(name="unet_lora", params=trainable(model.unet), lr=lr, weight_decay=wd)]
-        if self._te:
-            groups.append(dict(name="text_encoder_lora", params=trainable(model.text_encoder), lr=lr, weight_decay=wd))
-        return groups
+        return model_groups(self, model, text_encoder=self._te, suffix="_lora")
 
     def text_encoder_frozen(self) -> bool:
         return not self._te
 
     def lora_spec(self) -> LoraSpec:
-        return lora_spec_of(self.config.lora, text_encoder=self._te)
+        return lora_spec_of(self.options, text_encoder=self._te)
 
     def write_files(self, model, root: Path) -> dict[str, str]:
-        return write_lora_files(model, root, self.config.concept_name, text_encoder=self._te,
-                                dora=self.config.lora.dora)
+        return write_lora_files(model, root, self.config.concept_name, text_encoder=self._te, dora=self.options.dora)

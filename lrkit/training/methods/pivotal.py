@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from lrkit.concept import LoraSpec
 from lrkit.training.methods.base import trainable
 from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
+from lrkit.training.options import check
+
+
+@dataclass
+class PivotalOptions:
+    """Pivotal tuning: Textual Inversion first, then tokens and LoRA together."""
+
+    ti_fraction: float = 0.3
+    """Fraction of max_steps during which only the tokens train."""
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.ti_fraction < 1.0, f"pivotal.ti_fraction must be in [0, 1), got {self.ti_fraction}")
 
 
 class PivotalMethod(TextualInversionMethod):
+    """Tokens as in `textual_inversion` (options there), LoRA as in `lora` (options there)."""
+
     name = "pivotal"
+    options_class = PivotalOptions
     default_lr = 1e-4
 
     @property
@@ -21,7 +37,7 @@ class PivotalMethod(TextualInversionMethod):
 
     @property
     def ti_steps(self) -> int:
-        return math.ceil(self.config.pivotal.ti_fraction * self.config.max_steps)
+        return math.ceil(self.options.ti_fraction * self.config.max_steps)
 
     def configure(self, model) -> None:
         # LoRA first: peft's add_adapter freezes every non-LoRA parameter, new token rows included.

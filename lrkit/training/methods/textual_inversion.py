@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from safetensors.torch import save
 
 from lrkit.concept import EMBEDDINGS, TokenSpec
 from lrkit.io import atomic_write_bytes
 from lrkit.training.methods.base import Method
+from lrkit.training.options import check
 from lrkit.training.tokens import add_new_tokens, learned_embeddings
+
+
+@dataclass
+class TextualInversionOptions:
+    """New token embeddings (Textual Inversion)."""
+
+    num_vectors: int = 1
+    """Embedding vectors per token."""
+    initializer: Optional[str] = None
+    """Word whose embedding initialises the new vectors (default: the class word)."""
+
+    def __post_init__(self) -> None:
+        check(self.num_vectors >= 1, f"textual_inversion.num_vectors must be >= 1, got {self.num_vectors}")
 
 
 class TextualInversionMethod(Method):
     name = "textual_inversion"
+    options_class = TextualInversionOptions
+    default_token = "<sks>"
 
     @property
     def _initializer(self) -> str:
         return self.config.textual_inversion.initializer or self.config.data.class_word
 
     def _token_entries(self) -> list[tuple[str, int, str]]:
+        """(token, num_vectors, initializer) of each new token."""
         if not self._initializer:
             raise ValueError("textual_inversion.initializer is empty and data.class_word is not set; set one of them")
         return [(self.config.token, self.config.textual_inversion.num_vectors, self._initializer)]

@@ -1,0 +1,3 @@
+"""The lrkit version (recorded in every bundle it writes)."""
+
+__version__ = "0.1.0"
