@@ -16,7 +16,7 @@ pipeline folder with fp16 safetensors weights.
 """
 
 from lrkit.toyworld.pretrain.checkpoint import EMA
-from lrkit.toyworld.pretrain.config import PretrainConfig, build_parser, parse_command_line, parse_config_overrides
+from lrkit.toyworld.pretrain.config import PretrainConfig, build_parser, parse_command_line
 from lrkit.toyworld.pretrain.fidelity import (
     fidelity_prompts,
     measure_class_retention,
@@ -57,7 +57,6 @@ __all__ = [
     "measure_fidelity",
     "measure_two_object_fidelity",
     "parse_command_line",
-    "parse_config_overrides",
     "pretrain",
     "render_seeds",
     "schedule_config",

@@ -162,16 +162,12 @@ class PretrainConfig:
 
 # ------------------------------------------------------------------------------------ command line
 
-OWN_OPTIONS = ("minutes", "seed")
-"""Fields that `--set` does not take: give them as `--minutes`, `--seed`."""
 
 
 def build_parser(prog: str = "lrkit toyworld pretrain"):
     """The jsonargparse parser of `lrkit toyworld pretrain`: `--out`, `--resume`, `--config FILE` and every
-    `PretrainConfig` field as an option (`--pool_size 49152`, also spelled `--pool-size`; a bool option alone,
-    `--bf16`, means true), plus `--set KEY=VALUE` for any field but minutes and seed.
-
-    Options must be spelled in full; a refused command line raises `lrkit.argparsing.CommandLineError`."""
+    `PretrainConfig` field as an option, spelled as in `lrkit train` (`--pool_size 49152`, `--bf16 true`).
+    A refused command line raises `lrkit.argparsing.CommandLineError`."""
     from jsonargparse import ActionConfigFile
 
     from lrkit.argparsing import argument_parser
@@ -179,86 +175,15 @@ def build_parser(prog: str = "lrkit toyworld pretrain"):
     parser = argument_parser(prog, "Pretrain the toy base model on the toy world (time-budgeted).", default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of PretrainConfig fields")
     parser.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, pipeline/ (the export)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--resume", type=bool, default=False, help="continue the run in --out from its checkpoint")
     parser.add_class_arguments(PretrainConfig, None, as_group=False)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any PretrainConfig field but minutes and seed as KEY=VALUE (repeatable), e.g. "
-                             "--set pool_size=49152")
-    _accept_dashes(parser)
-    _bool_options_alone_mean_true(parser, [f.name for f in fields(PretrainConfig) if isinstance(f.default, bool)])
     return parser
 
 
-def _accept_dashes(parser) -> None:
-    """Let each `--a_b` option be spelled `--a-b` too: one more option string on the same action, as jsonargparse
-    adds a field's aliases."""
-    for action in list(parser._actions):
-        for option in list(action.option_strings):
-            dashed = option.replace("_", "-")
-            if option.startswith("--") and dashed != option and dashed not in parser._option_string_actions:
-                action.option_strings.append(dashed)
-                parser._option_string_actions[dashed] = action
-
-
-def _bool_options_alone_mean_true(parser, names: list[str]) -> None:
-    """`--bf16` alone sets `bf16` to true; `--bf16 false` still works."""
-    for action in parser._actions:
-        if action.dest in names:
-            action.nargs, action.const = "?", True
-
-
 def parse_command_line(argv: list[str], prog: str = "lrkit toyworld pretrain") -> tuple[str, bool, dict]:
-    """(out, resume, PretrainConfig fields) of an `lrkit toyworld pretrain` command line; `--set` pairs
-    (`parse_config_overrides`) are merged in, and an option given both ways is refused."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    overrides = parse_config_overrides(args.set)
-    given = _options_given(parser, argv)
-    for key in overrides:
-        if key in OWN_OPTIONS:
-            parser.error(f"--set {key}=...: use --{key}")
-        if key in given:
-            parser.error(f"--set {key}=... repeats the option {given[key]}; give it once")
-    return args.out, args.resume, {**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)}, **overrides}
+    """(out, resume, PretrainConfig fields) of an `lrkit toyworld pretrain` command line."""
+    args = build_parser(prog).parse_args(argv)
+    return args.out, args.resume, {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
 
 
-def _options_given(parser, argv: list[str]) -> dict[str, str]:
-    """{field: the option string as given} for the options spelled out in `argv`."""
-    given = {}
-    for word in argv:
-        action = parser._option_string_actions.get(word.split("=", 1)[0]) if word.startswith("--") else None
-        if action is not None:
-            given[action.dest] = word.split("=", 1)[0]
-    return given
-
-
-def parse_config_overrides(pairs: list[str]) -> dict:
-    """["pool_size=49152", "bf16=true", ...] -> PretrainConfig overrides, each value parsed as its field's type."""
-    known = {f.name: f for f in fields(PretrainConfig)}
-    out = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in known:
-            raise ValueError(f"pretrain: --set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
-        default = known[key].default
-        try:
-            if raw.lower() in ("none", "null") and (default is None or key in ("max_steps", "vae_steps", "vae_from")):
-                value = None
-            elif isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true or false")
-                value = raw.lower() in ("true", "1")
-            elif isinstance(default, int) or key in ("max_steps", "vae_steps"):
-                value = int(raw)
-            elif isinstance(default, float):
-                value = float(raw)
-            else:
-                value = raw
-        except ValueError as err:
-            raise ValueError(f"pretrain: --set {pair!r}: {err}") from None
-        out[key] = value
-    return out
-
-
-__all__ = ["PretrainConfig", "build_parser", "parse_command_line", "parse_config_overrides"]
+__all__ = ["PretrainConfig", "build_parser", "parse_command_line"]
