@@ -12,10 +12,10 @@ no download). It times, interleaved, seconds per image of
   *reference cached* (the inverted reference trajectory and its mask on disk: any later generation),
   and, with attention caching, *reference + R K/V cached* (the same reference again in one session).
 
-Each layout-retouch call is broken down by timing `LayoutRetouchPipeline`'s own steps (the methods
-are wrapped on the instance, for timing only): stage 1 (`_layout`), reference inversion + mask
-(`_reference`), R K/V recording (`_reference_kv`), stage 2 (`_retouch` without the former two) and
-VAE decoding (`_decode`). A forward pre-hook counts UNet calls and their batch rows: the ratio follows
+Each layout-retouch call is broken down by timing the steps `LayoutRetouchPipeline` calls (wrapped for
+timing only): stage 1 (`layout.draw_layout`), reference inversion + mask (`References.from_concept`), R K/V
+recording (`References.keys_values`), stage 2 (`retouch.retouch` without the former two) and VAE decoding
+(`PersonalizedModel.decode`). A forward pre-hook counts UNet calls and their batch rows: the ratio follows
 the calls where a fixed cost per call dominates (a tiny model on a CPU), the rows where the UNet's
 arithmetic does (SD-1.5 at 512 px on a GPU). Times are wall clock on CUDA and the process's CPU time on
 the CPU (one torch thread by default; the wall clock is reported beside it). Peak memory is measured
@@ -186,8 +186,9 @@ class PartTimer:
     def reset(self) -> None:
         self.times, self.cache_bytes = {}, {}
 
-    def wrap(self, obj, name: str) -> None:
-        method = getattr(obj, name)
+    def wrap(self, obj, attribute: str, name: str) -> None:
+        """Time `obj.attribute` under the part `name`."""
+        method = getattr(obj, attribute)
 
         def timed(*args, **kwargs):
             if not self.active:
@@ -204,12 +205,12 @@ class PartTimer:
                 if self._stack:
                     self._stack[-1] += elapsed
                 self.times[name] = self.times.get(name, 0.0) + elapsed - inner
-            for value in (*args, *kwargs.values(), result):
+            for value in (*args, *kwargs.values(), *(result if isinstance(result, list) else [result])):
                 if isinstance(value, AttentionCache):
                     self.cache_bytes[name] = max(self.cache_bytes.get(name, 0), value.nbytes())
             return result
 
-        setattr(obj, name, timed)
+        setattr(obj, attribute, timed)
 
 
 class Bench:
@@ -219,14 +220,18 @@ class Bench:
         self.spec = spec
         base = build_base(spec)
         base.to(spec.device, DTYPES[spec.dtype])
-        # A private copy of the bundle: the reference mask is written into it (cold runs remove it).
-        shutil.copytree(bundle, work / "concept")
+        shutil.copytree(bundle, work / "concept")  # a private copy of the bundle
         self.cache_dir = work / "cache"
         self.pipeline = LayoutRetouchPipeline.from_concept(base, work / "concept", cache_dir=self.cache_dir)
         self.pipe = self.pipeline.pipe
         self.timer = PartTimer(spec.device)
-        for name in PARTS:
-            self.timer.wrap(self.pipeline, name)
+        import lrkit.inference.pipeline as pipeline_module
+
+        parts = {"_layout": (pipeline_module, "draw_layout"), "_reference": (self.pipeline.references, "from_concept"),
+                 "_reference_kv": (self.pipeline.references, "keys_values"), "_retouch": (pipeline_module, "retouch"),
+                 "_decode": (self.pipeline.model, "decode")}
+        for name, (obj, attribute) in parts.items():
+            self.timer.wrap(obj, attribute, name)
         self.unet_calls = self.unet_rows = 0
         self.pipe.unet.register_forward_pre_hook(self._count_rows, with_kwargs=True)
         self.seeds = list(range(spec.seed, spec.seed + spec.batch_size))
