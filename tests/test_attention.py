@@ -100,6 +100,29 @@ def test_foreground_queries_never_attend_to_reference_background():
     torch.testing.assert_close(out, reference_attention(q, kr, vr, kx, vx, keep), atol=1e-5, rtol=1e-5)
 
 
+def test_reference_weight_scales_the_references_softmax_mass_and_replace_drops_the_targets_own_tokens():
+    g = torch.Generator().manual_seed(1)
+    n, d = 16, 4
+    q, kx, vx = (torch.randn(2, 2, n, d, generator=g) for _ in range(3))
+    kr, vr = torch.randn(2, n, d, generator=g), torch.randn(2, n, d, generator=g)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[3:10] = True
+    plain, w1 = reference_attention(q, kr, vr, kx, vx, keep, return_weights=True)
+    assert torch.equal(reference_attention(q, kr, vr, kx, vx, keep, weight=1.0), reference_attention(q, kr, vr, kx, vx,
+                                                                                                      keep))
+    _, w3 = reference_attention(q, kr, vr, kx, vx, keep, weight=3.0, return_weights=True)
+    ref1, own1 = w1[..., :n].sum(-1), w1[..., n:].sum(-1)
+    ref3, own3 = w3[..., :n].sum(-1), w3[..., n:].sum(-1)
+    torch.testing.assert_close(ref3 / own3, 3 * ref1 / own1, rtol=1e-4, atol=1e-6)  # odds of R scale by the weight
+    out, weights = reference_attention(q, kr, vr, kx, vx, keep, replace=True, return_weights=True)
+    assert weights.shape == (2, 2, n, n) and torch.all(weights[..., ~keep] == 0)  # R's subject tokens only
+    expected = torch.softmax((q @ kr[None].transpose(-1, -2)) * d ** -0.5 + torch.where(keep, 0.0, float("-inf")), -1)
+    torch.testing.assert_close(out, expected @ vr[None], atol=1e-5, rtol=1e-5)
+    empty = torch.zeros(n, dtype=torch.bool)  # no reference token at this layer: the concatenation stands
+    torch.testing.assert_close(reference_attention(q, kr, vr, kx, vx, empty, replace=True),
+                               reference_attention(q, kr, vr, kx, vx, empty), atol=0, rtol=0)
+
+
 def test_swap_blends_foreground_and_keeps_the_context_background():
     attn = _attention()
     g = torch.Generator().manual_seed(1)

@@ -37,6 +37,8 @@ def test_bare_names_go_to_their_group():
     (dict(lam=1.5), "lam must be in [0, 1]"),
     (dict(sam_weight=2.0), "sam_weight and mask_threshold"),
     (dict(swap_start=-0.1), "swap_start must be in [0, 1]"),
+    (dict(foreground="swap"), "foreground 'swap' is not one of ['concatenate', 'replace']"),
+    (dict(reference_weight=0.0), "reference_weight must be a finite number > 0"),
     (dict(mode="dual-reference", switch_min=0.9, switch_max=0.1), "switch_min <= switch_max"),
     (dict(mode="dual-reference", custom_weight=0.0), "custom_weight and style_weight must be > 0"),
     (dict(lam=0.5, retouch_start=0.2), "retouch_start (0.2) must be >= lam (0.5)"),

@@ -147,10 +147,12 @@ def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(pipes, monkeypa
     assert np.abs(as_np(full.image) - as_np(full.layout)).mean() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["lora", "ti"])
-def test_cached_attention_equals_the_batched_paths(pipes, kind):
-    """Recording C in stage 1 and R once gives what running [R, C_u, C_c, X_u, X_c] per step gives."""
-    kw = dict(mode="layout-retouch", lam=0.25)
+@pytest.mark.parametrize("kind, foreground", [("lora", {}), ("ti", {}),
+                                              ("ti", dict(foreground="replace")), ("ti", dict(reference_weight=4.0))])
+def test_cached_attention_equals_the_batched_paths(pipes, kind, foreground):
+    """Recording C in stage 1 and R once gives what running [R, C_u, C_c, X_u, X_c] per step gives, for each way
+    the subject reads the reference."""
+    kw = dict(mode="layout-retouch", lam=0.25, **foreground)
     cached = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS, **kw))
     plain = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS,
                                                                              cache_attention=False, **kw))
@@ -158,6 +160,18 @@ def test_cached_attention_equals_the_batched_paths(pipes, kind):
         np.testing.assert_allclose(as_np(a.image), as_np(b.image), atol=1.5 / 255)
         np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
         assert np.abs(as_np(a.image) - as_np(a.layout)).mean() > 2e-4  # the swap changed the image (random weights: mildly)
+
+
+def test_foreground_modes_change_what_the_subject_reads(pipes):
+    """Replace and a heavier reference weight move the retouched image further from the layout than the default
+    concatenation; the layout is the same in all three."""
+    runs = {name: ours(pipes["ti"], PROMPT["ti"], mode="layout-retouch", lam=0.25, **kw)[0]
+            for name, kw in (("concatenate", {}), ("replace", dict(foreground="replace")),
+                             ("weighted", dict(reference_weight=8.0)))}
+    layouts = [as_np(g.layout) for g in runs.values()]
+    assert all(np.array_equal(layouts[0], other) for other in layouts[1:])
+    moved = {name: np.abs(as_np(g.image) - as_np(g.layout)).mean() for name, g in runs.items()}
+    assert moved["replace"] > moved["concatenate"] and moved["weighted"] > moved["concatenate"], moved
 
 
 def test_layout_retouch_runs_batched_and_is_deterministic(pipes):

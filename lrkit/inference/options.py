@@ -26,6 +26,7 @@ SCHEDULERS = {  # name -> diffusers class name
     "dpm++": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
 }
+FOREGROUND_MODES = ("concatenate", "replace")
 RENAMED = {"alpha": "sam_weight", "tau": "mask_threshold"}  # old option name -> new one
 
 
@@ -72,6 +73,11 @@ class RetouchOptions:
     """Weight of the SAM mask against the cross-attention map in the target mask."""
     mask_threshold: float = 0.5
     """Threshold of the blended target mask."""
+    foreground: str = "concatenate"
+    """How the target's subject queries read the reference in the swap layers: concatenate (its own keys and R's
+    subject keys, [K_R ⊙ M_R ; K_X]) or replace (R's subject keys alone, as MasaCtrl)."""
+    reference_weight: float = 1.0
+    """Multiplies the softmax weight of R's subject tokens in the swap (1: plain concatenation)."""
     swap: bool = True
     """The attention swap on (off, stage 2 returns the layout: a debugging switch)."""
     cache_attention: bool = True
@@ -81,6 +87,10 @@ class RetouchOptions:
     def __post_init__(self) -> None:
         _fraction("retouch_start", self.retouch_start)
         _fraction("swap_start", self.swap_start)
+        if self.foreground not in FOREGROUND_MODES:
+            raise InferenceError(f"foreground {self.foreground!r} is not one of {list(FOREGROUND_MODES)}")
+        if not (math.isfinite(self.reference_weight) and self.reference_weight > 0):
+            raise InferenceError(f"reference_weight must be a finite number > 0, got {self.reference_weight}")
         if not 0.0 <= self.sam_weight <= 1.0 or not 0.0 <= self.mask_threshold <= 1.0:
             raise InferenceError(f"sam_weight and mask_threshold must be in [0, 1], got sam_weight={self.sam_weight}, "
                                  f"mask_threshold={self.mask_threshold}")

@@ -37,6 +37,8 @@ class SwapState:
     step: int = 0
     ref_cache: "AttentionCache | None" = None  # R's (k, v) per (layer, step) instead of a batch row
     context_cache: "AttentionCache | None" = None  # C's attention output per (layer, step) instead of rows
+    reference_weight: float = 1.0  # multiplies the softmax weight of R's kept tokens (1: plain concatenation)
+    replace: bool = False  # the target's subject queries read R's kept tokens only, not their own
     _cache: dict = field(default_factory=dict)
 
     def set_target(self, mask: torch.Tensor) -> None:
@@ -52,13 +54,20 @@ class SwapState:
         return self._cache[grid]
 
 
-def reference_attention(q, k_ref, v_ref, k_x, v_x, ref_keep, *, return_weights: bool = False):
+def reference_attention(q, k_ref, v_ref, k_x, v_x, ref_keep, *, weight: float = 1.0, replace: bool = False,
+                        return_weights: bool = False):
     """fg = Attention(Q_X, [K_R ⊙ M_R ; K_X], [V_R ⊙ M_R ; V_X]): reference keys outside M_R excluded.
 
-    q, k_x, v_x: (pairs, heads, n, d); k_ref, v_ref: (heads, n_ref, d); ref_keep: (n_ref,) bool.
-    Returns (pairs, heads, n, d), and the attention weights (pairs, heads, n, n_ref + n) if asked.
+    `weight` multiplies the softmax weight of R's kept tokens (1: plain concatenation); `replace` drops the
+    target's own tokens, fg = Attention(Q_X, K_R ⊙ M_R, V_R ⊙ M_R) (MasaCtrl-style), unless M_R keeps no token
+    at this layer, when the concatenation stands. q, k_x, v_x: (pairs, heads, n, d); k_ref, v_ref:
+    (heads, n_ref, d); ref_keep: (n_ref,) bool. Returns (pairs, heads, n, d), and the attention weights
+    (pairs, heads, n, n_ref + n) if asked.
     """
-    return multi_source_attention(q, [(k_ref, v_ref, ref_keep)], k_x, v_x, return_weights=return_weights)
+    source = (k_ref, v_ref, ref_keep, weight)
+    if replace and bool(ref_keep.any()):
+        return multi_source_attention(q, [source], k_x[:, :, :0], v_x[:, :, :0], return_weights=return_weights)
+    return multi_source_attention(q, [source], k_x, v_x, return_weights=return_weights)
 
 
 class MultiSourceSwapProcessor:
@@ -69,6 +78,8 @@ class MultiSourceSwapProcessor:
         fg = Attention(Q_X, [K_R ⊙ M_R ; K_X], [V_R ⊙ M_R ; V_X])   reference keys outside M_R excluded
         bg = Attention(Q_C, K_C, V_C)                                the context's own output
         out_X = M ⊙ fg + (1 − M) ⊙ bg
+
+    `SwapState.reference_weight` scales R's share of fg's softmax; `SwapState.replace` reads R alone.
 
     Every other row gets ordinary self-attention. With the swap inactive this is exactly the stock
     processor's computation.
@@ -96,7 +107,8 @@ class MultiSourceSwapProcessor:
                 (bg,) = state.context_cache.get(self.name, state.step)
             else:
                 bg = out[[c for _, c in state.pairs]]
-            fg = reference_attention(q[xs], k_ref, v_ref, k[xs], v[xs], ref_keep)
+            fg = reference_attention(q[xs], k_ref, v_ref, k[xs], v[xs], ref_keep, weight=state.reference_weight,
+                                     replace=state.replace)
             m = blend.to(out.dtype).unsqueeze(1)  # (pairs, 1, n, 1)
             out = out.clone()
             out[xs] = m * fg + (1 - m) * bg.to(out.dtype)

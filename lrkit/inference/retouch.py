@@ -54,6 +54,7 @@ def retouch(model: PersonalizedModel, references: References, prompt: str, layou
         pairs = [(x_u + b, c_u + b) for b in range(batch)] + [(x_c + b, c_c + b) for b in range(batch)]
         embeds = torch.cat([ref.embeds, star.uncond, star.cond, star.uncond, star.cond])
         state = SwapState(ref=0, pairs=pairs, ref_mask=ref.mask, target_mask=torch.zeros(2 * batch, 1, 1))
+    state.reference_weight, state.replace = rt.reference_weight, rt.foreground == "replace"
     store = AttentionStore(rows=list(range(x_c, x_c + batch)), tokens=star.tokens, size=grid)
     chosen = model.store_processors(store, grid)
     if rt.swap:
