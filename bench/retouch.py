@@ -45,14 +45,14 @@ from lrkit.toyworld.world import SCENES
 ROOT = _common.ROOT
 RESULTS_JSON = ROOT / "bench" / "results" / "retouch.json"
 RESULTS_HEADING = "Retouch transfer (toy world)"
-VARIANTS: dict[str, dict] = {
-    "swap off (the layout)": dict(swap=False),
-    "concatenate (default)": {},
-    "concatenate, reference weight 8": dict(reference_weight=8.0),
-    "concatenate, reference weight 64": dict(reference_weight=64.0),
-    "replace": dict(foreground="replace"),
-    "replace, 3 levels": dict(foreground="replace", swap_levels=3),
-    "replace, from step 0": dict(foreground="replace", lam=0.0),
+VARIANTS: dict[str, tuple[str, dict]] = {  # --variants name -> (label, GenerationOptions fields)
+    "off": ("swap off (the layout)", dict(swap=False)),
+    "concatenate": ("concatenate (default)", {}),
+    "weight8": ("concatenate, reference weight 8", dict(reference_weight=8.0)),
+    "weight64": ("concatenate, reference weight 64", dict(reference_weight=64.0)),
+    "replace": ("replace", dict(foreground="replace")),
+    "replace3": ("replace, 3 swap levels", dict(foreground="replace", swap_levels=3)),
+    "replace0": ("replace, λ = 0 (swap from step 0)", dict(foreground="replace", lam=0.0)),
 }
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=100, help="first seed (the defaults were not tuned on them)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--lam", type=float, default=0.3, help="λ of stage 1 (the layout)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {','.join(VARIANTS)}")
     parser.add_argument("--work", default="/tmp/lrkit-bench-retouch", help="photos, the reference concept, caches")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only (no results files)")
@@ -149,14 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: {unknown[0]!r} is not one of {list(VARIANTS)}")
     results: dict[str, dict] = {}
     for name in wanted:
-        overrides = {"lam": args.lam, **VARIANTS[name]}
-        options = GenerationOptions.of(mode="layout-retouch", num_inference_steps=args.steps, **overrides)
+        label, fields = VARIANTS[name]
+        options = GenerationOptions.of(mode="layout-retouch", num_inference_steps=args.steps,
+                                       **{"lam": args.lam, **fields})
         records = []
         for prompt in prompts:
             for gen in pipe(prompt, seeds=seeds, options=options):
                 records.append(score(gen.image, gen.layout, subject, ref_rgb))
-        results[name] = summarize(records, subject)
-        print(f"{name:<36} {json.dumps(results[name])}", flush=True)
+        results[label] = summarize(records, subject)
+        print(f"{label:<36} {json.dumps(results[label])}", flush=True)
     table = markdown(results)
     print(table)
     _common.finish_machine_info(machine, started)

@@ -174,6 +174,35 @@ def test_foreground_modes_change_what_the_subject_reads(pipes):
     assert moved["replace"] > moved["concatenate"] and moved["weighted"] > moved["concatenate"], moved
 
 
+def test_correspondence_view_records_without_changing_the_image(pipes, tmp_path):
+    from lrkit.inference.outputs import save_generation
+
+    plain = ours(pipes["ti"], PROMPT["ti"], mode="layout-retouch", lam=0.25)[0]
+    seen = ours(pipes["ti"], PROMPT["ti"], mode="layout-retouch", lam=0.25, correspondence=True)[0]
+    np.testing.assert_array_equal(as_np(plain.image), as_np(seen.image))
+    assert plain.correspondence is None and seen.correspondence.size == (2 * 64 + 4, 64)
+    paths = save_generation(seen, tmp_path, intermediates=True)
+    assert tmp_path / "p000_s0_correspondence.png" in paths
+
+
+def test_correspondence_finds_the_reference_token_each_query_matches():
+    from lrkit.inference.processors import Correspondence, SwapState
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 16, 16
+    k_ref = torch.eye(n).expand(2, n, d) * 4  # orthogonal keys: each query matches exactly one
+    order = torch.randperm(n, generator=g)
+    q = k_ref[None, :, order] * 4  # target token i is reference token order[i], sharply
+    k_x = torch.randn(1, 2, n, d, generator=g) * 0.01
+    corr = Correspondence(rows=[0])
+    state = SwapState(ref=None, pairs=[(0, None)], ref_mask=torch.ones(4, 4), target_mask=torch.ones(1, 4, 4))
+    keep = torch.ones(n, dtype=torch.bool)
+    corr.add(q, k_ref, k_x, keep, (4, 4), state)
+    assert torch.equal(corr.reads_from()[0], order) and corr.grid == (4, 4)
+    corr.add(q[:, :, :4], k_ref[:, :4], k_x[:, :, :4], keep[:4], (2, 2), state)  # a coarser layer is left out
+    assert corr.calls == 1
+
+
 def test_layout_retouch_runs_batched_and_is_deterministic(pipes):
     a = pipes["ti"](PROMPT["ti"], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5))
     b = pipes["ti"](PROMPT["ti"], seeds=[1], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5))

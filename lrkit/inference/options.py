@@ -80,6 +80,9 @@ class RetouchOptions:
     """Multiplies the softmax weight of R's subject tokens in the swap (1: plain concatenation)."""
     swap: bool = True
     """The attention swap on (off, stage 2 returns the layout: a debugging switch)."""
+    correspondence: bool = False
+    """Also return where each part of the target's subject reads from in the reference (`Generation.correspondence`,
+    saved as `_correspondence.png` with the intermediates): the view to open when a retouch fails."""
     cache_attention: bool = True
     """Reuse what earlier passes computed: C's swap-layer outputs recorded in stage 1, R's keys/values
     recorded once per reference. Stage 2 then runs only the target rows (faster, costs memory)."""

@@ -11,7 +11,7 @@ from lrkit.io import atomic_save_png
 
 
 def image_path(out_dir: str | Path, prompt_index: int, seed: int, kind: str = "") -> Path:
-    """`p{prompt:03d}_s{seed}.png`, or with a suffix: `_layout`, `_mask`, `_style`, `_grid`."""
+    """`p{prompt:03d}_s{seed}.png`, or with a suffix: `_layout`, `_mask`, `_style`, `_correspondence`, `_grid`."""
     suffix = f"_{kind}" if kind else ""
     return Path(out_dir) / f"p{prompt_index:03d}_s{seed}{suffix}.png"
 
@@ -38,6 +38,9 @@ def save_generation(gen: Generation, out_dir: str | Path, *, intermediates: bool
             paths.append(atomic_save_png(gen.mask, image_path(out_dir, gen.prompt_index, gen.seed, "mask")))
         if gen.style is not None:
             paths.append(atomic_save_png(gen.style, image_path(out_dir, gen.prompt_index, gen.seed, "style")))
+        if gen.correspondence is not None:
+            paths.append(atomic_save_png(gen.correspondence,
+                                         image_path(out_dir, gen.prompt_index, gen.seed, "correspondence")))
         paths.append(atomic_save_png(comparison_row(gen), image_path(out_dir, gen.prompt_index, gen.seed, "grid")))
     return paths
 

@@ -23,7 +23,7 @@ from lrkit.inference.options import SCHEDULERS, GenerationOptions, InferenceErro
 from lrkit.inference.personalized import PersonalizedModel
 from lrkit.inference.processors import AttentionCache
 from lrkit.inference.references import References
-from lrkit.inference.retouch import retouch
+from lrkit.inference.retouch import correspondence_view, retouch
 from lrkit.models import load_base
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Generation:
     mask: Image.Image | None = None
     reference: Image.Image | None = None
     style: Image.Image | None = None  # dual-reference: the style reference as used (square, generation size)
+    correspondence: Image.Image | None = None  # layout-retouch with `correspondence`: where the subject reads R
 
     @property
     def stem(self) -> str:
@@ -216,11 +217,18 @@ class LayoutRetouchPipeline:
         if not retouching:
             return [Generation(prompt_index, prompt, seed, image)
                     for seed, image in zip(seeds, model.decode(layout.latents, generators))]
-        images, masks, reference = retouch(model, self.references, prompt, layout, options, height, width, context)
-        decoded = model.decode(images, generators)
+        done = retouch(model, self.references, prompt, layout, options, height, width, context)
+        decoded = model.decode(done.latents, generators)
         layouts = model.decode(layout.latents, generators)
-        return [Generation(prompt_index, prompt, seed, decoded[b], layouts[b], _mask_image(masks[b], width, height),
-                           reference.image) for b, seed in enumerate(seeds)]
+        out = [Generation(prompt_index, prompt, seed, decoded[b], layouts[b], _mask_image(done.masks[b], width, height),
+                          done.reference.image) for b, seed in enumerate(seeds)]
+        corr = done.correspondence
+        if corr is not None and corr.weights is not None:
+            reads = corr.reads_from()
+            for b, gen in enumerate(out):
+                gen.correspondence = correspondence_view(reads[b], corr.grid, done.reference.image,
+                                                         done.reference.mask, gen.image, done.masks[b])
+        return out
 
 
 __all__ = ["Generation", "GenerationOptions", "InferenceError", "LayoutRetouchPipeline"]

@@ -39,6 +39,7 @@ class SwapState:
     context_cache: "AttentionCache | None" = None  # C's attention output per (layer, step) instead of rows
     reference_weight: float = 1.0  # multiplies the softmax weight of R's kept tokens (1: plain concatenation)
     replace: bool = False  # the target's subject queries read R's kept tokens only, not their own
+    correspondence: "Correspondence | None" = None  # records where the target's queries read R from
     _cache: dict = field(default_factory=dict)
 
     def set_target(self, mask: torch.Tensor) -> None:
@@ -52,6 +53,36 @@ class SwapState:
             tgt = F.interpolate(self.target_mask[:, None].float(), size=grid, mode="nearest")[:, 0]
             self._cache[grid] = (ref.reshape(-1) > 0.5, tgt.reshape(len(self.pairs), -1, 1))
         return self._cache[grid]
+
+
+@dataclass
+class Correspondence:
+    """Where the target's queries read the reference from: at the swap layers of the finest token grid, the
+    attention of each target row's queries over R's tokens (renormalised over R, averaged over heads), summed
+    over layers and steps. `rows` are the positions among the swap pairs to record (the conditional ones)."""
+
+    rows: list[int]
+    grid: tuple[int, int] | None = None
+    weights: torch.Tensor | None = None  # (rows, n, n_ref) summed
+    calls: int = 0
+
+    def add(self, q, k_ref, k_x, ref_keep, grid: tuple[int, int], state: SwapState) -> None:
+        if self.grid is not None and grid[0] * grid[1] < self.grid[0] * self.grid[1]:
+            return
+        if self.grid is None or grid != self.grid:  # a finer grid than the one so far: start over there
+            self.grid, self.weights, self.calls = grid, None, 0
+        rows = self.rows
+        _, w = reference_attention(q[rows], k_ref, k_ref, k_x[rows], k_x[rows], ref_keep, weight=state.reference_weight,
+                                   replace=state.replace, return_weights=True)
+        n_ref = k_ref.shape[1]
+        on_ref = w[..., :n_ref].float().mean(1)  # (rows, n, n_ref)
+        on_ref = on_ref / on_ref.sum(-1, keepdim=True).clamp_min(1e-12)
+        self.weights = on_ref if self.weights is None else self.weights + on_ref
+        self.calls += 1
+
+    def reads_from(self) -> torch.Tensor | None:
+        """(rows, n) the reference token each target token reads most from, on `grid`."""
+        return None if self.weights is None else self.weights.argmax(-1)
 
 
 def reference_attention(q, k_ref, v_ref, k_x, v_x, ref_keep, *, weight: float = 1.0, replace: bool = False,
@@ -109,6 +140,8 @@ class MultiSourceSwapProcessor:
                 bg = out[[c for _, c in state.pairs]]
             fg = reference_attention(q[xs], k_ref, v_ref, k[xs], v[xs], ref_keep, weight=state.reference_weight,
                                      replace=state.replace)
+            if state.correspondence is not None:
+                state.correspondence.add(q[xs], k_ref, k[xs], ref_keep, token_grid(n, self.aspect), state)
             m = blend.to(out.dtype).unsqueeze(1)  # (pairs, 1, n, 1)
             out = out.clone()
             out[xs] = m * fg + (1 - m) * bg.to(out.dtype)

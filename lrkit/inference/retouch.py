@@ -7,13 +7,18 @@ recorded in stage 1) and R's memoized keys/values, it is a call on [X_u, X_c] al
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+from PIL import Image
 
 from lrkit.attention import AttentionStore, processors
+from lrkit.inference.inversion import center_square
 from lrkit.inference.layout import Layout
 from lrkit.inference.options import GenerationOptions, InferenceError
 from lrkit.inference.personalized import PersonalizedModel
-from lrkit.inference.processors import AttentionCache, MultiSourceSwapProcessor, SwapState
+from lrkit.inference.processors import AttentionCache, Correspondence, MultiSourceSwapProcessor, SwapState
 from lrkit.inference.references import Reference, References
 
 
@@ -24,10 +29,18 @@ def target_sam_masks(model: PersonalizedModel, layout: Layout, height: int, widt
     return model.segment_latents(layout.latents, layout.maps.mean(0), height, width)
 
 
+@dataclass
+class Retouched:
+    latents: torch.Tensor  # (B, C, h, w) X's final latents
+    masks: torch.Tensor  # (B, h, w) its subject masks at the last step
+    reference: Reference
+    correspondence: Correspondence | None = None  # with `retouch.correspondence`
+
+
 def retouch(model: PersonalizedModel, references: References, prompt: str, layout: Layout,
             options: GenerationOptions, height: int, width: int,
-            context: AttentionCache | None = None) -> tuple[torch.Tensor, torch.Tensor, Reference]:
-    """(X's final latents, its subject masks at the last step (B, h, w), the reference R)."""
+            context: AttentionCache | None = None) -> Retouched:
+    """Stage 2 on `layout`'s trajectory."""
     from lrkit.masks import blend_target_mask
 
     if height != width:
@@ -55,6 +68,8 @@ def retouch(model: PersonalizedModel, references: References, prompt: str, layou
         embeds = torch.cat([ref.embeds, star.uncond, star.cond, star.uncond, star.cond])
         state = SwapState(ref=0, pairs=pairs, ref_mask=ref.mask, target_mask=torch.zeros(2 * batch, 1, 1))
     state.reference_weight, state.replace = rt.reference_weight, rt.foreground == "replace"
+    if rt.correspondence:
+        state.correspondence = Correspondence(rows=list(range(batch, 2 * batch)))  # the conditional pairs
     store = AttentionStore(rows=list(range(x_c, x_c + batch)), tokens=star.tokens, size=grid)
     chosen = model.store_processors(store, grid)
     if rt.swap:
@@ -78,7 +93,42 @@ def retouch(model: PersonalizedModel, references: References, prompt: str, layou
                 latent_in = torch.cat([ref.trajectory[i], c, c, x, x])
             x = model.guided_step(x, t, embeds, options.guidance_scale, extra, latent_in).prev_sample
             attn = store.take()
-    return x, masks, ref
+    return Retouched(x, masks, ref, state.correspondence)
 
 
-__all__ = ["retouch", "target_sam_masks"]
+def position_colors(grid: tuple[int, int]) -> np.ndarray:
+    """(h*w, 3) uint8: a colour per token of a grid coding its position (red grows to the right, green down)."""
+    h, w = grid
+    ys, xs = np.mgrid[0:h, 0:w]
+    red = xs / max(w - 1, 1) * 255
+    green = ys / max(h - 1, 1) * 255
+    return np.stack([red, green, np.full_like(red, 96.0)], -1).reshape(-1, 3).astype(np.uint8)
+
+
+def correspondence_view(reads_from: torch.Tensor, grid: tuple[int, int], reference: Image.Image,
+                        reference_mask: torch.Tensor, image: Image.Image, mask: torch.Tensor) -> Image.Image:
+    """[the reference, its subject coloured by position | the image, each subject pixel in the colour of the
+    reference position it reads most from]: where the swap finds each part of the subject.
+
+    `reads_from` (h*w,) reference token per target token on `grid`; masks (h, w) at any resolution."""
+    from lrkit.masks import resize_map
+
+    size = image.size
+    colors = position_colors(grid)
+
+    def paint(base: Image.Image, codes: np.ndarray, where: torch.Tensor) -> Image.Image:
+        coded = Image.fromarray(codes.reshape(*grid, 3)).resize(size, Image.Resampling.NEAREST)
+        keep = resize_map(where.float().cpu(), grid) >= 0.5
+        keep = Image.fromarray((keep.numpy() * 255).astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+        grey = base.convert("L").convert("RGB")
+        return Image.composite(Image.blend(grey, coded, 0.75), grey, keep)
+
+    left = paint(center_square(reference.convert("RGB"), size[0]), colors, reference_mask)  # what was inverted
+    right = paint(image.convert("RGB"), colors[reads_from.cpu().numpy()], mask)
+    sheet = Image.new("RGB", (2 * size[0] + 4, size[1]), "white")
+    sheet.paste(left, (0, 0))
+    sheet.paste(right, (size[0] + 4, 0))
+    return sheet
+
+
+__all__ = ["Retouched", "correspondence_view", "position_colors", "retouch", "target_sam_masks"]
