@@ -141,6 +141,11 @@ def sweep_grid(defaults: GenerationOptions) -> list[tuple[str, dict]]:
     grid += [(f"sam_weight={v}", {"sam_weight": v}) for v in (0.0, 1.0) if v != defaults.retouch.sam_weight]
     grid += [(f"mask_threshold={v}", {"mask_threshold": v}) for v in (0.3, 0.7)
              if v != defaults.retouch.mask_threshold]
+    grid += [("foreground=replace", {"foreground": "replace"}), ("reference_weight=8", {"reference_weight": 8.0})]
+    # At a lambda where the layout loses identity: layout only, and the retouch with each way of reading R.
+    grid += [("lam=0.5, layout only", {"lam": 0.5, "mode": "layout"}), ("lam=0.5", {"lam": 0.5}),
+             ("lam=0.5, foreground=replace", {"lam": 0.5, "foreground": "replace"}),
+             ("lam=0.5, reference_weight=8", {"lam": 0.5, "reference_weight": 8.0})]
     return grid
 
 
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.segmenter = ToySegmenter()
         filled = fill_prompts(prompts, pipe.concept)
         for label, overrides in sweep_grid(base):
-            options = base.replace(mode="layout-retouch", **overrides)
+            options = base.replace(**{"mode": "layout-retouch", **overrides})
             folder = work / "sweep" / label.replace("=", "_")
             sweep[label] = summarize(run_method(pipe, filled, seeds, options, folder, subject), subject)
             print(f"sweep {label:<20} {json.dumps(sweep[label])}", flush=True)

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only (no results files)")
     args = parser.parse_args(argv)
-    command = _common.start_run("bench/retouch.py", args.threads, argv)
+    command = _common.start_run("retouch.py", args.threads, argv)
     machine = _common.machine_info("cpu")
     started = time.perf_counter()
 
