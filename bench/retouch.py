@@ -34,6 +34,7 @@ from PIL import Image
 
 import _common
 
+from lrkit.attention import attention_layers
 from lrkit.demo import write_photos
 from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
 from lrkit.reference import reference_concept
@@ -53,6 +54,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # --variants name -> (label, Generati
     "replace": ("replace", dict(foreground="replace")),
     "replace3": ("replace, 3 swap levels", dict(foreground="replace", swap_levels=3)),
     "replace0": ("replace, λ = 0 (swap from step 0)", dict(foreground="replace", lam=0.0)),
+    "late": ("concatenate, swap from 0.6 of the steps", dict(swap_start=0.6)),
+    "replace-all": ("replace, every self-attention layer (encoder too)", dict(foreground="replace", swap_layers="all")),
 }
 
 
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for name in wanted:
         label, fields = VARIANTS[name]
+        if fields.get("swap_layers") == "all":
+            fields = {**fields, "swap_layers": [l.name for l in attention_layers(pipe.pipe.unet) if l.is_self]}
         options = GenerationOptions.of(mode="layout-retouch", num_inference_steps=args.steps,
                                        **{"lam": args.lam, **fields})
         records = []
