@@ -186,20 +186,18 @@ def test_correspondence_view_records_without_changing_the_image(pipes, tmp_path)
 
 
 def test_correspondence_finds_the_reference_token_each_query_matches():
-    from lrkit.inference.processors import Correspondence, SwapState
+    from lrkit.inference.processors import Correspondence
 
     g = torch.Generator().manual_seed(0)
     n, d = 16, 16
     k_ref = torch.eye(n).expand(2, n, d) * 4  # orthogonal keys: each query matches exactly one
     order = torch.randperm(n, generator=g)
     q = k_ref[None, :, order] * 4  # target token i is reference token order[i], sharply
-    k_x = torch.randn(1, 2, n, d, generator=g) * 0.01
     corr = Correspondence(rows=[0])
-    state = SwapState(ref=None, pairs=[(0, None)], ref_mask=torch.ones(4, 4), target_mask=torch.ones(1, 4, 4))
     keep = torch.ones(n, dtype=torch.bool)
-    corr.add(q, k_ref, k_x, keep, (4, 4), state)
+    corr.add(q, k_ref, keep, (4, 4))
     assert torch.equal(corr.reads_from()[0], order) and corr.grid == (4, 4)
-    corr.add(q[:, :, :4], k_ref[:, :4], k_x[:, :, :4], keep[:4], (2, 2), state)  # a coarser layer is left out
+    corr.add(q[:, :, :4], k_ref[:, :4], keep[:4], (2, 2))  # a coarser layer is left out
     assert corr.calls == 1
 
 

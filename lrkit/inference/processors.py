@@ -66,17 +66,16 @@ class Correspondence:
     weights: torch.Tensor | None = None  # (rows, n, n_ref) summed
     calls: int = 0
 
-    def add(self, q, k_ref, k_x, ref_keep, grid: tuple[int, int], state: SwapState) -> None:
-        if self.grid is not None and grid[0] * grid[1] < self.grid[0] * self.grid[1]:
+    def add(self, q, k_ref, ref_keep, grid: tuple[int, int]) -> None:
+        """Add one swap layer's call: `q` (pairs, heads, n, d) the target's queries, `k_ref` (heads, n_ref, d)
+        and `ref_keep` (n_ref,) R's keys and subject. Renormalised over R's subject, the reference weight and the
+        target's own tokens cancel out, so only q·k_R matters."""
+        if not bool(ref_keep.any()) or (self.grid is not None and grid[0] * grid[1] < self.grid[0] * self.grid[1]):
             return
         if self.grid is None or grid != self.grid:  # a finer grid than the one so far: start over there
             self.grid, self.weights, self.calls = grid, None, 0
-        rows = self.rows
-        _, w = reference_attention(q[rows], k_ref, k_ref, k_x[rows], k_x[rows], ref_keep, weight=state.reference_weight,
-                                   replace=state.replace, return_weights=True)
-        n_ref = k_ref.shape[1]
-        on_ref = w[..., :n_ref].float().mean(1)  # (rows, n, n_ref)
-        on_ref = on_ref / on_ref.sum(-1, keepdim=True).clamp_min(1e-12)
+        logits = (q[self.rows] @ k_ref.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (rows, heads, n, n_ref)
+        on_ref = logits.masked_fill(~ref_keep.to(q.device), float("-inf")).softmax(-1).mean(1)  # (rows, n, n_ref)
         self.weights = on_ref if self.weights is None else self.weights + on_ref
         self.calls += 1
 
@@ -141,7 +140,7 @@ class MultiSourceSwapProcessor:
             fg = reference_attention(q[xs], k_ref, v_ref, k[xs], v[xs], ref_keep, weight=state.reference_weight,
                                      replace=state.replace)
             if state.correspondence is not None:
-                state.correspondence.add(q[xs], k_ref, k[xs], ref_keep, token_grid(n, self.aspect), state)
+                state.correspondence.add(q[xs], k_ref, ref_keep, token_grid(n, self.aspect))
             m = blend.to(out.dtype).unsqueeze(1)  # (pairs, 1, n, 1)
             out = out.clone()
             out[xs] = m * fg + (1 - m) * bg.to(out.dtype)
