@@ -38,7 +38,7 @@ from lrkit.attention import attention_layers
 from lrkit.demo import write_photos
 from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
 from lrkit.reference import reference_concept
-from lrkit.toyworld.scorers import (center_and_scale, classify_scene, is_subject, object_color, object_pattern,
+from lrkit.toyworld.scorers import (is_subject, mean_object_color, object_color, object_pattern, retouch_transfer,
                                     segment_object)
 from lrkit.toyworld.subjects import get_subject
 from lrkit.toyworld.world import SCENES
@@ -59,37 +59,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # --variants name -> (label, Generati
 }
 
 
-def mean_color(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
-    return image[mask].mean(0) if mask.sum() >= 8 else None
-
-
 def reference_color(photos: Path) -> np.ndarray:
     """The subject's mean colour over its studio photos (inside the toy segmenter's mask)."""
-    colors = []
-    for path in sorted(photos.glob("*.png")):
-        image = np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
-        color = mean_color(image, segment_object(image))
-        if color is not None:
-            colors.append(color)
-    return np.mean(colors, axis=0)
+    colors = [mean_object_color(Image.open(path)) for path in sorted(photos.glob("*.png"))]
+    return np.mean([c for c in colors if c is not None], axis=0)
 
 
 def score(image: Image.Image, layout: Image.Image, subject, ref_rgb: np.ndarray) -> dict:
     x, lay = (np.asarray(i.convert("RGB")).astype(np.float64) for i in (image, layout))
     mx, ml = segment_object(x), segment_object(lay)
-    record = dict(layout_color=object_color(lay, ml) if ml.any() else None,
-                  color=object_color(x, mx) if mx.any() else None,
-                  pattern=object_pattern(x, mx) if mx.any() else None,
-                  subject=bool(is_subject(x, subject, mx)) if mx.any() else False,
-                  scene_kept=classify_scene(x)[0] == classify_scene(lay)[0])
-    cx, cl = mean_color(x, mx), mean_color(lay, ml)
-    if cx is not None and cl is not None:
-        d_layout, d_ref = np.linalg.norm(cx - cl), np.linalg.norm(cx - ref_rgb)
-        record["transfer"] = float(d_layout / (d_layout + d_ref)) if d_layout + d_ref > 0 else 0.0
-    if mx.any() and ml.any():
-        (x0, y0, _), (x1, y1, _) = center_and_scale(mx), center_and_scale(ml)
-        record["center_moved"] = float(np.hypot(x0 - x1, y0 - y1))
-    return record
+    return dict(layout_color=object_color(lay, ml) if ml.any() else None,
+                color=object_color(x, mx) if mx.any() else None,
+                pattern=object_pattern(x, mx) if mx.any() else None,
+                subject=bool(is_subject(x, subject, mx)) if mx.any() else False,
+                **retouch_transfer(x, lay, ref_rgb))
 
 
 def summarize(records: list[dict], subject) -> dict:

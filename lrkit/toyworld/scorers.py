@@ -437,6 +437,34 @@ def object_color(image: ImageLike, mask: np.ndarray | None = None) -> str:
     return max(scores, key=scores.get)
 
 
+def mean_object_color(image: ImageLike, mask: np.ndarray | None = None) -> np.ndarray | None:
+    """The object's mean RGB (inside `mask`, by default `segment_object`); None under 8 pixels."""
+    p = _pixels(image)
+    mask = segment_object(p) if mask is None else np.asarray(mask, dtype=bool)
+    return p[mask].mean(0) if mask.sum() >= 8 else None
+
+
+def retouch_transfer(image: ImageLike, layout: ImageLike, reference_rgb: np.ndarray) -> dict:
+    """How far stage 2 moved the layout's object towards a reference's look, and what it kept.
+
+    With m_L, m_X the layout's and the image's mean object colour and m_R the reference's,
+    `transfer` = d(m_X, m_L) / (d(m_X, m_L) + d(m_X, m_R)): 0 is the layout's look, 1 the reference's.
+    `scene_kept`: the image's scene is the layout's; `center_moved`: distance between the two objects'
+    centres in image widths. A key is absent where an object is not found.
+    """
+    x, lay = _pixels(image), _pixels(layout)
+    mx, ml = segment_object(x), segment_object(lay)
+    record: dict = dict(scene_kept=classify_scene(x)[0] == classify_scene(lay)[0])
+    cx, cl = mean_object_color(x, mx), mean_object_color(lay, ml)
+    if cx is not None and cl is not None:
+        d_layout, d_ref = np.linalg.norm(cx - cl), np.linalg.norm(cx - np.asarray(reference_rgb, float))
+        record["transfer"] = float(d_layout / (d_layout + d_ref)) if d_layout + d_ref > 0 else 0.0
+    if mx.any() and ml.any():
+        (x0, y0, _), (x1, y1, _) = center_and_scale(mx), center_and_scale(ml)
+        record["center_moved"] = float(np.hypot(x0 - x1, y0 - y1))
+    return record
+
+
 def pattern_features(image: ImageLike, mask: np.ndarray, color: str) -> np.ndarray:
     """[shade share, energy share near vertical / horizontal / diagonal frequencies] of the object.
 
@@ -584,12 +612,14 @@ __all__ = [
     "identity_components",
     "is_subject",
     "layout_diversity",
+    "mean_object_color",
     "object_regions",
     "objects_found",
     "object_color",
     "object_pattern",
     "pattern_features",
     "pattern_scores",
+    "retouch_transfer",
     "scene_scores",
     "score_image",
     "segment_object",
