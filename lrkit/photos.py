@@ -1,13 +1,19 @@
 """The user's photos: a folder of images (with optional same-stem `.txt` captions), a local `datasets`
 dataset or a hub id, read into RGB `Photo`s; every unusable file is reported together in one `DataError`.
-Training and reference concepts both start here."""
+Training and reference concepts both start here.
+
+Every image is checked against a pixel budget from its header before it is decoded (`pixel_budget`:
+40 megapixels unless `max_pixels` or the environment variable LRKIT_MAX_PIXELS says otherwise)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import re
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +32,11 @@ _DATASET_FILE_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv", ".json", ".jsonl
 _SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 # What PIL raises for files it cannot decode (truncated data, wrong format, bad headers).
 _IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+MAX_PIXELS_ENV = "LRKIT_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 40_000_000
+"""The pixel budget of one image (width x height) unless LRKIT_MAX_PIXELS or a `max_pixels` argument says
+otherwise (120 MB once decoded as RGB). Larger images are refused before decoding; training resizes every
+photo to `data.resolution`, so a downscaled copy loses nothing."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _WHITE = (255, 255, 255)
 
@@ -58,15 +69,19 @@ def load_images(
     image_column: str | None = None,
     caption_column: str | None = None,
     split: str = "train",
+    max_pixels: int | None = None,
 ) -> list[Photo]:
     """Load training photos from a folder, a local `datasets` dataset, or a Hugging Face hub id.
 
     A folder is read non-recursively: files ending in `IMAGE_SUFFIXES` (any case) sorted by name,
-    each with an optional same-stem `.txt` caption. Every unreadable or too-small image is
-    reported together in one `DataError`.
+    each with an optional same-stem `.txt` caption; hidden files (`._x.jpg`) are left out. Every
+    unreadable, too-small or too-large image, and every entry named like a photo that is no file (a
+    folder, a FIFO, a broken symlink or symlink loop), is reported together in one `DataError`.
+    `max_pixels`: the pixel budget of one image (default: `pixel_budget()`).
     """
     if min_size < 1:
         raise DataError(f"min_size must be a positive number of pixels, got {min_size}")
+    limit = pixel_budget(max_pixels)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere; truncated photos will load "
@@ -76,24 +91,61 @@ def load_images(
     if path.is_dir():
         if any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS):
             dataset = _load_saved_dataset(path)
-        elif not image_files(path) and _has_dataset_files(path):
+        elif not any(_scan_folder(path)) and _has_dataset_files(path):
             dataset = _load_dataset(str(path), split)
         else:
-            return _folder_photos(path, min_size)
-        return _dataset_photos(dataset, str(path), split, min_size, image_column, caption_column)
+            return _folder_photos(path, min_size, limit)
+        return _dataset_photos(dataset, str(path), split, min_size, image_column, caption_column, limit)
     if path.exists():
         raise DataError(f"{path} is a file; pass the folder that holds the photos (or a `save_to_disk` folder)")
     if isinstance(source, str) and _HUB_ID.match(source) and ".." not in source:
         dataset = _load_dataset(source, split)
-        return _dataset_photos(dataset, source, split, min_size, image_column, caption_column)
+        return _dataset_photos(dataset, source, split, min_size, image_column, caption_column, limit)
     raise DataError(f"photo folder {path} does not exist; pass a folder of .jpg/.jpeg/.png/.webp photos")
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The photos directly in `folder`, sorted by name; hidden files (e.g. macOS `._x.jpg`) skipped."""
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+    """The photos directly in `folder`, sorted by name; hidden files (e.g. macOS `._x.jpg`) left out. Entries
+    named like a photo that are no file (a folder, a FIFO, a broken symlink) are left out with a warning that
+    names each and why."""
+    files, skipped = _scan_folder(folder)
+    if skipped:
+        logger.warning("%d entries in %s are named like images but cannot be read, and are skipped: %s",
+                       len(skipped), folder, "; ".join(skipped))
+    return files
+
+
+def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    """(image files directly in `folder` sorted by name, "name: why" of each entry named like an image that
+    is not a regular file). Hidden entries are in neither list."""
+    files: list[Path] = []
+    skipped: list[str] = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        why = _not_a_file(path)
+        if why is None:
+            files.append(path)
+        else:
+            skipped.append(f"{path.name}: {why}")
+    return files, skipped
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` is not a regular file that can be opened for reading, or None when it is one."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except OSError as err:
+        if path.is_symlink():
+            return (f"a symlink loop ({err.strerror}); remove it" if err.errno == errno.ELOOP else
+                    f"a symlink to {os.readlink(path)!r}, which cannot be read ({err.strerror}); fix or remove it")
+        return f"cannot be read ({err.strerror or err}); fix its permissions or remove it"
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image (subfolders are not searched); rename or move it"
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        return f"{kind}, not an image file; remove it"
+    return None
 
 
 def _has_dataset_files(folder: Path) -> bool:
@@ -101,17 +153,17 @@ def _has_dataset_files(folder: Path) -> bool:
     return any(p.suffix.lower() in _DATASET_FILE_SUFFIXES and p.is_file() for p in candidates)
 
 
-def _folder_photos(folder: Path, min_size: int) -> list[Photo]:
-    files = image_files(folder)
-    if not files:
+def _folder_photos(folder: Path, min_size: int, max_pixels: int) -> list[Photo]:
+    files, skipped = _scan_folder(folder)
+    if not files and not skipped:
         nested = sorted({p.parent.name for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES})
         hint = f" (subfolders are not searched; found images in {', '.join(nested)}/)" if nested else ""
         raise DataError(f"no .jpg/.jpeg/.png/.webp images in {folder}{hint}")
     photos: list[Photo] = []
-    problems: list[str] = []
+    problems: list[str] = list(skipped)
     for file in files:
         try:
-            image = read_image(file, file.name, min_size)
+            image = read_image(file, file.name, min_size, max_pixels)
             caption = _read_caption(file)
         except DataError as err:
             problems.append(str(err))
@@ -142,10 +194,64 @@ def raise_if_problems(problems: list[str], where: str) -> None:
         raise DataError(f"{len(problems)} unusable image(s) in {where}; fix or remove them and try again:\n{lines}")
 
 
-def read_image(fp: str | os.PathLike | IO[bytes], name: str, min_size: int) -> Image.Image:
-    """Decode an image fully (truncated files fail), apply EXIF orientation, convert to RGB."""
+def pixel_budget(max_pixels: int | None = None) -> int:
+    """The pixel budget of one image: `max_pixels` when given, else $LRKIT_MAX_PIXELS, else 40 megapixels."""
+    if max_pixels is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_PIXELS
+        try:
+            max_pixels = int(text)
+        except ValueError:
+            raise DataError(f"{MAX_PIXELS_ENV}={text!r} is not a whole number of pixels; set it like "
+                            f"{MAX_PIXELS_ENV}=60000000, or unset it for the default {DEFAULT_MAX_PIXELS}") from None
+        if max_pixels < 1:
+            raise DataError(f"{MAX_PIXELS_ENV}={text!r} must be a positive number of pixels, e.g. 60000000")
+        return max_pixels
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise DataError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
+    return max_pixels
+
+
+def check_pixels(image: Image.Image, name: str, max_pixels: int | None = None) -> None:
+    """Raise `DataError` when an opened (not yet decoded) image has more pixels than the budget; PIL reads
+    the size from the header, so nothing large is decoded first."""
+    limit = pixel_budget(max_pixels)
+    width, height = image.size
+    if width * height > limit:
+        raise DataError(
+            f"{name}: {width}x{height} px ({width * height / 1e6:.1f} megapixels) is over the budget of "
+            f"{limit / 1e6:g} megapixels per image; downscale it, or raise the budget with {MAX_PIXELS_ENV}=<pixels>"
+        )
+
+
+def open_image(fp: str | os.PathLike | IO[bytes], name: str, max_pixels: int | None = None) -> Image.Image:
+    """`PIL.Image.open` (lazy: the header only) with the pixel budget checked; a `DataError` names the file."""
+    limit = pixel_budget(max_pixels)
     try:
-        with Image.open(fp) as raw:
+        with warnings.catch_warnings():  # the budget below is stricter than PIL's decompression-bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(fp)
+    except Image.DecompressionBombError as err:  # over twice PIL's own limit, refused by PIL from the header
+        raise DataError(f"{name}: too many pixels ({err}); downscale it (lrkit's budget is {limit / 1e6:g} "
+                        f"megapixels per image, {MAX_PIXELS_ENV})") from err
+    except _IMAGE_READ_ERRORS as err:
+        raise DataError(f"{name}: not a readable image ({err}); re-export it or remove it") from err
+    try:
+        check_pixels(image, name, limit)
+    except DataError:
+        image.close()
+        raise
+    return image
+
+
+def read_image(fp: str | os.PathLike | IO[bytes], name: str, min_size: int,
+               max_pixels: int | None = None) -> Image.Image:
+    """Decode an image fully (truncated files fail), apply EXIF orientation, convert to RGB. The pixel budget
+    (`max_pixels`, default `pixel_budget()`) is checked from the header before anything is decoded."""
+    raw = open_image(fp, name, max_pixels)
+    try:
+        with raw:
             raw.load()  # decodes everything now; truncated data raises (LOAD_TRUNCATED_IMAGES is False)
             image = ImageOps.exif_transpose(raw)
             image = to_rgb(image)
@@ -211,6 +317,7 @@ def _dataset_photos(
     min_size: int,
     image_column: str | None,
     caption_column: str | None,
+    max_pixels: int,
 ) -> list[Photo]:
     import datasets
 
@@ -244,7 +351,7 @@ def _dataset_photos(
     for i, row in enumerate(rows):
         name = f"dataset[{i}]"
         try:
-            image = read_image(_image_source(row[image_column], name), name, min_size)
+            image = read_image(_image_source(row[image_column], name), name, min_size, max_pixels)
         except DataError as err:
             problems.append(str(err))
             continue

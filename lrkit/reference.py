@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lrkit.concept import Concept, ConceptError, TokenSpec, write_bundle, write_refs
+from lrkit.concept import Concept, ConceptError, TokenSpec, concept_slug, write_bundle, write_refs
 from lrkit.version import __version__
 
 REFERENCE_METHOD = "reference"
@@ -79,7 +79,7 @@ def reference_concept(photos, class_word: str, out_dir: str | os.PathLike, *, ba
         resolution = default_resolution(str(base)) if isinstance(base, (str, os.PathLike)) else 512
     out = Path(out_dir)
     concept = Concept(
-        name=name or out.name, method=REFERENCE_METHOD, tokens=[TokenSpec(word)], class_word=word,
+        name=name or concept_slug(out.resolve().name), method=REFERENCE_METHOD, tokens=[TokenSpec(word)], class_word=word,
         base=fingerprint(pipe), resolution=int(resolution), training={"photos": [p.name for p in images]},
         lrkit_version=__version__,
     )

@@ -62,10 +62,16 @@ def write_manifest(folder, data) -> None:
 
 
 def touch(folder, *rels) -> None:
+    """Placeholder files: a 1x1 PNG for `.png` names (`Concept.load` reads pictures' headers), else one byte."""
+    from PIL import Image
+
     for rel in rels:
         p = folder / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"x")
+        if p.suffix == ".png":
+            Image.new("L", (1, 1)).save(p)
+        else:
+            p.write_bytes(b"x")
 
 
 def latents(pipe, seed: int = 0) -> torch.Tensor:
@@ -107,10 +113,10 @@ def test_manifest_round_trip_through_a_written_bundle(tmp_path):
         (lambda d: d.update(tokens=[]), "'tokens' is empty"),
         (lambda d: d.pop("class_word"), "missing field(s) ['class_word']"),
         (lambda d: (d.pop("base"), d.pop("resolution")), "missing field(s) ['base', 'resolution']"),
-        (lambda d: d.update(tokens=[{"learned": True}]), "malformed field"),
-        (lambda d: d.update(base={"id": "x"}), "malformed field"),
-        (lambda d: d.update(resolution="big"), "malformed field"),
-        (lambda d: d.update(tokens=[{"token": ""}]), "every token must be a non-empty word"),
+        (lambda d: d.update(tokens=[{"learned": True}]), "'tokens[0]' is missing ['token']"),
+        (lambda d: d.update(base={"id": "x"}), "'base' is missing ['unet_config_sha256']"),
+        (lambda d: d.update(resolution="big"), "'resolution' must be a whole number, got str 'big'"),
+        (lambda d: d.update(tokens=[{"token": ""}]), "'tokens[0].token' must not be empty"),
         (lambda d: d.update(tokens=[{"token": "<a>"}, {"token": "<a>"}]), "tokens are not unique"),
     ],
     ids=["schema", "no-schema", "method", "empty-tokens", "missing-one", "missing-two", "token-no-name", "base",
@@ -301,7 +307,7 @@ def test_apply_textual_inversion_multi_vector(tmp_path, tiny_pipe):
     assert pipe.maybe_convert_prompt("a <sks> vase", pipe.tokenizer) == "a <sks> <sks>_1 vase"
     assert pipe.tokenizer("a <sks> vase").input_ids[2] == ids[0]
 
-    with pytest.raises(ConceptError, match="'<sks>' is already in this pipeline's tokenizer"):
+    with pytest.raises(ConceptError, match="token '<sks>' is already in the tokenizer.*applied twice"):
         concept.apply(pipe)
     assert len(pipe.tokenizer) == vocab_before + 2
 

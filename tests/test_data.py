@@ -199,6 +199,77 @@ def test_all_bad_files_reported_in_one_error(tmp_path):
         assert good not in message
 
 
+def png_claiming(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims `width` x `height` but whose pixel data is a few bytes: decoding it fails, so
+    an error naming the pixel budget came from the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+
+
+def test_pixel_budget_is_checked_from_the_header_before_decoding(tmp_path):
+    folder = photo_folder(tmp_path)
+    png_claiming(folder / "huge.png", 10000, 5000)  # 50 MP: over the 40 MP default, under PIL's own limits
+    png_claiming(folder / "bomb.png", 30000, 30000)  # 900 MP: PIL itself refuses it from the header
+    with pytest.raises(DataError) as info:
+        load_images(folder)
+    message = str(info.value)
+    assert message.startswith("2 unusable image(s)")
+    assert "huge.png: 10000x5000 px (50.0 megapixels) is over the budget of 40 megapixels" in message
+    assert "bomb.png: too many pixels" in message and message.count("LRKIT_MAX_PIXELS") == 2
+
+
+def test_pixel_budget_comes_from_the_argument_or_LRKIT_MAX_PIXELS(tmp_path, monkeypatch):
+    folder = photo_folder(tmp_path)  # the largest photo is 100x100
+    with pytest.raises(DataError, match=r"02\.png: 100x100 px .* budget of 0\.009 megapixels"):
+        load_images(folder, max_pixels=9_000)
+    assert len(load_images(folder, max_pixels=10_000)) == 3
+    monkeypatch.setenv("LRKIT_MAX_PIXELS", "9000")
+    with pytest.raises(DataError, match=r"02\.png: 100x100 px"):
+        load_images(folder)
+    monkeypatch.setenv("LRKIT_MAX_PIXELS", "40 MP")
+    with pytest.raises(DataError, match="LRKIT_MAX_PIXELS='40 MP' is not a whole number of pixels"):
+        load_images(folder)
+    with pytest.raises(DataError, match="max_pixels must be a positive number"):
+        load_images(folder, max_pixels=0)
+
+
+def test_entries_named_like_photos_that_are_no_files_are_reported_by_name_and_reason(tmp_path):
+    import os
+
+    folder = photo_folder(tmp_path)
+    (folder / "album.jpg").mkdir()
+    os.symlink(folder / "loop_b.png", folder / "loop_a.png")
+    os.symlink(folder / "loop_a.png", folder / "loop_b.png")
+    os.symlink(tmp_path / "gone.jpg", folder / "dangling.jpg")
+    os.mkfifo(folder / "pipe.webp")
+    with pytest.raises(DataError) as info:
+        load_images(folder)
+    message = str(info.value)
+    assert message.startswith("5 unusable image(s)")
+    for expected in ("album.jpg: a folder, not an image", "loop_a.png: a symlink loop", "loop_b.png: a symlink loop",
+                     "dangling.jpg: a symlink to", "pipe.webp: a FIFO, not an image file"):
+        assert expected in message
+    for good in ("00.png", "01.png", "02.png"):
+        assert good not in message
+
+
+def test_image_files_warns_about_each_entry_it_skips(tmp_path, caplog):
+    from lrkit.photos import image_files
+
+    folder = photo_folder(tmp_path)
+    (folder / "album.jpg").mkdir()
+    with caplog.at_level("WARNING", logger="lrkit.photos"):
+        files = image_files(folder)
+    assert [f.name for f in files] == ["00.png", "01.png", "02.png"]
+    assert "album.jpg: a folder, not an image" in caplog.text
+
+
 def test_source_that_is_a_file(tmp_path):
     gradient(64, 64).save(tmp_path / "single.png")
     with pytest.raises(DataError, match="single.png is a file"):

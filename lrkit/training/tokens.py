@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrkit.concept import token_clash
+
 
 class NewTokenEmbedding(nn.Module):
     """The text encoder's token embedding: a frozen vocabulary plus trainable rows for new tokens.
@@ -64,18 +66,21 @@ def expand_prompt(prompt: str, tokenizer) -> str:
 def add_new_tokens(tokenizer, text_encoder, tokens: list[tuple[str, int, str]]) -> NewTokenEmbedding:
     """Add `(token, num_vectors, initializer_word)` entries and make only their rows trainable.
 
-    Each new vector starts as the mean embedding of the initializer word's sub-tokens.
+    Every name added (`expanded_token_names`) must be new to the tokenizer in every form (`token_clash`:
+    word-final `teapot</w>` included, one whitespace-free word). Each new vector starts as the mean embedding
+    of the initializer word's sub-tokens.
     """
     embedding = text_encoder.get_input_embeddings()
     if isinstance(embedding, NewTokenEmbedding):
         raise ValueError("new tokens were already added to this text encoder")
     names = [n for token, num, _ in tokens for n in expanded_token_names(token, num)]
-    clashes = [n for n in names if _is_known_word(tokenizer, n)]
-    if clashes:
-        raise ValueError(
-            f"token(s) {clashes} already mean something to the tokenizer; choose a new token such as "
-            f"'<my-{clashes[0].strip('<>')}>' (data.token)"
-        )
+    vocab = tokenizer.get_vocab()
+    for name in names:
+        why = token_clash(tokenizer, name, vocab)
+        if why is not None:
+            suggestion = "-".join(name.strip("<>").split())
+            raise ValueError(f"token {name!r} {why}; a learned token must be new to the tokenizer: choose one such "
+                             f"as '<my-{suggestion}>' (data.token)")
     rows = []  # initialisers are read before the new tokens exist (a new token may spell a word)
     with torch.no_grad():
         for token, num, initializer in tokens:
@@ -90,14 +95,6 @@ def add_new_tokens(tokenizer, text_encoder, tokens: list[tuple[str, int, str]]) 
     module = NewTokenEmbedding(embedding, torch.cat(rows, dim=0))
     text_encoder.set_input_embeddings(module)
     return module
-
-
-def _is_known_word(tokenizer, name: str) -> bool:
-    """True if `name` is in the vocabulary or the tokenizer reads it as one existing token (`vase`)."""
-    if name in tokenizer.get_vocab():
-        return True
-    pieces = tokenizer.tokenize(name)
-    return len(pieces) == 1 and pieces[0] in tokenizer.get_vocab()
 
 
 def learned_embeddings(tokenizer, text_encoder, tokens: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
