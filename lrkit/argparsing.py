@@ -81,6 +81,7 @@ def plain_argument_parser(prog: str, description: str | None = None, **kwargs) -
 
 # ------------------------------------------------------------------------------------ messages
 
+NON_FINITE = {"inf", "infinity", "nan"}  # what float() reads as infinite or NaN (jsonargparse refuses them as text)
 _UNRECOGNIZED = "unrecognized arguments: "
 _REQUIRED = "the following arguments are required: "
 _UNKNOWN_KEY = re.compile(r"Option '(?P<key>[^']+)' is not accepted")  # a config file's or dict's key
@@ -121,6 +122,8 @@ def describe_error(parser: argparse.ArgumentParser, message: str, given: Sequenc
     bad_value = _BAD_VALUE.fullmatch(message)
     if bad_value:
         expected = bad_value["expected"] or " or ".join(bad_value["union"].split(", "))
+        if "float" in expected.split(" or ") and bad_value["value"].strip().lower().lstrip("+-") in NON_FINITE:
+            return f"--{bad_value['key']} must be a finite number, got {bad_value['value']!r}"
         return f"--{bad_value['key']}: expected {expected}, got {bad_value['value']!r}"
     message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
     return " ".join(message.split())

@@ -1,8 +1,17 @@
-"""`lrkit` command line: one map from subcommands to library functions."""
+"""`lrkit` command line: one map from subcommands to library functions.
+
+Errors: a refused command line, lrkit's own errors (`ConceptError`, `DataError`, `ConfigError`, `TrainingError`,
+`EvalError`, `BaseModelError`, ... — every exception class defined in lrkit) and ordinary user-input errors
+(`ValueError`, `OSError` such as a missing file, `ImportError` of an optional dependency) print one line,
+`lrkit COMMAND: error: ...`, and exit with code 2. Anything else is a bug: one line saying so, exit code 1.
+`--debug` (or LRKIT_DEBUG=1) prints the traceback as well.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Callable
 
 from lrkit.argparsing import CommandLineError, argument_parser, plain_argument_parser, suggest
@@ -54,13 +63,26 @@ def _generation_parser(prog: str, description: str):
     return parser
 
 
-def _prompts(args) -> list[str]:
+def _prompts(args, prog: str) -> list[str]:
     from lrkit.jobs import read_prompts
 
+    blank = [p for p in args.prompt if not p.strip()]
+    if blank:
+        raise CommandLineError(prog, f"--prompt {blank[0]!r} is empty; give the text of a prompt")
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
-        raise ValueError("give --prompt TEXT or --prompts FILE")
+        raise CommandLineError(prog, "give --prompt TEXT or --prompts FILE")
     return prompts
+
+
+def _seeds(args, prog: str) -> list[int]:
+    seeds = list(args.seeds)
+    if not seeds:
+        raise CommandLineError(prog, "--seeds is empty; give at least one seed, e.g. [0,1]")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise CommandLineError(prog, f"--seeds lists {twice} more than once; give each seed once")
+    return seeds
 
 
 def _generate(argv: list[str]) -> int:
@@ -77,6 +99,7 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--token", default=None,
                         help="multi-concept bundles: the token '{}' stands for and layout-retouch retouches in")
     args = parser.instantiate(parser.parse_args(argv))
+    prompts, seeds = _prompts(args, parser.prog), _seeds(args, parser.prog)
     concept = Concept.load(args.concept)
     if args.token is not None:
         concept = concept.for_token(args.token)
@@ -88,9 +111,9 @@ def _generate(argv: list[str]) -> int:
         if args.base:
             raise
         raise recorded_base_error(err, base) from err
-    prompts = fill_prompts(_prompts(args), pipeline.concept, require_token=args.options.mode != "vanilla")
+    prompts = fill_prompts(prompts, pipeline.concept, require_token=args.options.mode != "vanilla")
     out = args.out or "outputs/generate"
-    generate_to_folder(pipeline, prompts, args.seeds, out, args.options, intermediates=args.intermediates,
+    generate_to_folder(pipeline, prompts, seeds, out, args.options, intermediates=args.intermediates,
                        skip_existing=False, layout_image=args.layout_image)
     print(out)
     return 0
@@ -105,15 +128,34 @@ def _run(argv: list[str]) -> int:
     parser.add_argument("--method", default="lora", help="training method (lora, dreambooth, textual_inversion, pivotal)")
     parser.add_argument("--max_steps", type=int | None, default=None, help="training steps (default: the method's)")
     parser.add_argument("--resolution", type=int | None, default=None, help="training and generation resolution")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --out holds from other inputs: train the concept again and make its images again")
     args = parser.instantiate(parser.parse_args(argv))
-    train = {"max_steps": args.max_steps} if args.max_steps else {}
-    options = args.options
-    sheet = photos_to_images(args.photos, args.class_word, _prompts(args), base=args.base,
-                             out_dir=args.out or "outputs/run", method=args.method, seeds=args.seeds,
-                             options=options, resolution=args.resolution,
-                             train_overrides=train, sam_checkpoint=args.sam_checkpoint, intermediates=True)
+    train = {"max_steps": args.max_steps} if args.max_steps is not None else {}
+    prompts, seeds = _prompts(args, parser.prog), _seeds(args, parser.prog)
+    _check_run_training(parser.prog, args, prompts, train)
+    sheet = photos_to_images(args.photos, args.class_word, prompts, base=args.base,
+                             out_dir=args.out or "outputs/run", method=args.method, seeds=seeds,
+                             options=args.options, resolution=args.resolution,
+                             train_overrides=train, sam_checkpoint=args.sam_checkpoint, intermediates=True,
+                             overwrite=args.overwrite)
     print(sheet)
     return 0
+
+
+def _check_run_training(prog: str, args, prompts: list[str], train: dict) -> None:
+    """Refuse, before any work, what the training half of `lrkit run` would refuse later: its options (as the
+    training config checks them) and prompts that name neither '{}' nor the concept's token."""
+    from lrkit.training.config import load_config
+
+    data = {"photos": args.photos, "class_word": args.class_word}
+    if args.resolution is not None:
+        data["resolution"] = args.resolution
+    token = load_config({"method": args.method, "data": data}, **train).token
+    missing = [p for p in prompts if "{}" not in p and token not in p]
+    if missing:
+        raise CommandLineError(prog, f"prompt {missing[0]!r} mentions neither '{{}}' (which becomes "
+                                     f"'{token} {args.class_word}') nor the concept token {token!r}")
 
 
 def _demo(argv: list[str]) -> int:
@@ -131,7 +173,9 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEMO_SEEDS), help="seeds")
     parser.add_argument("--max-steps", type=int, default=None, help="LoRA training steps (default: the toy recipe's)")
     args = parser.parse_args(argv)
-    train = {"max_steps": args.max_steps} if args.max_steps else None
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CommandLineError(parser.prog, f"--max-steps must be >= 1, got {args.max_steps}")
+    train = {"max_steps": args.max_steps} if args.max_steps is not None else None
     result = run_demo(args.out, subject=args.subject, prompts=args.prompt or DEMO_PROMPTS, seeds=args.seeds,
                       train_overrides=train)
     print(result.summary())
@@ -184,11 +228,13 @@ def _show_field_docstrings() -> None:
 
 
 VERBOSE_FLAGS = {"-v": 1, "--verbose": 1, "-vv": 2}
+DEBUG_FLAG = "--debug"
 
-USAGE = """usage: lrkit [-v | -vv] COMMAND [options]   (lrkit COMMAND --help for its options)
+USAGE = """usage: lrkit [-v | -vv] [--debug] COMMAND [options]   (lrkit COMMAND --help for its options)
 
   -v, --verbose  also show the INFO logging of third-party libraries (diffusers, transformers, ...)
-                 and their console messages lrkit leaves out; -vv: DEBUG logging. Before or after COMMAND"""
+                 and their console messages lrkit leaves out; -vv: DEBUG logging. Before or after COMMAND
+  --debug        print the traceback of an error, not only its one-line message (also: LRKIT_DEBUG=1)"""
 
 
 def _split_verbosity(argv: list[str]) -> tuple[list[str], int]:
@@ -199,10 +245,27 @@ def _split_verbosity(argv: list[str]) -> tuple[list[str], int]:
     return rest, sum(flags)
 
 
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`argv` without `--debug` (before any `--`), and whether it asks for tracebacks (or LRKIT_DEBUG=1 does)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a != DEBUG_FLAG] + argv[end:]
+    return rest, len(rest) < len(argv) or os.environ.get("LRKIT_DEBUG", "") not in ("", "0")
+
+
+def is_user_error(err: BaseException) -> bool:
+    """An error whose message tells the user what to fix: one of lrkit's own (any exception class defined in
+    lrkit) or an ordinary user-input error (a bad value, a missing or unreadable file, a missing optional
+    dependency). Anything else is a bug."""
+    if any(cls.__module__.split(".")[0] == "lrkit" for cls in type(err).__mro__):
+        return True
+    return isinstance(err, (ValueError, OSError, ImportError))
+
+
 def main(argv: list[str] | None = None) -> int:
     from lrkit.logs import configure_console
 
-    argv, verbosity = _split_verbosity(list(sys.argv[1:] if argv is None else argv))
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    argv, verbosity = _split_verbosity(argv)
     configure_console(verbosity)
     if not argv or argv[0] in ("-h", "--help"):
         lines = [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -217,11 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     _show_field_docstrings()
     try:
         return command(argv[1:])
-    except CommandLineError as err:  # a refused option or value, as argparse exits: code 2
+    except CommandLineError as err:  # a refused option or value: code 2, as argparse exits
         print(f"{err.prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # ConceptError is a ValueError
-        print(f"lrkit {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lrkit {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        message = str(err) or type(err).__name__
+        if is_user_error(err):
+            print(f"lrkit {argv[0]}: error: {message}", file=sys.stderr)
+            return 2
+        hint = "" if debug else "; run with --debug for the traceback"
+        print(f"lrkit {argv[0]}: error: unexpected {type(err).__name__}: {message} (a bug in lrkit{hint})",
+              file=sys.stderr)
         return 1
 
 

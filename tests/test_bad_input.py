@@ -59,7 +59,7 @@ def test_bad_photos(case, tmp_path, capsys):
         folder.mkdir()
     else:
         folder = photos_with(tmp_path, name, writer)
-    assert train(tmp_path, folder) == 1
+    assert train(tmp_path, folder) == 2
     err = capsys.readouterr().err
     assert expected in err, err
     assert_nothing_written(tmp_path)
@@ -67,7 +67,7 @@ def test_bad_photos(case, tmp_path, capsys):
 
 def test_small_image_message_says_size_and_minimum(tmp_path, capsys):
     folder = photos_with(tmp_path, "tiny.png", lambda p: good_photo(p, 16))
-    assert train(tmp_path, folder) == 1
+    assert train(tmp_path, folder) == 2
     err = capsys.readouterr().err
     assert "16x16" in err and "32" in err  # demo resolution 64 -> minimum short side 32
 
@@ -81,21 +81,21 @@ def ok_photos(tmp_path) -> Path:
 
 
 def test_caption_template_without_token(tmp_path, ok_photos, capsys):
-    assert train(tmp_path, ok_photos, "--data.caption_template", "a photo of a {class}") == 1
+    assert train(tmp_path, ok_photos, "--data.caption_template", "a photo of a {class}") == 2
     err = capsys.readouterr().err
     assert "caption_template" in err and "{token}" in err
     assert_nothing_written(tmp_path)
 
 
 def test_unknown_method(tmp_path, ok_photos, capsys):
-    assert train(tmp_path, ok_photos, "--method", "hypernetwork") == 1
+    assert train(tmp_path, ok_photos, "--method", "hypernetwork") == 2
     err = capsys.readouterr().err
     assert "hypernetwork" in err and "lora" in err and "dreambooth" in err
     assert_nothing_written(tmp_path)
 
 
 def test_missing_photo_folder(tmp_path, capsys):
-    assert train(tmp_path, tmp_path / "nowhere") == 1
+    assert train(tmp_path, tmp_path / "nowhere") == 2
     assert "nowhere" in capsys.readouterr().err
     assert_nothing_written(tmp_path)
 
@@ -104,23 +104,23 @@ def test_existing_bundle_is_not_overwritten_without_flag(tmp_path, ok_photos, ca
     (tmp_path / "out" / "concept").mkdir(parents=True)
     (tmp_path / "out" / "concept" / "keep.txt").write_text("mine")
     assert main(["train", "--config", str(ROOT / "configs/demo.yaml"), "--data.photos", str(ok_photos),
-                 "--output_dir", str(tmp_path / "out"), "--overwrite", "false"]) == 1
+                 "--output_dir", str(tmp_path / "out"), "--overwrite", "false"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "concept" / "keep.txt").read_text() == "mine"
 
 
 def test_ti_token_already_in_vocabulary(tmp_path, ok_photos, capsys):
-    assert train(tmp_path, ok_photos, "--method", "textual_inversion", "--data.token", "vase") == 1
+    assert train(tmp_path, ok_photos, "--method", "textual_inversion", "--data.token", "vase") == 2
     err = capsys.readouterr().err
     assert "vase" in err and "data.token" in err
     assert_nothing_written(tmp_path)
 
 
 def test_export_of_a_missing_or_foreign_checkpoint(tmp_path, capsys):
-    assert main(["export", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "b")]) == 1
+    assert main(["export", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "b")]) == 2
     assert "none.ckpt" in capsys.readouterr().err
     fake = tmp_path / "fake.ckpt"
     fake.write_bytes(b"\x80\x04not a checkpoint")
-    assert main(["export", str(fake), "--out", str(tmp_path / "b")]) == 1
+    assert main(["export", str(fake), "--out", str(tmp_path / "b")]) == 2
     assert "fake.ckpt" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

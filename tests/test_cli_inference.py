@@ -90,13 +90,13 @@ def test_generate_with_config_file(bundle, tmp_path):
 
 def test_generate_errors(bundle, tmp_path, capsys):
     concept = bundle
-    assert main(["generate", "--base", "tiny-random", "--concept", concept, "--prompt", "a vase", "--out", str(tmp_path / "x")]) == 1
+    assert main(["generate", "--base", "tiny-random", "--concept", concept, "--prompt", "a vase", "--out", str(tmp_path / "x")]) == 2
     assert "sks" in capsys.readouterr().err
-    assert main(["generate", "--concept", concept, "--out", str(tmp_path / "x")]) == 1
+    assert main(["generate", "--concept", concept, "--out", str(tmp_path / "x")]) == 2
     assert "--prompt" in capsys.readouterr().err
-    assert main(["generate", "--concept", str(tmp_path / "nope"), "--prompt", "{}"]) == 1
+    assert main(["generate", "--concept", str(tmp_path / "nope"), "--prompt", "{}"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert main(["generate", "--base", "tiny-random:1", "--concept", concept, "--prompt", "{}"]) == 1
+    assert main(["generate", "--base", "tiny-random:1", "--concept", concept, "--prompt", "{}"]) == 2
     assert "tiny-random" in capsys.readouterr().err
 
 
@@ -124,7 +124,7 @@ def test_generate_without_base_uses_the_concepts_recorded_base(concept_on_seed_1
             "--options.num_inference_steps", "2", "--options.mode", "personalized"]
     assert main([*args, "--out", str(out)]) == 0  # tiny-random:1 loaded; tiny-random would fail the base check
     assert (out / "p000_s0.png").is_file()
-    assert main([*args, "--base", "tiny-random", "--out", str(tmp_path / "other")]) == 1
+    assert main([*args, "--base", "tiny-random", "--out", str(tmp_path / "other")]) == 2
     assert "tiny-random:1" in capsys.readouterr().err
 
 
@@ -137,7 +137,7 @@ def test_a_recorded_base_that_cannot_be_loaded_names_it_and_the_fix(concept_on_s
     manifest = json.loads((moved / "concept.json").read_text())
     manifest["base"]["id"] = str(tmp_path / "sd15-somewhere-else")
     (moved / "concept.json").write_text(json.dumps(manifest))
-    assert main(["generate", "--concept", str(moved), "--prompt", "a photo of {}", "--out", str(tmp_path / "x")]) == 1
+    assert main(["generate", "--concept", str(moved), "--prompt", "a photo of {}", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "sd15-somewhere-else" in err and "pass --base" in err

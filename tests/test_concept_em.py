@@ -449,7 +449,7 @@ def test_generate_cli_picks_one_token_of_a_multi_concept_bundle(trained, tmp_pat
     assert main([*args, "--token", V, "--out", str(tmp_path / "vase")]) == 0
     pot, vase = (np.asarray(Image.open(tmp_path / name / "p000_s0.png")) for name in ("pot", "vase"))
     assert not np.array_equal(pot, vase)  # '{}' became each token's own phrase
-    assert main([*args, "--token", "<nope>", "--out", str(tmp_path / "bad")]) == 1
+    assert main([*args, "--token", "<nope>", "--out", str(tmp_path / "bad")]) == 2
     assert "has no token '<nope>'" in capsys.readouterr().err
 
 

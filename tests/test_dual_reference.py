@@ -436,5 +436,5 @@ def test_cli_generates_dual_reference(bundles, style_png, tmp_path, capsys):
     grid = np.asarray(Image.open(out / "p000_s0_grid.png").convert("RGB"))
     assert grid.shape == (64, 4 * 64, 3)
     np.testing.assert_array_equal(grid[:, 64:128], style)  # reference | style | mask | result
-    assert main(args) == 1
+    assert main(args) == 2
     assert "--options.dual_reference.style_reference" in capsys.readouterr().err

@@ -85,3 +85,30 @@ def test_a_yaml_with_old_keys_names_the_new_place(tmp_path, capsys):
     config.write_text("options:\n  mode: layout-retouch\n  lam: 0.3\n  tau: 0.4\n")
     code, err = run_cli(["generate", "--concept", "x", "--prompt", "a {}", "--config", str(config)], capsys)
     assert code == 2 and len(err) == 1 and "key options.lam is now options.layout.lam" in err[0]
+
+
+def _float_fields() -> list[str]:
+    """Every float field of the options and their groups, by bare name."""
+    classes = [GenerationOptions, *GROUPS.values()]
+    return [f.name for cls in classes for f in dataclasses.fields(cls) if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("name", _float_fields())
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_option_is_refused_when_not_finite(name, value):
+    mode = "dual-reference" if field_group(name) == "dual_reference" else "layout-retouch"
+    with pytest.raises(InferenceError, match=rf"^{name} must be a finite number, got {value}"):
+        GenerationOptions.of(mode=mode, **{name: value})
+
+
+def test_a_negative_eta_is_refused():
+    with pytest.raises(InferenceError, match="eta must be >= 0"):
+        GenerationOptions.of(eta=-0.5)
+
+
+def test_a_non_finite_option_in_a_yaml_is_one_line_on_the_cli(tmp_path, capsys):
+    config = tmp_path / "inf.yaml"
+    config.write_text("options:\n  guidance_scale: .inf\n  layout: {lam: .nan}\n")
+    code, err = run_cli(["generate", "--concept", str(tmp_path / "none"), "--prompt", "a {}", "--config", str(config)],
+                        capsys)
+    assert code == 2 and len(err) == 1 and "must be a finite number" in err[0], err

@@ -100,7 +100,7 @@ def test_cli_writes_a_bundle_that_generate_uses(tmp_path, style_png, capsys):
     concept = Concept.load(out)
     assert len(concept.refs) == len(list(VASE.glob("*.jpg")))
     assert main(["reference", "--photos", str(VASE), "--class-word", "vase", "--base", "tiny-random",
-                 "--out", str(out)]) == 1  # exists: needs --overwrite
+                 "--out", str(out)]) == 2  # exists: needs --overwrite
     assert "overwrite" in capsys.readouterr().err
     images = tmp_path / "images"
     assert main(["generate", "--concept", str(out), "--prompt", "a photo of a {} in the snow", "--seeds", "[0]",

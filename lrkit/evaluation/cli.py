@@ -4,17 +4,21 @@ from __future__ import annotations
 
 
 def parse_seeds(text: str) -> list[int]:
-    """`4` -> [0, 1, 2, 3]; `0,5,7` or `[0,5,7]` -> that list."""
+    """`4` -> [0, 1, 2, 3]; `0,5,7` or `[0,5,7]` -> that list (each seed once)."""
     body = str(text).strip().strip("[]")
     try:
         if "," in body:
-            return [int(s) for s in body.split(",") if s.strip()]
-        count = int(body)
+            seeds = [int(s) for s in body.split(",") if s.strip()]
+        else:
+            seeds = list(range(int(body)))
     except ValueError:
         raise ValueError(f"--seeds {text!r}: give a count N (seeds 0..N-1) or a list such as 0,5,7") from None
-    if count < 1:
+    if not seeds:
         raise ValueError(f"--seeds {text!r}: the count must be >= 1")
-    return list(range(count))
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"--seeds {text!r} lists {twice} more than once; give each seed once")
+    return seeds
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -34,6 +34,14 @@ class InferenceError(ValueError):
     """Bad inference input; the message names the option or file."""
 
 
+def _check_finite(options) -> None:
+    """Raise `InferenceError` naming the first float field of `options` that is NaN or infinite."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InferenceError(f"{f.name} must be a finite number, got {value}")
+
+
 def _fraction(name: str, value: float | None) -> None:
     if value is not None and not 0.0 <= value <= 1.0:
         raise InferenceError(f"{name} must be in [0, 1] (a fraction of the steps), got {value}")
@@ -49,6 +57,7 @@ class LayoutOptions:
     """What replaces the concept token for the vanilla model (default: the class word), e.g. 'red vase'."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if not 0.0 <= self.lam <= 1.0:
             raise InferenceError(f"lam must be in [0, 1], got {self.lam}")
 
@@ -88,6 +97,7 @@ class RetouchOptions:
     recorded once per reference. Stage 2 then runs only the target rows (faster, costs memory)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _fraction("retouch_start", self.retouch_start)
         _fraction("swap_start", self.swap_start)
         if self.foreground not in FOREGROUND_MODES:
@@ -137,6 +147,7 @@ class DualReferenceOptions:
     "Dual reference")."""
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _fraction("switch", self.switch)
         _fraction("style_shift_start", self.style_shift_start)
         if not 0.0 <= self.style_shift <= 1.0:
@@ -185,6 +196,9 @@ class GenerationOptions:
         for name, group in GROUPS.items():  # YAML and plain dicts arrive as dicts
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, group(**getattr(self, name)))
+        _check_finite(self)
+        if self.eta < 0:
+            raise InferenceError(f"eta must be >= 0 (0: deterministic DDIM), got {self.eta}")
         if self.mode not in MODES:
             raise InferenceError(f"mode {self.mode!r} is not one of {list(MODES)}")
         if self.scheduler not in SCHEDULERS:

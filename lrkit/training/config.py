@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from lrkit.concept import ConceptError, check_name, concept_slug
 from lrkit.training.methods import METHOD_NAMES, Method, get_method
 from lrkit.training.methods.concept_em import ConceptEMOptions
 from lrkit.training.methods.dreambooth import DreamBoothOptions
 from lrkit.training.methods.lora import LoraOptions
 from lrkit.training.methods.pivotal import PivotalOptions
 from lrkit.training.methods.textual_inversion import TextualInversionOptions
-from lrkit.training.options import ConfigError, check
+from lrkit.training.options import ConfigError, check, check_finite
 
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -58,13 +59,18 @@ class DataConfig:
     """For `datasets` sources: an optional caption column."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "data")
         check(self.resolution >= 8 and self.resolution % 8 == 0,
                f"data.resolution must be a positive multiple of 8, got {self.resolution}")
         check(0.0 <= self.random_flip <= 1.0, f"data.random_flip must be in [0, 1], got {self.random_flip}")
         check(self.repeats >= 1, f"data.repeats must be >= 1, got {self.repeats}")
         check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        check(self.min_size is None or self.min_size >= 1, f"data.min_size must be >= 1, got {self.min_size}")
         check("{token}" in self.caption_template,
                f"data.caption_template {self.caption_template!r} must contain {{token}} (e.g. 'a photo of {{token}} {{class}}')")
+        check(self.token is None or (bool(self.token) and not any(c.isspace() for c in self.token)),
+              f"data.token {self.token!r} must be one word without whitespace, e.g. '<my-vase>'")
 
 
 @dataclass
@@ -91,11 +97,19 @@ class OptimConfig:
     """Gradient clipping norm (None: off)."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "optim")
         check(self.optimizer in OPTIMIZERS, f"optim.optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
         check(self.lr_scheduler in LR_SCHEDULERS,
                f"optim.lr_scheduler {self.lr_scheduler!r} is not one of {list(LR_SCHEDULERS)}")
         check(self.lr is None or self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        check(self.embedding_lr > 0, f"optim.embedding_lr must be > 0, got {self.embedding_lr}")
+        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+              f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0,
+              f"optim.max_grad_norm must be > 0 (or null: no clipping), got {self.max_grad_norm}")
 
 
 @dataclass
@@ -112,6 +126,12 @@ class ValidationConfig:
     """Classifier-free guidance of validation images."""
     seed: int = 0
     """Seed of validation images (same images each time, to compare steps)."""
+
+    def __post_init__(self) -> None:
+        check_finite(self, "validation")
+        check(self.every_n_steps >= 0, f"validation.every_n_steps must be >= 0, got {self.every_n_steps}")
+        check(self.num_inference_steps >= 1,
+              f"validation.num_inference_steps must be >= 1, got {self.num_inference_steps}")
 
 
 @dataclass
@@ -172,13 +192,15 @@ class TrainConfig:
     checkpoint_every_n_epochs: int = 1
     """Write OUTPUT_DIR/checkpoints/last.ckpt (adapter-only) every N epochs."""
     resume: Optional[str] = "auto"
-    """`auto`: resume from OUTPUT_DIR/checkpoints/last.ckpt if present; a path; or None to start fresh."""
+    """`auto`: resume from OUTPUT_DIR/checkpoints/last.ckpt if present; a path; or None to start fresh. A checkpoint
+    trained from other inputs (photos, class word, token, method options, optimizer, seed, base) is refused."""
     overwrite: bool = False
     """Replace an existing bundle at OUTPUT_DIR/concept."""
     log_every_n_steps: int = 10
     """Logging interval."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check(self.method in METHOD_NAMES, f"method {self.method!r} is not one of {list(METHOD_NAMES)}")
         check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         check(self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
@@ -186,6 +208,13 @@ class TrainConfig:
                f"checkpoint_every_n_epochs must be >= 1, got {self.checkpoint_every_n_epochs}")
         check(self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}")
         check(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        check(self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}")
+        check(self.log_every_n_steps >= 1, f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
+        if self.name is not None:
+            try:
+                check_name(self.name, "name")
+            except ConceptError as err:
+                raise ConfigError(str(err)) from None
         if self.cache_latents:
             check(self.data.center_crop, "cache_latents needs data.center_crop=true (random crops cannot be cached)")
         self.method_class.validate_config(self)
@@ -204,7 +233,8 @@ class TrainConfig:
 
     @property
     def concept_name(self) -> str:
-        return self.name or Path(self.output_dir).name
+        """`name`, else the output folder's name made a valid concept name (`lrkit.concept.concept_slug`)."""
+        return self.name or concept_slug(Path(self.output_dir).resolve().name)
 
     @property
     def bundle_dir(self) -> Path:

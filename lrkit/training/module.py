@@ -1,5 +1,10 @@
 """The Lightning side: a thin `LightningModule` around `ConceptModel`, the data module, callbacks.
 
+Divergence: the loss (and, with clipping, the gradient norm) of every step is checked finite on its device,
+without a host sync; the first non-finite step is reported at the next logging interval, checkpoint or the end
+of training, whichever comes first, as a `TrainingError`. Nothing after it is saved: a checkpoint is refused
+while the run has diverged or any trainable weight is not finite, so the last checkpoint written stays good.
+
 Resumability: every random draw of a step (noise, timesteps, VAE sampling, dropout) comes from a
 seed derived from (seed, global step, rank), the samples of a step from (seed, global step, rank)
 through `StepSampler`, and augmentation from the sample's counter. A run killed after a checkpoint
@@ -26,6 +31,7 @@ from lrkit.io import atomic_save_png, atomic_write_bytes
 from lrkit.training.config import TrainConfig
 from lrkit.photos import load_images
 from lrkit.training.model import ConceptModel, step_seed
+from lrkit.training.options import TrainingError
 from lrkit.training.precision import autocast_for
 
 logger = logging.getLogger(__name__)
@@ -178,6 +184,7 @@ class PersonalizationModule(L.LightningModule):
         self.save_hyperparameters({"config": config.to_dict()})
         self.model = ConceptModel(config, pipe=pipe)
         self.strict_loading = False  # checkpoints hold only the trainable parameters
+        self._first_nonfinite: dict[str, torch.Tensor] = {}  # what -> first step it was NaN/inf (NEVER: not yet)
 
     # -- the step -------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -190,22 +197,64 @@ class PersonalizationModule(L.LightningModule):
         generators = [torch.Generator().manual_seed(step_seed(self.config.seed, counter, 1 + (source == "class")))
                       for counter, source in zip(batch["counter"].tolist(), batch["source"])]
         loss, logs = self.model.loss(batch, generators)
-        if self.global_step % self.config.log_every_n_steps == 0 and not torch.isfinite(loss):  # a sync: not every step
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; lower optim.lr or use precision 32")
+        self._note_nonfinite("loss", loss)
         self.log("loss", loss, prog_bar=True, on_step=True, batch_size=batch["num_instance"])
         for key, value in logs.items():
             self.log(key, value, on_step=True, batch_size=batch["num_instance"])
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.config.log_every_n_steps == 0:
+            self.raise_if_diverged()
+
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.method.before_optimizer_step(self.model, self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip here, not in Lightning's precision plugin: it refuses fused optimizers even under bf16-mixed."""
+        """Clip here, not in Lightning's precision plugin: it refuses fused optimizers even under bf16-mixed.
+
+        The total norm clipping returns is checked finite too, except under 16-mixed, whose gradient scaler
+        expects overflowing steps now and then (it skips them). Without clipping no norm is computed: a
+        non-finite gradient shows in the next step's loss and in the weights a checkpoint would hold."""
         if gradient_clip_val:
-            clip_grad_norm(optimizer, gradient_clip_val, getattr(self.trainer.precision_plugin, "scaler", None))
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            norm = clip_grad_norm(optimizer, gradient_clip_val, scaler)
+            if scaler is None:
+                self._note_nonfinite("gradient norm", norm)
+
+    # -- divergence -----------------------------------------------------------------
+    def _note_nonfinite(self, what: str, value: torch.Tensor) -> None:
+        """Remember the first step at which `value` is NaN or infinite, on its device (no host sync)."""
+        first = self._first_nonfinite.get(what)
+        if first is None:
+            first = torch.full((), NEVER, dtype=torch.long, device=value.device)
+        self._first_nonfinite[what] = torch.where(torch.isfinite(value.detach()), first,
+                                                  first.clamp(max=self.global_step))
+
+    def raise_if_diverged(self) -> None:
+        """Raise `TrainingError` if the loss or the gradient norm has been NaN or infinite (on any rank).
+
+        Called at the same steps on every rank (it reduces across them)."""
+        for what, first in self._first_nonfinite.items():
+            step = int(self.trainer.strategy.reduce(first.clone(), reduce_op="min"))
+            if step != NEVER:
+                last = self.config.checkpoint_dir / "last.ckpt"
+                kept = (f"the last checkpoint, {last}, was written before it and is kept (`lrkit export` makes a "
+                        f"bundle of it)" if last.is_file() else "no checkpoint was written")
+                raise TrainingError(f"training diverged: the {what} became NaN or infinite at step {step} (stopped "
+                                    f"at step {self.global_step}); {kept}; train again with {self._divergence_fix()}")
+
+    def _divergence_fix(self) -> str:
+        """`a lower optim.lr (now 0.1)`, naming the learning rates of what trains (and 16-mixed's alternatives)."""
+        opt, method = self.config.optim, self.model.method
+        groups = {g["name"] for g in method.param_groups(self.model) if g["params"]}
+        rates = [f"optim.lr (now {opt.lr or method.default_lr})"] if groups - {"embeddings"} else []
+        rates += [f"optim.embedding_lr (now {opt.embedding_lr})"] if "embeddings" in groups else []
+        fix = "a lower " + " or ".join(rates)
+        return fix + (", or precision bf16-mixed or 32" if self.config.precision == "16-mixed" else "")
 
     def on_train_end(self) -> None:
+        self.raise_if_diverged()
         logger.info("rank %d/%d finished training at step %d", self.global_rank, self.trainer.world_size,
                     self.global_step)
 
@@ -237,8 +286,13 @@ class PersonalizationModule(L.LightningModule):
 
     # -- adapter-only checkpoints -----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the trainable weights; refuse to save a diverged run (the last good checkpoint stays)."""
+        self.raise_if_diverged()
         trainable = {f"model.{k}" for k in self.model.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        raise_if_nonfinite({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()},
+                           f"checkpoint at step {self.global_step} not written",
+                           f"train again with {self._divergence_fix()} (the last checkpoint written is kept)")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {f"model.{k}" for k in self.model.trainable_state_dict()}
@@ -249,6 +303,17 @@ class PersonalizationModule(L.LightningModule):
                 f"checkpoint does not fit this configuration (missing {missing}, unexpected {extra}); "
                 "was it written with another method or LoRA setting?"
             )
+
+
+NEVER = torch.iinfo(torch.long).max  # `_first_nonfinite` before anything was NaN or infinite
+
+
+def raise_if_nonfinite(tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Raise `TrainingError` naming the first floating-point tensor of `tensors` holding NaN or infinite values:
+    `"<what>: <name> holds NaN or infinite values; <fix>"`. One reduction per tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingError(f"{what}: {name} holds NaN or infinite values; {fix}")
 
 
 def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float, scaler=None) -> torch.Tensor:

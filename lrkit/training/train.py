@@ -1,6 +1,8 @@
 """`train_concept`: config -> Lightning run -> concept bundle. And export from a checkpoint.
 
-The CLI (`lrkit train`, `lrkit export`), the scripts in train/ and the Python API call these.
+The CLI (`lrkit train`, `lrkit export`), the scripts in train/ and the Python API call these. A run holds
+OUTPUT_DIR's lock, resumes only a checkpoint trained from the same inputs, and appends to its metrics
+(`lrkit.training.folder`); nothing with NaN or infinite weights is saved or exported.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from lrkit.models import builtin_kind
 from lrkit.photos import load_images
 from lrkit.runtime import cpu_threads_for
 from lrkit.training.config import TrainConfig, config_from_dict, load_config
-from lrkit.version import __version__
+from lrkit.training.folder import (InputsRecord, MetricsLogger, base_record, check_resume, folder_lock,
+                                   read_checkpoint, training_inputs, write_record)
 from lrkit.training.model import ConceptModel
 from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, StepProgressBar,
-                                   ValidationImages, world_from_environment)
+                                   ValidationImages, raise_if_nonfinite, world_from_environment)
+from lrkit.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +45,11 @@ def _resume_path(config: TrainConfig) -> str | None:
     return str(path)
 
 
-def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), **trainer_kwargs) -> L.Trainer:
+def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), *, resume_step: int | None = None,
+                  **trainer_kwargs) -> L.Trainer:
+    """The Lightning trainer of `config`; `resume_step` (a resume from that step) keeps the rows of the earlier
+    steps in logs/metrics.csv."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     checkpoint = ModelCheckpoint(dirpath=config.checkpoint_dir, filename="last", save_top_k=1, monitor=None,
                                  every_n_epochs=config.checkpoint_every_n_epochs, save_on_train_epoch_end=True,
@@ -52,7 +58,7 @@ def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), **t
         max_steps=config.max_steps, max_epochs=-1, precision=config.precision, accelerator=config.accelerator,
         devices=world_from_environment(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
         callbacks=[checkpoint, ValidationImages(config), *extra_callbacks], plugins=[AtomicCheckpointIO()],
-        logger=CSVLogger(config.output_dir, name="logs", version=""), default_root_dir=config.output_dir,
+        logger=MetricsLogger(config.output_dir, resume_step=resume_step), default_root_dir=config.output_dir,
         log_every_n_steps=config.log_every_n_steps, use_distributed_sampler=False,
         gradient_clip_val=config.optim.max_grad_norm, num_sanity_val_steps=0, limit_val_batches=0,
         enable_model_summary=False,
@@ -69,7 +75,7 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
 
     `config` is a `TrainConfig`, a dict or a YAML path; `overrides` as in `load_config`
     (e.g. `max_steps=50, data={"photos": "photos/"}`). Resumes from OUTPUT_DIR/checkpoints/last.ckpt
-    when present (`resume="auto"`).
+    when present (`resume="auto"`), if it was trained from the same inputs (else `TrainingError`).
     """
     config = load_config(config, **overrides)
     bundle = config.bundle_dir
@@ -79,8 +85,29 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
     datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
     if builtin_kind(config.base) == "toy":
         _check_toy_inputs(config, datamodule.photos, datamodule.method.prompt_tokens())
-    module = PersonalizationModule(config)
-    trainer = build_trainer(config, extra_callbacks=module.model.method.callbacks())
+    with folder_lock(config.output_dir):
+        resume = _resume_path(config)
+        inputs = training_inputs(config, datamodule.photos)
+        record, step = read_checkpoint(resume) if resume else (None, None)
+        if resume:
+            check_resume(resume, record, inputs)  # before the base model loads
+        module = PersonalizationModule(config)
+        base = base_record(module.model.base_fingerprint)
+        if resume:
+            check_resume(resume, record, inputs, base)
+        trainer = build_trainer(config, extra_callbacks=[InputsRecord(inputs, base), *module.model.method.callbacks()],
+                                resume_step=step)
+        if trainer.is_global_zero:
+            write_record(config.output_dir, inputs, base)
+        _fit(config, trainer, module, datamodule, resume)
+        if trainer.is_global_zero:
+            export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
+        trainer.strategy.barrier("lrkit-export")
+    return bundle
+
+
+def _fit(config: TrainConfig, trainer: L.Trainer, module: PersonalizationModule, datamodule: ConceptDataModule,
+         resume: str | None) -> None:
     with warnings.catch_warnings():
         # ConceptModel.train keeps the frozen modules in eval mode on purpose (see there)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -91,11 +118,7 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
         with cpu_threads_for(config.base, trainer.strategy.root_device.type):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(config), weights_only=True)
-    if trainer.is_global_zero:
-        export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
-    trainer.strategy.barrier("lrkit-export")
-    return bundle
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
 
 
 def _check_toy_inputs(config: TrainConfig, photos, tokens: list[str]) -> None:
@@ -113,8 +136,12 @@ def _check_toy_inputs(config: TrainConfig, photos, tokens: list[str]) -> None:
 
 def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.PathLike", *, photos=None,
                    overwrite: bool = False) -> Path:
-    """Write `model`'s trained weights as a concept bundle (atomically) and return its folder."""
+    """Write `model`'s trained weights as a concept bundle (atomically) and return its folder.
+
+    Refuses (`TrainingError`) weights holding NaN or infinite values."""
     method = model.method
+    raise_if_nonfinite(model.trainable_state_dict(), f"no bundle written to {out_dir}",
+                       "the run diverged; train again with a lower optim.lr")
     if photos is None:
         photos = method.select_photos(load_images(config.data.photos, min_size=1, image_column=config.data.image_column,
                                                   caption_column=config.data.caption_column))

@@ -40,6 +40,11 @@ class Method:
         """Checks of the whole config that only this method needs; raise `ConfigError` naming the option."""
 
     @classmethod
+    def option_groups(cls, config) -> list[str]:
+        """The options groups of `config` this method reads (`TrainConfig.<group>`); a resume compares them."""
+        return [cls.name] if cls.options_class is not None else []
+
+    @classmethod
     def token_of(cls, config) -> str:
         """The concept's token in prompts (`TrainConfig.token`)."""
         return config.data.token or cls.default_token

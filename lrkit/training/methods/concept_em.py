@@ -20,7 +20,7 @@ from lrkit.concept import LoraSpec, TokenSpec
 from lrkit.crf import CRFParams
 from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
-from lrkit.training.options import check
+from lrkit.training.options import check, check_finite
 
 
 @dataclass
@@ -111,6 +111,7 @@ class ConceptEMOptions:
     too when lora.train_text_encoder."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "concept_em")
         check(self.steps_per_round >= 1, f"concept_em.steps_per_round must be >= 1, got {self.steps_per_round}")
         check(0.0 <= self.convergence_iou <= 1.0,
                f"concept_em.convergence_iou must be in [0, 1], got {self.convergence_iou}")
@@ -192,6 +193,10 @@ class ConceptEMMethod(TextualInversionMethod):
         config.concept_em.validate()
         check(config.data.center_crop, "method concept_em needs data.center_crop=true (the masks are estimated "
                                        "on the center crop of each image)")
+
+    @classmethod
+    def option_groups(cls, config) -> list[str]:
+        return ["concept_em", "lora"] if config.concept_em.train_lora else ["concept_em"]
 
     @classmethod
     def token_of(cls, config) -> str:

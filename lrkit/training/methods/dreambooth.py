@@ -10,7 +10,7 @@ from typing import Optional
 from lrkit.photos import load_images
 from lrkit.training.data import PhotoDataset, ensure_class_images
 from lrkit.training.methods.base import Method, model_groups, photo_dataset
-from lrkit.training.options import check
+from lrkit.training.options import check, check_finite
 from lrkit.training.precision import autocast_for
 
 
@@ -34,8 +34,11 @@ class DreamBoothOptions:
     """Denoising steps when generating class images."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "dreambooth")
         check(self.prior_loss_weight >= 0, f"dreambooth.prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         check(self.num_class_images >= 1, f"dreambooth.num_class_images must be >= 1, got {self.num_class_images}")
+        check(self.class_inference_steps >= 1,
+              f"dreambooth.class_inference_steps must be >= 1, got {self.class_inference_steps}")
 
 
 class DreamBoothMethod(Method):

@@ -10,7 +10,7 @@ from typing import Optional
 from lrkit.concept import LORA_WEIGHTS, LoraSpec
 from lrkit.lora_io import require_text_encoder_lora_support, save_diffusers_lora, save_kohya_lora
 from lrkit.training.methods.base import Method, model_groups, trainable
-from lrkit.training.options import check
+from lrkit.training.options import check, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class LoraOptions:
     """Weight-decomposed LoRA (DoRA)."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "lora")
         check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
         check(self.alpha is None or self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
         check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")

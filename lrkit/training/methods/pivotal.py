@@ -10,7 +10,7 @@ from lrkit.concept import LoraSpec
 from lrkit.training.methods.base import trainable
 from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
-from lrkit.training.options import check
+from lrkit.training.options import check, check_finite
 
 
 @dataclass
@@ -21,6 +21,7 @@ class PivotalOptions:
     """Fraction of max_steps during which only the tokens train."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "pivotal")
         check(0.0 <= self.ti_fraction < 1.0, f"pivotal.ti_fraction must be in [0, 1), got {self.ti_fraction}")
 
 
@@ -30,6 +31,10 @@ class PivotalMethod(TextualInversionMethod):
     name = "pivotal"
     options_class = PivotalOptions
     default_lr = 1e-4
+
+    @classmethod
+    def option_groups(cls, config) -> list[str]:
+        return ["pivotal", "textual_inversion", "lora"]
 
     @property
     def _te(self) -> bool:

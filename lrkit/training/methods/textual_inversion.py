@@ -11,7 +11,7 @@ from safetensors.torch import save
 from lrkit.concept import EMBEDDINGS, TokenSpec
 from lrkit.io import atomic_write_bytes
 from lrkit.training.methods.base import Method
-from lrkit.training.options import check
+from lrkit.training.options import check, check_finite
 from lrkit.training.tokens import add_new_tokens, learned_embeddings
 
 
@@ -25,6 +25,7 @@ class TextualInversionOptions:
     """Word whose embedding initialises the new vectors (default: the class word)."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "textual_inversion")
         check(self.num_vectors >= 1, f"textual_inversion.num_vectors must be >= 1, got {self.num_vectors}")
 
 
