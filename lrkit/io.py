@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -49,11 +50,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_png(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image as PNG at `path`, atomically (`atomic_write_bytes`)."""
+def png_bytes(image) -> bytes:
+    """A PIL image encoded as PNG."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def atomic_save_png(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image as PNG at `path`, atomically (`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, png_bytes(image))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json_record(path: str | os.PathLike) -> dict | None:
+    """A JSON object from `path`; None when the file is missing, unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:

@@ -188,7 +188,7 @@ def test_a_finished_run_redoes_nothing(single, workdir, models, caplog):
 def test_resuming_with_other_generation_settings_is_refused(single, workdir, models, capsys):
     args = eval_args(workdir / "single_concept" / "vase_ti", single, models)
     args[args.index("--options.num_inference_steps") + 1] = "4"
-    assert main(["eval", *args]) == 1
+    assert main(["eval", *args]) == 2
     err = capsys.readouterr().err
     assert "other generation settings" in err and "options" in err and "--out" in err
 
@@ -196,13 +196,13 @@ def test_resuming_with_other_generation_settings_is_refused(single, workdir, mod
 def test_cli_errors_name_the_option(fresh_concept, tmp_path, models, capsys):
     concept = fresh_concept()
     out = tmp_path / "bad"
-    assert main(["eval", *eval_args(concept, out, models), "--clip_model", "openai/clip-vit-base-patch32"]) == 1
+    assert main(["eval", *eval_args(concept, out, models), "--clip_model", "openai/clip-vit-base-patch32"]) == 2
     err = capsys.readouterr().err
     assert "'openai/clip-vit-base-patch32'" in err and "--clip_model ./clip-vit-base-patch32" in err
     assert not list(out.glob("images/**/*.png"))  # failed before generating anything
-    assert main(["eval", *eval_args(concept, out, models), "--methods", "vanilla,sketchy"]) == 1
+    assert main(["eval", *eval_args(concept, out, models), "--methods", "vanilla,sketchy"]) == 2
     assert "--methods" in capsys.readouterr().err
-    assert main(["eval", *eval_args(concept, out, models), "--seeds", "two"]) == 1
+    assert main(["eval", *eval_args(concept, out, models), "--seeds", "two"]) == 2
     assert "--seeds" in capsys.readouterr().err
 
 

@@ -1,7 +1,7 @@
 """The benchmark runner: methods x concepts x prompts x seeds -> images, scores, CSV, table, plots (DESIGN §8).
 
 Work is cut into *units*, one per (concept, method, prompt): the unit generates its images (one
-per seed; images already in OUT are skipped) and writes its scores to
+per seed; complete images already in OUT are kept, see `lrkit.jobs.generate_to_folder`) and writes its scores to
 `OUT/scores/<concept>/<method>/p<prompt>.json` in one atomic write. A unit whose score file is
 there (for the same prompt, seeds and metrics) is not redone, so a killed run restarts where it
 stopped and every row ends up in the results exactly once. The results are assembled from the
@@ -15,7 +15,9 @@ and several give the same numbers.
 Layout outputs: `OUT/images/<concept>/<method>/p{prompt:03d}_s{seed}.png`, `OUT/results.csv` (one
 row per image), `OUT/prompts.csv` (one row per prompt: sigma^2 of the centres, DINO diversity),
 `OUT/results.md` (tables), `OUT/plots/` (a bar chart per metric, a centre heatmap per method) and
-`OUT/run.json` (the settings that decide the images; resuming with other ones is refused).
+`OUT/run.json` (the settings that decide the images; resuming with other ones is refused). Each image folder
+holds a `job.json` and a record per image (`lrkit.jobs`): resuming with other prompts at the same index or a
+changed concept bundle is refused too, so images are never scored under prompts they were not made from.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
-from lrkit.concept import Concept, recorded_base, recorded_base_error
+from lrkit.concept import Concept, check_name, recorded_base, recorded_base_error
 from lrkit.evaluation import report
 from lrkit.evaluation.metrics import (DEFAULT_CLIP, DEFAULT_DINO, ClipEmbedder, DinoEmbedder, mask_center,
                                       pairwise_diversity, reference_similarity, text_similarity)
@@ -42,7 +44,7 @@ from lrkit.evaluation.prompts import load_prompt_set
 from lrkit.inference.outputs import image_path
 from lrkit.inference.options import MODES, GenerationOptions
 from lrkit.io import atomic_write_json, atomic_write_text
-from lrkit.jobs import fill_prompts, generate_to_folder
+from lrkit.jobs import check_generation_folder, fill_prompts, generate_to_folder, generation_inputs, incomplete_units
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +238,9 @@ class _ConceptJob:
 
     @property
     def name(self) -> str:
-        return self.concept.name
+        """The concept's name, checked to be a concept name (`lrkit.concept.NAME_RE`: no separator, no `..`),
+        so it is one safe folder name under images/ and scores/."""
+        return check_name(self.concept.name, str(self.concept.path))
 
     def _toy_subject(self):
         from lrkit.toyworld.subjects import SUBJECTS
@@ -335,6 +339,26 @@ class Runner:
             raise EvalError(f"--out {str(self.out)!r} holds images made with other generation settings (differ in "
                             f"{diff}; see {path}); use a new --out, or delete that folder to start over")
 
+    def method_options(self, method: str) -> GenerationOptions:
+        return dataclasses.replace(self.config.options, mode=method)
+
+    def generation_inputs(self, job: _ConceptJob) -> dict:
+        """What besides the options, prompt and seed decides a job's images (the concept's files included)."""
+        return generation_inputs(job.concept, self.config.base, dtype=self.config.dtype,
+                                 sam_checkpoint=self.config.sam_checkpoint)
+
+    def intermediates(self, method: str) -> bool:
+        """Whether a method's images keep their intermediates (the attention masks the centres come from)."""
+        return self.mask_source == "attention" and method == "layout-retouch"
+
+    def check_images(self) -> None:
+        """Refuse, before any work, image folders holding images of other prompts or another concept bundle."""
+        for job in self.jobs:
+            for method in self.config.methods:
+                folder = self.image_dir(Unit(job.index, method, 0))
+                check_generation_folder(folder, job.prompts, self.method_options(method), self.generation_inputs(job),
+                                        fix=f"use a new --out, or delete {folder} to start over")
+
     # -------------------------------------------------------------- metric models
 
     def clip(self):
@@ -363,6 +387,7 @@ class Runner:
     def run(self, rank: int = 0, world: int = 1) -> EvalResult:
         """Do units rank, rank + world, ...; then (after a barrier) process 0 merges everything."""
         self.check_settings()
+        self.check_images()
         # Load the metric models before generating, so a missing one fails in seconds, not after hours.
         self.clip()
         self.dino()
@@ -384,15 +409,14 @@ class Runner:
         return result
 
     def _run_group(self, job: _ConceptJob, method: str, group: list[Unit]) -> None:
-        options = dataclasses.replace(self.config.options, mode=method)
-        intermediates = self.mask_source == "attention" and method == "layout-retouch"
+        options = self.method_options(method)
+        intermediates = self.intermediates(method)
         indices = [u.prompt_index for u in group]
         logger.info("%s / %s: %d prompts x %d seeds", job.name, method, len(indices), len(self.config.seeds))
-        missing = [i for i in indices for s in self.config.seeds
-                   if not image_path(self.image_dir(group[0]), i, s).is_file()]
-        if missing:
-            generate_to_folder(job.pipeline(self.device), job.prompts, list(self.config.seeds),
-                               self.image_dir(group[0]), options, intermediates=intermediates, indices=indices)
+        folder, seeds, inputs = self.image_dir(group[0]), list(self.config.seeds), self.generation_inputs(job)
+        if incomplete_units(folder, job.prompts, seeds, options, inputs, indices=indices, intermediates=intermediates):
+            generate_to_folder(job.pipeline(self.device), job.prompts, seeds, folder, options,
+                               intermediates=intermediates, indices=indices, inputs=inputs)
         for unit in tqdm(group, desc=f"scoring {job.name}/{method}", unit="prompt", disable=len(group) < 2):
             rows, prompt_row = self.score_unit(job, unit)
             atomic_write_json(self.score_file(unit), {"signature": self.signature(unit), "images": rows,
