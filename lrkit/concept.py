@@ -17,8 +17,8 @@ A bundle is data from someone else (docs/security.md). `Concept.load` reads at m
 manifest, validates it field by field, keeps every file the bundle names or holds inside its folder (symlinks
 resolved), accepts weights only as safetensors, and checks the pictures' pixel budget from their headers;
 `Concept.apply` refuses damaged or non-finite weights and learned tokens that shadow a word the tokenizer
-knows. Every problem is a `ConceptError` naming the file and field. Nothing here writes into a bundle
-except `write_bundle`, into the temporary folder it is about to publish.
+knows. Every problem is a `ConceptError` naming the file and field (the checks: `lrkit.bundle_checks`).
+Nothing here writes into a bundle except `write_bundle`, into the temporary folder it is about to publish.
 """
 
 from __future__ import annotations
@@ -26,24 +26,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import stat
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lrkit.bundle_checks import (MANIFEST, MAX_MANIFEST_BYTES, MAX_RANK, MAX_RESOLUTION, MAX_VECTORS, MAX_WORD,
+                                 WEIGHT_SUFFIX, ConceptError, boolean_field, check_finite, check_json_value,
+                                 check_model_config, check_picture, check_tree, check_weight_file, check_weights_entry,
+                                 inside_bundle, integer_field, number_field, object_field, path_fields, read_json,
+                                 read_weights, resolved, shown_value, string_list, text_field, within, word_field)
 from lrkit.io import atomic_dir, atomic_save_png, atomic_write_json
 from lrkit.logs import dropped
 from lrkit.lora_io import require_text_encoder_lora_support
-from lrkit.models import PICKLE_SUFFIXES, BaseFingerprint, dtype_kwarg, fingerprint, record_base_id
+from lrkit.models import BaseFingerprint, dtype_kwarg, fingerprint, record_base_id
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "lrkit.concept/1"
-MANIFEST = "concept.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDDINGS = "learned_embeds.safetensors"
 METHODS = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em", "reference")
@@ -52,20 +54,6 @@ METHODS = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em", "
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 """A concept name: letters, digits, `_`, `.` and `-`, first a letter, digit or `_`, at most 100 characters,
 no `..`. Names become file and folder names (`<name>.kohya.safetensors`, `lrkit eval`'s images/<name>/)."""
-MAX_MANIFEST_BYTES = 1 << 20
-MAX_JSON_DEPTH = 32
-MAX_RESOLUTION = 8192
-MAX_VECTORS = 75  # a CLIP prompt holds 75 tokens between its start and end tokens
-MAX_RANK = 4096
-MAX_WORD = 100  # characters of a token, class word, initializer
-MAX_TEXT = 1024  # characters of any other string (paths, base id, LoRA targets)
-MAX_ITEMS = 10_000  # entries of a list or mapping in the manifest
-MAX_BUNDLE_ENTRIES = 100_000  # files and folders in a bundle
-WEIGHT_SUFFIX = ".safetensors"
-MODEL_FOLDER_SUFFIXES = (WEIGHT_SUFFIX, ".json", ".md", ".txt")
-"""What `unet/` and `text_encoder/` may hold: safetensors weights, JSON configs and text."""
-
-
 def default_adapter_name(name: str) -> str:
     """The peft adapter name `Concept.apply` gives a concept called `name`: the name itself where peft can
     use it, else made usable. peft stores each adapter under its name as a child module, so a name with a dot
@@ -75,10 +63,6 @@ def default_adapter_name(name: str) -> str:
 
     safe = name.replace(".", "_") or "concept"
     return f"{safe}_lora" if hasattr(torch.nn.Module, safe) else safe
-
-
-class ConceptError(ValueError):
-    """A concept bundle is malformed or does not fit the pipeline; the message says why."""
 
 
 def check_name(name, where: str = "concept") -> str:
@@ -265,7 +249,7 @@ class Concept:
         where = f"{path / MANIFEST}" if path is not None else "manifest"
         if not isinstance(data, dict):
             raise ConceptError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        _check_json_value(data, "manifest", where, 1)
+        check_json_value(data, "manifest", where, 1)
         schema = data.get("schema")
         if schema != SCHEMA:
             raise ConceptError(f"{where}: schema {schema!r} is not supported (expected {SCHEMA!r})")
@@ -276,9 +260,9 @@ class Concept:
         method = data["method"]
         if not isinstance(method, str) or method not in METHODS:
             raise ConceptError(f"{where}: method {method!r} is not one of {list(METHODS)}")
-        class_word = _word(data["class_word"], "class_word", where, empty=method != "reference")
+        class_word = word_field(data["class_word"], "class_word", where, empty=method != "reference")
         tokens = _tokens(data["tokens"], where, method, class_word)
-        resolution = _integer(data["resolution"], "resolution", where, 8, MAX_RESOLUTION)
+        resolution = integer_field(data["resolution"], "resolution", where, 8, MAX_RESOLUTION)
         if resolution % 8:
             raise ConceptError(f"{where}: 'resolution' must be a multiple of 8 (the VAE's scale), got {resolution}")
         lora = data.get("lora")
@@ -289,11 +273,11 @@ class Concept:
         return cls(
             name=name, method=method, tokens=tokens, class_word=class_word,
             base=_base(data["base"], where), resolution=resolution,
-            files=_paths(data.get("files", {}), "files", where, mapping=True, keys="names"),
-            refs=_paths(data.get("refs", []), "refs", where),
-            masks=_paths(data.get("masks", {}), "masks", where, mapping=True, keys="paths"),
+            files=path_fields(data.get("files", {}), "files", where, mapping=True, keys="names"),
+            refs=path_fields(data.get("refs", []), "refs", where),
+            masks=path_fields(data.get("masks", {}), "masks", where, mapping=True, keys="paths"),
             lora=None if lora is None else _lora(lora, where), training=dict(training),
-            lrkit_version=_text(data.get("lrkit_version", ""), "lrkit_version", where, MAX_WORD, empty=True),
+            lrkit_version=text_field(data.get("lrkit_version", ""), "lrkit_version", where, MAX_WORD, empty=True),
             path=path,
         )
 
@@ -323,12 +307,12 @@ class Concept:
         pictures += [t.mask for t in self.tokens if t.mask]
         pictures += [m for t in self.tokens for m in t.masks.values()]
         for rel in list(self.files.values()) + pictures:
-            _inside(root, rel, self.name)
-        _check_tree(root)
+            inside_bundle(root, rel, self.name)
+        check_tree(root)
         for key, rel in self.files.items():
-            _check_weights_entry(root, key, rel)
+            check_weights_entry(root, key, rel)
         for rel in dict.fromkeys(pictures):
-            _check_picture(root, rel)
+            check_picture(root, rel)
 
     # ------------------------------------------------------------------ apply
 
@@ -370,7 +354,7 @@ class Concept:
             loaded = pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}
             if any(adapter in names for names in loaded.values()):
                 raise ConceptError(f"adapter {adapter!r} is already loaded in this pipeline; pass another adapter_name")
-            _check_weight_file(self.file("lora"))
+            check_weight_file(self.file("lora"))
         models = self._load_full_weights(pipe)
         if "unet" in models:
             # The trained UNet's fingerprint is not the base's; the id names the base and the concept.
@@ -395,7 +379,7 @@ class Concept:
         """The learned tokens' vectors, `{token: (num_vectors, dim)}`, checked against the manifest and `pipe`:
         finite, the text encoder's width, and every name diffusers registers new to the tokenizer."""
         path = self.file("embeddings")
-        state = _read_weights(path)
+        state = read_weights(path)
         learned = [t for t in self.tokens if t.learned]
         if not learned:
             raise ConceptError(f"{path}: concept {self.name!r} lists it, but none of its tokens is marked learned=True")
@@ -435,16 +419,16 @@ class Concept:
             if key not in self.files:
                 continue
             folder = self.file(key)
-            _check_model_config(folder, key, current)
+            check_model_config(folder, key, current)
             for file in sorted(folder.glob(f"*{WEIGHT_SUFFIX}")):
-                _check_weight_file(file, header_only=True)
+                check_weight_file(file, header_only=True)
             try:
                 model = cls.from_pretrained(str(folder), **dtype_kwarg(current.dtype, library), use_safetensors=True)
             except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
                 raise ConceptError(f"{folder}: cannot load the {key} weights ({type(err).__name__}: {err}); "
                                    "download or export the bundle again") from err
             model = model.to(current.device)
-            _check_finite(model.state_dict().items(), folder)
+            check_finite(model.state_dict().items(), folder)
             models[key] = model
         return models
 
@@ -452,123 +436,17 @@ class Concept:
 # ------------------------------------------------------------------------------------- manifest fields
 
 
-def _shown(value) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
-
-
-def _check_json_value(value, what: str, where: str, depth: int) -> None:
-    """`value` is JSON data (dicts with string keys, lists, strings, finite numbers, booleans, null) nested at
-    most `MAX_JSON_DEPTH` levels, with at most `MAX_ITEMS` entries per list or object. Iterative, so depth
-    itself cannot overflow the stack."""
-    stack = [(value, what, depth)]
-    while stack:
-        item, at, level = stack.pop()
-        if level > MAX_JSON_DEPTH:
-            raise ConceptError(f"{where}: '{at[:200]}' is nested deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(item, dict):
-            if len(item) > MAX_ITEMS:
-                raise ConceptError(f"{where}: '{at[:200]}' has {len(item)} entries; at most {MAX_ITEMS}")
-            for key, child in item.items():
-                if not isinstance(key, str):
-                    raise ConceptError(f"{where}: '{at[:200]}' has a key that is not a string: {_shown(key)}")
-                stack.append((child, key if at == "manifest" else f"{at}.{key}", level + 1))
-        elif isinstance(item, (list, tuple)):
-            if len(item) > MAX_ITEMS:
-                raise ConceptError(f"{where}: '{at[:200]}' has {len(item)} entries; at most {MAX_ITEMS}")
-            stack.extend((child, f"{at}[{i}]", level + 1) for i, child in enumerate(item))
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise ConceptError(f"{where}: '{at[:200]}' is {item}; every number must be finite")
-        elif not (item is None or isinstance(item, (str, int))):
-            raise ConceptError(f"{where}: '{at[:200]}' holds a {type(item).__name__}, which is not JSON data")
-
-
-def _text(value, what: str, where: str, max_len: int = MAX_TEXT, *, empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ConceptError(f"{where}: '{what}' must be a string, got {_shown(value)}")
-    if not value and not empty:
-        raise ConceptError(f"{where}: '{what}' must not be empty")
-    if len(value) > max_len:
-        raise ConceptError(f"{where}: '{what}' is {len(value)} characters long; at most {max_len}")
-    if not value.isprintable():
-        raise ConceptError(f"{where}: '{what}' {value[:60]!r} holds control characters (newline, tab, NUL, ...)")
-    return value
-
-
-def _word(value, what: str, where: str, *, empty: bool = False) -> str:
-    return _text(value, what, where, MAX_WORD, empty=empty)
-
-
-def _integer(value, what: str, where: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConceptError(f"{where}: '{what}' must be a whole number, got {_shown(value)}")
-    if not low <= value <= high:
-        shown = value if abs(value) < 10**12 else f"a {len(str(abs(value)))}-digit number"
-        raise ConceptError(f"{where}: '{what}' must be between {low} and {high}, got {shown}")
-    return value
-
-
-def _number(value, what: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConceptError(f"{where}: '{what}' must be a number, got {_shown(value)}")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise ConceptError(f"{where}: '{what}' must be a finite number, got {_shown(value)}")
-    return number
-
-
-def _boolean(value, what: str, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConceptError(f"{where}: '{what}' must be true or false, got {_shown(value)}")
-    return value
-
-
-def _strings(value, what: str, where: str) -> list[str]:
-    if not isinstance(value, (list, tuple)):
-        raise ConceptError(f"{where}: '{what}' must be a list of strings, got {_shown(value)}")
-    return [_text(item, f"{what}[{i}]", where) for i, item in enumerate(value)]
-
-
-def _paths(value, what: str, where: str, *, mapping: bool = False, keys: str = "paths"):
-    """A list of relative paths, or (`mapping`) an object whose values are paths and whose keys are paths or
-    (`keys="names"`) short names. Containment is checked against the folder by `Concept._validate_paths`."""
-    if not mapping:
-        return _strings(value, what, where)
-    if not isinstance(value, dict):
-        raise ConceptError(f"{where}: '{what}' must be an object of relative paths, got {_shown(value)}")
-    check_key = _word if keys == "names" else _text
-    return {check_key(k, f"{what} key", where): _text(v, f"{what}.{k}", where) for k, v in value.items()}
-
-
-def _object(value, what: str, where: str, spec: type, required: tuple[str, ...]) -> dict:
-    """`value` as an object with only `spec`'s fields and all of `required`."""
-    if not isinstance(value, dict):
-        raise ConceptError(f"{where}: '{what}' must be an object, got {_shown(value)}")
-    known = {f.name for f in fields(spec)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConceptError(f"{where}: '{what}' has unknown field(s) {unknown}; known: {sorted(known)}")
-    missing = [k for k in required if k not in value]
-    if missing:
-        raise ConceptError(f"{where}: '{what}' is missing {missing}")
-    return value
-
-
 def _token(value, what: str, where: str) -> TokenSpec:
-    data = _object(value, what, where, TokenSpec, ("token",))
+    data = object_field(value, what, where, TokenSpec, ("token",))
     optional_word = (lambda key: None if data.get(key) is None
-                     else _word(data[key], f"{what}.{key}", where, empty=True))
+                     else word_field(data[key], f"{what}.{key}", where, empty=True))
     return TokenSpec(
-        token=_word(data["token"], f"{what}.token", where),
-        learned=_boolean(data.get("learned", False), f"{what}.learned", where),
-        num_vectors=_integer(data.get("num_vectors", 1), f"{what}.num_vectors", where, 1, MAX_VECTORS),
+        token=word_field(data["token"], f"{what}.token", where),
+        learned=boolean_field(data.get("learned", False), f"{what}.learned", where),
+        num_vectors=integer_field(data.get("num_vectors", 1), f"{what}.num_vectors", where, 1, MAX_VECTORS),
         initializer=optional_word("initializer"),
-        mask=None if data.get("mask") is None else _text(data["mask"], f"{what}.mask", where),
-        masks=_paths(data.get("masks", {}), f"{what}.masks", where, mapping=True),
+        mask=None if data.get("mask") is None else text_field(data["mask"], f"{what}.mask", where),
+        masks=path_fields(data.get("masks", {}), f"{what}.masks", where, mapping=True),
         class_word=optional_word("class_word"),
     )
 
@@ -578,7 +456,7 @@ def _tokens(value, where: str, method: str, class_word: str) -> list[TokenSpec]:
     which may be several words), a learned token never a class word, nor the name diffusers gives another
     token's extra vectors (`<v>_1`)."""
     if not isinstance(value, list):
-        raise ConceptError(f"{where}: 'tokens' must be a list of token objects, got {_shown(value)}")
+        raise ConceptError(f"{where}: 'tokens' must be a list of token objects, got {shown_value(value)}")
     if not value:
         raise ConceptError(f"{where}: 'tokens' is empty; a concept needs at least one token")
     tokens = [_token(t, f"tokens[{i}]", where) for i, t in enumerate(value)]
@@ -602,16 +480,16 @@ def _tokens(value, where: str, method: str, class_word: str) -> list[TokenSpec]:
 
 def _base(value, where: str) -> BaseFingerprint:
     if not isinstance(value, dict):
-        raise ConceptError(f"{where}: 'base' must be an object, got {_shown(value)}")
+        raise ConceptError(f"{where}: 'base' must be an object, got {shown_value(value)}")
     missing = [k for k in ("id", "unet_config_sha256") if k not in value]
     if missing:
         raise ConceptError(f"{where}: 'base' is missing {missing}")
-    _text(value["id"], "base.id", where)
-    _text(value["unet_config_sha256"], "base.unet_config_sha256", where, 128)
+    text_field(value["id"], "base.id", where)
+    text_field(value["unet_config_sha256"], "base.unet_config_sha256", where, 128)
     probe = value.get("weight_probe", [])
     if not isinstance(probe, (list, tuple)):
-        raise ConceptError(f"{where}: 'base.weight_probe' must be a list of numbers, got {_shown(probe)}")
-    probe = [_number(v, f"base.weight_probe[{i}]", where) for i, v in enumerate(probe)]
+        raise ConceptError(f"{where}: 'base.weight_probe' must be a list of numbers, got {shown_value(probe)}")
+    probe = [number_field(v, f"base.weight_probe[{i}]", where) for i, v in enumerate(probe)]
     try:
         return BaseFingerprint.from_dict({**value, "weight_probe": probe})
     except (TypeError, KeyError, ValueError) as err:
@@ -619,219 +497,34 @@ def _base(value, where: str) -> BaseFingerprint:
 
 
 def _lora(value, where: str) -> LoraSpec:
-    data = _object(value, "lora", where, LoraSpec, ("rank", "alpha", "unet_targets"))
-    alpha = _number(data["alpha"], "lora.alpha", where)
+    data = object_field(value, "lora", where, LoraSpec, ("rank", "alpha", "unet_targets"))
+    alpha = number_field(data["alpha"], "lora.alpha", where)
     if alpha <= 0:
         raise ConceptError(f"{where}: 'lora.alpha' must be > 0 (scale = alpha / rank), got {alpha}")
-    dropout = _number(data.get("dropout", 0.0), "lora.dropout", where)
+    dropout = number_field(data.get("dropout", 0.0), "lora.dropout", where)
     if not 0.0 <= dropout < 1.0:
         raise ConceptError(f"{where}: 'lora.dropout' must be in [0, 1), got {dropout}")
     te_targets = data.get("text_encoder_targets")
     return LoraSpec(
-        rank=_integer(data["rank"], "lora.rank", where, 1, MAX_RANK), alpha=alpha,
-        unet_targets=_strings(data["unet_targets"], "lora.unet_targets", where),
-        text_encoder_targets=None if te_targets is None else _strings(te_targets, "lora.text_encoder_targets", where),
-        dropout=dropout, dora=_boolean(data.get("dora", False), "lora.dora", where),
+        rank=integer_field(data["rank"], "lora.rank", where, 1, MAX_RANK), alpha=alpha,
+        unet_targets=string_list(data["unet_targets"], "lora.unet_targets", where),
+        text_encoder_targets=None if te_targets is None else string_list(te_targets, "lora.text_encoder_targets", where),
+        dropout=dropout, dora=boolean_field(data.get("dora", False), "lora.dora", where),
     )
 
 
 # ------------------------------------------------------------------------------------- bundle files
 
 
-def _not_json_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _read_json(path: Path, what: str) -> object:
-    """JSON from a regular file of at most `MAX_MANIFEST_BYTES`; a `ConceptError` naming it otherwise."""
-    try:
-        info = path.stat()
-    except OSError as err:
-        raise ConceptError(f"{path}: cannot be read ({err.strerror or err})") from err
-    if not stat.S_ISREG(info.st_mode):
-        raise ConceptError(f"{path}: not a regular file; {what} must be a JSON file")
-    if info.st_size > MAX_MANIFEST_BYTES:
-        raise ConceptError(f"{path}: {info.st_size} bytes; {what} is at most {MAX_MANIFEST_BYTES} bytes (1 MiB), "
-                           "so this is not a bundle lrkit wrote")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as err:
-        raise ConceptError(f"{path}: cannot be read ({err.strerror or err})") from err
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ConceptError(f"{path}: over {MAX_MANIFEST_BYTES} bytes; {what} is at most 1 MiB")
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_not_json_constant)
-    except RecursionError:
-        raise ConceptError(f"{path}: nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, integers longer than Python parses
-        raise ConceptError(f"{path}: not valid JSON ({err})") from err
-
-
 def _read_manifest(root: Path) -> object:
     manifest = root / MANIFEST
     if not (manifest.exists() or manifest.is_symlink()):
         raise ConceptError(f"{str(root)!r} is not a concept bundle: {MANIFEST} is missing")
-    real = _resolve(manifest)
-    if not _within(real, root):
+    real = resolved(manifest)
+    if not within(real, root):
         raise ConceptError(f"{manifest}: a symlink that points outside the bundle folder; a bundle may link only "
                            "to its own files")
-    return _read_json(real, "a manifest")
-
-
-def _resolve(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError) as err:  # a symlink loop
-        raise ConceptError(f"{path}: cannot be resolved ({err}); remove the symlink loop") from err
-
-
-def _within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _inside(root: Path, rel: str, name: str) -> Path:
-    """The file `rel` of the manifest resolved (symlinks included): relative, inside `root`, present."""
-    if Path(rel).is_absolute():
-        raise ConceptError(f"{root / MANIFEST}: path {rel!r} must be relative to the bundle")
-    full = _resolve(root / rel)
-    if not _within(full, root):
-        raise ConceptError(f"{root / MANIFEST}: path {rel!r} points outside the bundle folder")
-    if not full.exists():
-        raise ConceptError(f"concept {name!r}: file {rel!r} listed in {MANIFEST} is missing")
-    return full
-
-
-def _check_tree(root: Path) -> None:
-    """Every entry of the bundle is a file or folder, and every symlink in it stays inside it (so a reader
-    that walks a listed folder, such as diffusers in unet/, never reaches outside)."""
-    count = 0
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        for entry in dirs + files:
-            count += 1
-            if count > MAX_BUNDLE_ENTRIES:
-                raise ConceptError(f"{root}: more than {MAX_BUNDLE_ENTRIES} files and folders; not a concept bundle")
-            path = Path(folder) / entry
-            mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                if not _within(_resolve(path), root):
-                    raise ConceptError(f"{path}: a symlink that points outside the bundle folder; a bundle may link "
-                                       "only to its own files (replace the link with the file)")
-            elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-                raise ConceptError(f"{path}: {kind}; a bundle holds only files and folders")
-
-
-def _check_weights_entry(root: Path, key: str, rel: str) -> None:
-    """A `files` entry is a `.safetensors` file, or a model folder (unet/, text_encoder/) holding only
-    safetensors weights, JSON configs and text; pickle formats are refused by name."""
-    full = (root / rel).resolve()
-    if full.is_dir():
-        for folder, _, files in os.walk(full, followlinks=False):
-            for name in files:
-                suffix = Path(name).suffix.lower()
-                path = Path(folder) / name
-                if suffix in PICKLE_SUFFIXES:
-                    raise ConceptError(f"{path}: {suffix} weights are pickles, which lrkit never loads; convert them "
-                                       "to safetensors (save_pretrained(..., safe_serialization=True))")
-                if suffix not in MODEL_FOLDER_SUFFIXES and not name.startswith("."):
-                    raise ConceptError(f"{path}: a model folder holds only .safetensors weights and .json configs "
-                                       f"({', '.join(MODEL_FOLDER_SUFFIXES)}); remove it")
-        return
-    suffix = Path(rel).suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise ConceptError(f"{root / MANIFEST}: files.{key} is {rel!r}, a pickle ({suffix}), which lrkit never "
-                           "loads; convert it to .safetensors")
-    if suffix != WEIGHT_SUFFIX:
-        raise ConceptError(f"{root / MANIFEST}: files.{key} is {rel!r}; weights are read only as {WEIGHT_SUFFIX} "
-                           "files (or a model folder)")
-    if not full.is_file():
-        raise ConceptError(f"{root / rel}: not a regular file; files.{key} must be a {WEIGHT_SUFFIX} file")
-
-
-def _check_picture(root: Path, rel: str) -> None:
-    """A reference photo or mask: a regular image file whose header fits the pixel budget (`lrkit.photos`)."""
-    from lrkit.photos import DataError, open_image
-
-    full = (root / rel).resolve()
-    if not full.is_file():
-        raise ConceptError(f"{root / rel}: not a regular file; a bundle's refs and masks are image files")
-    try:
-        open_image(full, str(root / rel)).close()
-    except DataError as err:
-        raise ConceptError(str(err)) from err
-
-
-def _check_finite(tensors, where) -> None:
-    """Raise unless every floating tensor of `(name, tensor)` pairs is finite: one reduction per tensor, one
-    device sync in all."""
-    import torch
-
-    items = [(name, t) for name, t in tensors if t.is_floating_point() and t.numel()]
-    if not items:
-        return
-    flags = torch.stack([torch.isfinite(t).all() for _, t in items])
-    if not bool(flags.all()):
-        bad = items[int((~flags).nonzero()[0, 0])][0]
-        raise ConceptError(f"{where}: tensor {bad!r} holds NaN or infinite values; the training diverged or the file "
-                           "is damaged: retrain (lower the learning rate) or download the bundle again")
-
-
-_SAFETENSORS_ERRORS = (OSError, ValueError, RuntimeError)
-
-
-def _read_weights(path: Path) -> dict:
-    """A safetensors file's tensors, checked finite; a damaged file is a `ConceptError` naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, *_SAFETENSORS_ERRORS) as err:
-        raise ConceptError(f"{path}: not a readable safetensors file ({err}); download or export the bundle "
-                           "again") from err
-    _check_finite(state.items(), path)
-    return state
-
-
-def _check_weight_file(path: Path, *, header_only: bool = False) -> None:
-    """A safetensors file whose header parses and (unless `header_only`) whose tensors are finite, read one
-    tensor at a time."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            if not header_only:
-                for name in names:
-                    _check_finite([(name, f.get_tensor(name))], path)
-    except (SafetensorError, *_SAFETENSORS_ERRORS) as err:
-        raise ConceptError(f"{path}: not a readable safetensors file ({err}); download or export the bundle "
-                           "again") from err
-
-
-# Architecture fields of a text encoder's config; the rest (dtype, versions, output flags) may differ.
-_TEXT_ENCODER_SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-                       "num_attention_heads", "max_position_embeddings", "hidden_act")
-
-
-def _check_model_config(folder: Path, key: str, current) -> None:
-    """A bundle's unet/ or text_encoder/ config describes the pipeline's own architecture, so a manifest
-    cannot make lrkit build a model of another size (the weights fine-tune the base)."""
-    config = _read_json(folder / "config.json", f"{key}/config.json")
-    if not isinstance(config, dict):
-        raise ConceptError(f"{folder / 'config.json'}: expected a JSON object, got {type(config).__name__}")
-    if key == "unet":
-        mine = {k: v for k, v in dict(current.config).items() if not k.startswith("_")}
-        keys = [k for k in config if k in mine]
-    else:
-        mine = current.config.to_dict()
-        keys = [k for k in _TEXT_ENCODER_SHAPE if k in mine or k in config]
-    mine = json.loads(json.dumps({k: mine.get(k) for k in keys}, default=str))  # tuples as lists
-    differ = [k for k in keys if config.get(k) != mine[k]]
-    if differ:
-        raise ConceptError(f"{folder / 'config.json'}: the {key} differs from this pipeline's in {differ[:5]} (a "
-                           "model of another base); load the base model it was trained on")
+    return read_json(real, "a manifest")
 
 
 def recorded_base(concepts: "list[Concept]", option: str = "--base") -> str:
