@@ -38,6 +38,7 @@ from lrkit.bundle_checks import (MANIFEST, MAX_MANIFEST_BYTES, MAX_RANK, MAX_RES
                                  check_model_config, check_picture, check_tree, check_weight_file, check_weights_entry,
                                  inside_bundle, integer_field, number_field, object_field, path_fields, read_json,
                                  read_weights, resolved, shown_value, string_list, text_field, within, word_field)
+from lrkit.families import FAMILIES
 from lrkit.io import atomic_dir, atomic_save_png, atomic_write_json
 from lrkit.logs import dropped
 from lrkit.lora_io import require_text_encoder_lora_support
@@ -321,6 +322,11 @@ class Concept:
         current = fingerprint(pipe)
         if self.base.matches(current):
             return
+        if self.base.family != current.family:  # never applicable, even with force
+            raise ConceptError(
+                f"concept {self.name!r} is a {FAMILIES[self.base.family].label} concept (trained on "
+                f"{self.base.id!r}), but this pipeline's base {current.id!r} is {FAMILIES[current.family].label}; "
+                f"load a {FAMILIES[self.base.family].label} base model")
         msg = (
             f"concept {self.name!r} was trained on base model {self.base.id!r}, but this pipeline's "
             f"base is {current.id!r} (fingerprints differ). Load the matching base model, or pass "
@@ -490,6 +496,9 @@ def _base(value, where: str) -> BaseFingerprint:
     if not isinstance(probe, (list, tuple)):
         raise ConceptError(f"{where}: 'base.weight_probe' must be a list of numbers, got {shown_value(probe)}")
     probe = [number_field(v, f"base.weight_probe[{i}]", where) for i, v in enumerate(probe)]
+    family = value.get("family", "sd")
+    if family not in FAMILIES:
+        raise ConceptError(f"{where}: 'base.family' {shown_value(family)} is not one of {sorted(FAMILIES)}")
     try:
         return BaseFingerprint.from_dict({**value, "weight_probe": probe})
     except (TypeError, KeyError, ValueError) as err:

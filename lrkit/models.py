@@ -1,6 +1,7 @@
 """Loading base models: hub ids, local diffusers folders, single-file checkpoints, built-ins.
 
-`load_base` is the one entry point. It returns a stock diffusers `StableDiffusionPipeline` and
+`load_base` is the one entry point. It returns a stock diffusers pipeline of the base's model family
+(`lrkit.families`: `StableDiffusionPipeline` for SD 1.x/2.x, `StableDiffusionXLPipeline` for SDXL) and
 records the base model's fingerprint (UNet config + a dtype-robust probe of its weights), computed
 once per UNet, which concept bundles use to refuse being applied to a different base model.
 """
@@ -21,7 +22,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_BASES = ("tiny-random", "toy")
+BUILTIN_BASES = ("tiny-random", "tiny-random-xl", "toy")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -41,9 +42,11 @@ class BaseFingerprint:
     id: str
     unet_config_sha256: str
     weight_probe: list[float] = field(default_factory=list)
+    family: str = "sd"
+    """The model family (`lrkit.families`): `sd` (1.x/2.x) or `sdxl`."""
 
     def matches(self, other: "BaseFingerprint", rtol: float = 1e-2, atol: float = 1e-3) -> bool:
-        if self.unet_config_sha256 != other.unet_config_sha256:
+        if self.family != other.family or self.unet_config_sha256 != other.unet_config_sha256:
             return False
         if len(self.weight_probe) != len(other.weight_probe):
             return False
@@ -60,6 +63,7 @@ class BaseFingerprint:
             id=str(data["id"]),
             unet_config_sha256=str(data["unet_config_sha256"]),
             weight_probe=[float(v) for v in data.get("weight_probe", [])],
+            family=str(data.get("family", "sd")),
         )
 
 
@@ -100,7 +104,10 @@ def compute_fingerprint(unet: torch.nn.Module, base_id: str) -> BaseFingerprint:
         last = _PROBE_VALUES - 1
         idx = torch.tensor([(2 * k * (n - 1) + last) // (2 * last) for k in range(_PROBE_VALUES)], device=flat.device)
         probe.extend(float(v) for v in flat[idx].float().cpu())
-    return BaseFingerprint(id=base_id, unet_config_sha256=_unet_config_sha(unet), weight_probe=probe)
+    from lrkit.families import family_of
+
+    return BaseFingerprint(id=base_id, unet_config_sha256=_unet_config_sha(unet), weight_probe=probe,
+                           family=family_of(unet).name)
 
 
 _BASE_ID_ATTR = "_lrkit_base_id"
@@ -214,6 +221,45 @@ def build_tiny_random(seed: int = 0, *, unet_overrides: dict | None = None):
     return pipe
 
 
+TINY_XL_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64,  # the two encoders' hidden states, concatenated
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + the second encoder's pooled projection
+    use_linear_projection=True,
+    transformer_layers_per_block=(1, 1, 2),
+)
+"""SDXL's layout at a small scale: no attention at the highest resolution, two transformer layers at the lowest."""
+
+
+def build_tiny_random_xl(seed: int = 0):
+    """A seeded, randomly initialised tiny Stable Diffusion XL pipeline (two CLIP text encoders, the second with a
+    projection), built from config offline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_XL_UNET_CONFIG)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), add_watermarker=False,
+    )
+
+
 # --------------------------------------------------------------------------- load_base
 
 
@@ -288,11 +334,14 @@ def load_base(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     config: str | os.PathLike | None = None,
+    family: str | None = None,
 ):
-    """Load a base model as a diffusers `StableDiffusionPipeline`.
+    """Load a base model as a stock diffusers pipeline of its model family (`lrkit.families`).
 
-    `name_or_path` is one of: `tiny-random[:seed]` (built-in test model), `toy` (the embedded toy
-    model), a local diffusers folder, a single-file `.safetensors` checkpoint, or a hub id.
+    `name_or_path` is one of: `tiny-random[:seed]` / `tiny-random-xl[:seed]` (built-in SD / SDXL test models),
+    `toy` (the embedded toy model), a local diffusers folder, a single-file `.safetensors` checkpoint (A1111 /
+    ComfyUI layout), or a hub id. The family is read from the folder's `model_index.json`, the checkpoint's
+    tensor names or the hub repository's `model_index.json`; `family` ("sd" or "sdxl") overrides it.
     `config` (single-file checkpoints only): a local diffusers pipeline folder whose component
     configs (and tokenizer/scheduler) describe the checkpoint, passed to diffusers'
     `from_single_file(..., config=...)`; its weights are not used. Without it diffusers fetches
@@ -301,11 +350,15 @@ def load_base(
     float32 whatever the stored weights are.
     The base fingerprint is computed here, once, and cached for the pipeline's UNet.
     """
-    from diffusers import StableDiffusionPipeline
+    from lrkit.families import FamilyError, family_of, family_of_checkpoint, family_of_folder, get_family
 
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
     builtin = _parse_builtin(name)
+    try:
+        chosen = None if family is None else get_family(family)
+    except FamilyError as err:
+        raise BaseModelError(str(err)) from None
     # Unset, every component loads as float32 (diffusers' default). Passed explicitly because transformers 5
     # otherwise keeps the text encoder in its stored dtype ("auto"): an fp16-saved folder would give an fp16
     # text encoder beside a float32 UNet, and generation fails on mismatched dtypes.
@@ -319,9 +372,13 @@ def load_base(
         kind, seed = builtin
         if kind == "toy":
             pipe = _load_toy()
+        elif kind == "tiny-random-xl":
+            pipe = build_tiny_random_xl(seed)
         else:
             pipe = build_tiny_random(seed)
-        base_id = name if kind != "tiny-random" or seed else "tiny-random"
+        base_id = name if kind not in ("tiny-random", "tiny-random-xl") or seed else kind
+        if chosen is not None and chosen is not family_of(pipe):
+            raise BaseModelError(f"base model {name!r} is {family_of(pipe).label}, not {chosen.label} (--family {chosen.name})")
     else:
         path = Path(name).expanduser()
         if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -330,17 +387,30 @@ def load_base(
                 "Convert it (e.g. diffusers' convert_original_stable_diffusion_to_diffusers.py) "
                 "or pass a .safetensors file."
             )
+        try:
+            if is_single_file:
+                if not path.is_file():
+                    raise BaseModelError(f"base model file {name!r} does not exist")
+                fam = chosen or family_of_checkpoint(path)
+            elif path.is_dir():
+                _require_pipeline_folder(path, "base model folder")
+                fam = chosen or family_of_folder(path)
+            elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+                raise BaseModelError(f"base model path {name!r} does not exist")
+            else:
+                fam = chosen or _family_of_hub_id(name)
+        except FamilyError as err:
+            raise BaseModelError(f"base model {name!r}: {err}") from None
+        cls, extra = fam.pipeline_class(), fam.pipeline_kwargs()
         if is_single_file:
-            if not path.is_file():
-                raise BaseModelError(f"base model file {name!r} does not exist")
             config_dir = None
             if config is not None:
                 config_dir = Path(config).expanduser()
                 _require_pipeline_folder(config_dir, "config folder")
             try:
-                pipe = StableDiffusionPipeline.from_single_file(
+                pipe = cls.from_single_file(
                     str(path), config=str(config_dir) if config_dir is not None else None,
-                    **dtype_kwarg(load_dtype), safety_checker=None, requires_safety_checker=False,
+                    **dtype_kwarg(load_dtype), **extra,
                 )
             except (OSError, ConnectionError) as err:
                 if config_dir is not None:
@@ -348,20 +418,11 @@ def load_base(
                 raise BaseModelError(_single_file_config_message(name, err)) from err
             base_id = path.name
         elif path.is_dir():
-            _require_pipeline_folder(path, "base model folder")
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(path), **dtype_kwarg(load_dtype), safety_checker=None, requires_safety_checker=False,
-                use_safetensors=True,
-            )
+            pipe = cls.from_pretrained(str(path), **dtype_kwarg(load_dtype), **extra, use_safetensors=True)
             base_id = str(path.resolve())
-        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-            raise BaseModelError(f"base model path {name!r} does not exist")
         else:
             try:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    name, **dtype_kwarg(load_dtype), safety_checker=None, requires_safety_checker=False,
-                    use_safetensors=True,
-                )
+                pipe = cls.from_pretrained(name, **dtype_kwarg(load_dtype), **extra, use_safetensors=True)
             except (OSError, ValueError, ConnectionError) as err:
                 raise BaseModelError(_offline_message(name, err)) from err
             base_id = name
@@ -373,6 +434,19 @@ def load_base(
     fingerprint(pipe, base_id)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _family_of_hub_id(name: str):
+    """The family of a hub repository, from its `model_index.json` (one small download)."""
+    from lrkit.families import family_of_folder
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = Path(hf_hub_download(name, "model_index.json"))
+    except Exception as err:  # offline, unknown repo, gated: the loader's own message says what to do
+        raise BaseModelError(_offline_message(name, err)) from err
+    return family_of_folder(index.parent)
 
 
 def toy_model_dir() -> Path:
