@@ -52,7 +52,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import compute_snr  # noqa: E402,F401  (ConceptModel.loss imports it)
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lrkit.models import (SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_random, fingerprint, load_clip_tokenizer)  # noqa: E402
+from lrkit.models import (SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_random, fingerprint, load_clip_tokenizer, seeded_modules)  # noqa: E402
 from lrkit.training.config import METHOD_NAMES, TrainConfig, load_config  # noqa: E402
 
 # The single-concept methods this benchmark compares (concept_em needs a multi-concept image config).
@@ -138,12 +138,9 @@ SD15_TEXT_CONFIG = dict(
 
 def build_sd15_random(seed: int = 0):
     """An SD-1.5-sized `StableDiffusionPipeline` with seeded random weights, built offline from config."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**SD15_VAE_CONFIG)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+    unet, vae, text_encoder = seeded_modules(
+        seed, lambda: UNet2DConditionModel(**SD15_UNET_CONFIG), lambda: AutoencoderKL(**SD15_VAE_CONFIG),
+        lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)))
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
         scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,

@@ -53,6 +53,8 @@ def _generation_parser(prog: str, description: str):
     parser.add_argument("--config", action=ActionConfigFile, help="generation options YAML (configs/infer/*.yaml)")
     parser.add_argument("--base", default=None, help="base model: tiny-random, toy, hub id, folder or .safetensors "
                         "(default: the base the concept records; a new `lrkit run` concept trains on tiny-random)")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default=None,
+                        help="the base's model family, sd (1.x/2.x) or sdxl (default: told from the base)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); '{}' becomes '<token> <class>'")
     parser.add_argument("--prompts", default=None, help="file with one prompt a line (data/prompts/*.txt)")
     parser.add_argument("--seeds", type=list[int], default=[0, 1], help="seeds, e.g. [0,1,2,3]")
@@ -106,7 +108,7 @@ def _generate(argv: list[str]) -> int:
     base = args.base or recorded_base([concept])
     try:
         pipeline = LayoutRetouchPipeline.from_concept(base, concept, sam_checkpoint=args.sam_checkpoint,
-                                                      force=args.force)
+                                                      force=args.force, family=args.family)
     except BaseModelError as err:
         if args.base:
             raise
@@ -134,7 +136,7 @@ def _run(argv: list[str]) -> int:
     train = {"max_steps": args.max_steps} if args.max_steps is not None else {}
     prompts, seeds = _prompts(args, parser.prog), _seeds(args, parser.prog)
     _check_run_training(parser.prog, args, prompts, train)
-    sheet = photos_to_images(args.photos, args.class_word, prompts, base=args.base,
+    sheet = photos_to_images(args.photos, args.class_word, prompts, base=args.base, family=args.family,
                              out_dir=args.out or "outputs/run", method=args.method, seeds=seeds,
                              options=args.options, resolution=args.resolution,
                              train_overrides=train, sam_checkpoint=args.sam_checkpoint, intermediates=True,

@@ -5,7 +5,8 @@ A concept is a folder::
     concept.json                       manifest, schema "lrkit.concept/1"
     pytorch_lora_weights.safetensors   LoRA, diffusers layout   -> pipe.load_lora_weights(dir)
     learned_embeds.safetensors         Textual-Inversion tokens -> pipe.load_textual_inversion(file)
-    unet/, text_encoder/               full weights (DreamBooth), safetensors
+                                       (SDXL: one token, `clip_l` / `clip_g` vectors, one call per text encoder)
+    unet/, text_encoder/               full weights (DreamBooth), safetensors (SDXL: and text_encoder_2/)
     <name>.kohya.safetensors           the LoRA in kohya / A1111 / ComfyUI layout
     refs/                              the reference photos
     masks/                             subject masks of the refs (PNG)
@@ -38,7 +39,7 @@ from lrkit.bundle_checks import (MANIFEST, MAX_MANIFEST_BYTES, MAX_RANK, MAX_RES
                                  check_model_config, check_picture, check_tree, check_weight_file, check_weights_entry,
                                  inside_bundle, integer_field, number_field, object_field, path_fields, read_json,
                                  read_weights, resolved, shown_value, string_list, text_field, within, word_field)
-from lrkit.families import FAMILIES
+from lrkit.families import FAMILIES, family_of
 from lrkit.io import atomic_dir, atomic_save_png, atomic_write_json
 from lrkit.logs import dropped
 from lrkit.lora_io import require_text_encoder_lora_support
@@ -339,8 +340,9 @@ class Concept:
     def apply(self, pipe, *, force: bool = False, adapter_name: str | None = None, lora_scale: float = 1.0):
         """Load this concept into a stock diffusers pipeline (in place); returns the pipeline.
 
-        LoRA goes through `pipe.load_lora_weights`, tokens through `pipe.load_textual_inversion`,
-        DreamBooth weights replace `pipe.unet` / `pipe.text_encoder`. The LoRA adapter is called
+        LoRA goes through `pipe.load_lora_weights`, tokens through `pipe.load_textual_inversion` (SDXL: once per
+        text encoder, with its `clip_l` / `clip_g` vectors), DreamBooth weights replace `pipe.unet` and the text
+        encoders (`pipe.text_encoder`, SDXL's `pipe.text_encoder_2`). The LoRA adapter is called
         `adapter_name`, by default `default_adapter_name(self.name)` (the concept's name, if peft can use it).
         Every weight file is read as safetensors and checked finite (one reduction per tensor) first; a damaged
         or non-finite file, or a learned token the tokenizer already knows, leaves the pipeline as it was.
@@ -367,8 +369,14 @@ class Concept:
             record_base_id(models["unet"], f"{fingerprint(pipe).id}+{self.name}")
         if models:
             pipe.register_modules(**models)
-        for token, vectors in embeddings.items():
-            pipe.load_textual_inversion({token: vectors}, token=token)
+        for token, per_encoder in embeddings.items():
+            if list(per_encoder) == ["text_encoder"]:  # one text encoder: the stock call, as for any TI file
+                pipe.load_textual_inversion({token: per_encoder["text_encoder"]}, token=token)
+                continue
+            family = family_of(pipe)
+            for encoder, tokenizer in zip(family.text_encoders, family.tokenizers):
+                pipe.load_textual_inversion(per_encoder[encoder], token=token, text_encoder=getattr(pipe, encoder),
+                                            tokenizer=getattr(pipe, tokenizer))
         if "lora" in self.files:
             # diffusers looks for a text-encoder part in every LoRA and warns when there is none; a bundle whose
             # LoRA spec lists no text-encoder targets has none by design
@@ -382,46 +390,69 @@ class Concept:
         return pipe
 
     def _load_embeddings(self, pipe) -> dict:
-        """The learned tokens' vectors, `{token: (num_vectors, dim)}`, checked against the manifest and `pipe`:
-        finite, the text encoder's width, and every name diffusers registers new to the tokenizer."""
+        """The learned tokens' vectors, `{token: {text encoder: (num_vectors, dim)}}`, checked against the manifest
+        and `pipe`: finite, each text encoder's width, and every name diffusers registers new to each tokenizer.
+
+        One text encoder (SD): the file is `{token: vectors}`. Several (SDXL): it holds one token, its vectors per
+        encoder under the family's `embedding_keys` (`clip_l`, `clip_g`)."""
         path = self.file("embeddings")
         state = read_weights(path)
         learned = [t for t in self.tokens if t.learned]
         if not learned:
             raise ConceptError(f"{path}: concept {self.name!r} lists it, but none of its tokens is marked learned=True")
-        width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-        vocab = pipe.tokenizer.get_vocab()
+        family = family_of(pipe)
+        keys = family.embedding_keys
+        if keys and len(learned) != 1:
+            raise ConceptError(f"{path}: a {family.label} embeddings file holds one token ({', '.join(keys)}), but "
+                               f"concept {self.name!r} lists {len(learned)} learned tokens")
         embeddings = {}
         for spec in learned:
-            if spec.token not in state:
-                raise ConceptError(f"{path}: no entry for token {spec.token!r} of concept {self.name!r}")
-            vectors = state[spec.token]
-            vectors = vectors.unsqueeze(0) if vectors.ndim == 1 else vectors  # (num_vectors, dim)
-            if vectors.ndim != 2 or vectors.shape[0] != spec.num_vectors or not vectors.is_floating_point():
-                raise ConceptError(
-                    f"{path}: holds a {vectors.dtype} tensor of shape {tuple(vectors.shape)} for {spec.token!r}, but "
-                    f"the manifest says {spec.num_vectors} vector(s) of floats"
-                )
-            if vectors.shape[1] != width:
-                raise ConceptError(f"{path}: {spec.token!r} has {vectors.shape[1]}-wide vectors, but this pipeline's "
-                                   f"text encoder is {width} wide (a concept of another base model?)")
-            for name in [spec.token] + [f"{spec.token}_{i}" for i in range(1, spec.num_vectors)]:
-                why = token_clash(pipe.tokenizer, name, vocab)
-                if why is not None:
-                    raise ConceptError(f"{path}: token {name!r} {why}; a learned token must be new to the tokenizer "
-                                       f"(a concept applied twice? load a fresh pipeline)")
-            embeddings[spec.token] = vectors
+            entries = [(spec.token, "text_encoder", "tokenizer")] if not keys else list(
+                zip(keys, family.text_encoders, family.tokenizers))
+            per_encoder = {}
+            for key, encoder, tokenizer_name in entries:
+                if key not in state:
+                    raise ConceptError(f"{path}: no entry {key!r} for token {spec.token!r} of concept {self.name!r}")
+                per_encoder[encoder] = self._checked_vectors(path, spec, key, state[key], getattr(pipe, encoder),
+                                                             getattr(pipe, tokenizer_name))
+            embeddings[spec.token] = per_encoder
         return embeddings
 
-    def _load_full_weights(self, pipe) -> dict:
-        """The bundle's own UNet / text encoder (DreamBooth), loaded on `pipe`'s device and checked (config as
-        the base's, safetensors readable, weights finite) but not yet in `pipe`."""
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
+    @staticmethod
+    def _checked_vectors(path: Path, spec: TokenSpec, key: str, vectors, text_encoder, tokenizer):
+        """`vectors` of `spec` (file entry `key`) as (num_vectors, dim), refused unless they fit the manifest,
+        `text_encoder`'s width and every name they register is new to `tokenizer`."""
+        vectors = vectors.unsqueeze(0) if vectors.ndim == 1 else vectors  # (num_vectors, dim)
+        if vectors.ndim != 2 or vectors.shape[0] != spec.num_vectors or not vectors.is_floating_point():
+            raise ConceptError(
+                f"{path}: holds a {vectors.dtype} tensor of shape {tuple(vectors.shape)} for {key!r}, but "
+                f"the manifest says {spec.num_vectors} vector(s) of floats"
+            )
+        width = text_encoder.get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != width:
+            raise ConceptError(f"{path}: {key!r} has {vectors.shape[1]}-wide vectors, but this pipeline's "
+                               f"text encoder is {width} wide (a concept of another base model?)")
+        vocab = tokenizer.get_vocab()
+        for name in [spec.token] + [f"{spec.token}_{i}" for i in range(1, spec.num_vectors)]:
+            why = token_clash(tokenizer, name, vocab)
+            if why is not None:
+                raise ConceptError(f"{path}: token {name!r} {why}; a learned token must be new to the tokenizer "
+                                   f"(a concept applied twice? load a fresh pipeline)")
+        return vectors
 
+    def _load_full_weights(self, pipe) -> dict:
+        """The bundle's own UNet / text encoders (DreamBooth), loaded on `pipe`'s device and checked (config as
+        the base's, safetensors readable, weights finite) but not yet in `pipe`."""
+        import transformers
+        from diffusers import UNet2DConditionModel
+
+        family = family_of(pipe)
+        parts = [("unet", UNet2DConditionModel, "diffusers")]
+        parts += [(name, getattr(transformers, cls), "transformers")
+                  for name, cls in zip(family.text_encoders, family.text_encoder_classes)]
         models = {}
-        for key, cls, current, library in (("unet", UNet2DConditionModel, pipe.unet, "diffusers"),
-                                           ("text_encoder", CLIPTextModel, pipe.text_encoder, "transformers")):
+        for key, cls, library in parts:
+            current = getattr(pipe, key)
             if key not in self.files:
                 continue
             folder = self.file(key)

@@ -83,6 +83,15 @@ class ModelFamily:
     """The kohya LoRA key prefix of each text encoder (`text_encoders` order)."""
     embedding_keys: tuple[str, ...] = ()
     """Keys of a learned token's vectors per text encoder in `learned_embeds.safetensors` (empty: `{token: vectors}`)."""
+    default_resolution: int = 512
+    """The image size (px, square) the family's published bases generate at."""
+
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)
+    """The transformers class of each text encoder (`text_encoders` order), as a bundle's full weights load."""
+    constructor_kwargs: dict = {}
+    """What the pipeline's constructor needs besides its modules and `pipeline_kwargs` (e.g. SD's feature extractor)."""
+    time_conditioned: bool = False
+    """Whether the UNet takes size/crop time ids (`training_time_ids`)."""
 
     def pipeline_class(self):
         import diffusers
@@ -96,10 +105,28 @@ class ModelFamily:
     def owns_unet(self, unet) -> bool:
         raise NotImplementedError
 
+    def vae_upcast(self, vae) -> bool:
+        """Whether the stock pipeline runs this VAE in float32 although it is loaded in another dtype."""
+        return False
+
     def conditioning(self, pipe, prompts: list[str], negative: list[str] | None, *, height: int, width: int,
                      guidance: bool = True) -> tuple[Conditioning, Conditioning | None]:
         """(conditional, unconditional or None) conditioning of `prompts` as the stock pipeline encodes them."""
         raise NotImplementedError
+
+    def build_pipeline(self, **modules):
+        """A stock pipeline of this family around `modules` (vae, unet, scheduler, text encoders, tokenizers)."""
+        return self.pipeline_class()(**modules, **self.pipeline_kwargs(), **self.constructor_kwargs)
+
+    def encode_ids(self, text_encoders: list, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(states (B, tokens, dim), pooled (B, dim) or None) of token ids, one tensor per text encoder, as the stock
+        pipeline encodes a prompt; gradients flow (training calls it)."""
+        raise NotImplementedError
+
+    def training_time_ids(self, original: torch.Tensor, crop: torch.Tensor, resolution: int) -> torch.Tensor | None:
+        """(B, 6) time ids of training samples from each one's original size (B, 2: height, width) and crop top-left
+        (B, 2: top, left) at the square `resolution`; None where the family has none."""
+        return None
 
     def __repr__(self) -> str:
         return f"<model family {self.name}: {self.label}>"
@@ -118,6 +145,12 @@ class StableDiffusion(ModelFamily):
     def owns_unet(self, unet) -> bool:
         return getattr(unet.config, "addition_embed_type", None) is None
 
+    constructor_kwargs = {"feature_extractor": None}
+
+    def encode_ids(self, text_encoders, ids):
+        """The encoder's last hidden states (after the final layer norm), as `StableDiffusionPipeline.encode_prompt`."""
+        return text_encoders[0](ids[0])[0], None
+
     def conditioning(self, pipe, prompts, negative, *, height, width, guidance=True):
         cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, guidance, negative_prompt=negative)
         return Conditioning(cond), (Conditioning(uncond) if guidance else None)
@@ -133,6 +166,9 @@ class StableDiffusionXL(ModelFamily):
     tokenizers = ("tokenizer", "tokenizer_2")
     kohya_text_prefixes = ("lora_te1", "lora_te2")
     embedding_keys = ("clip_l", "clip_g")
+    text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    time_conditioned = True
+    default_resolution = 1024
 
     def pipeline_kwargs(self) -> dict:
         return {"add_watermarker": False}
@@ -140,10 +176,30 @@ class StableDiffusionXL(ModelFamily):
     def owns_unet(self, unet) -> bool:
         return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
+    def vae_upcast(self, vae) -> bool:
+        """SDXL's VAE overflows in float16: `StableDiffusionXLPipeline` upcasts it when `force_upcast` says so."""
+        return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
     def time_ids(self, pipe, height: int, width: int, *, original: tuple[int, int] | None = None,
                  crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """(1, 6): original size, crop top-left, target size, as SDXL was trained (original defaults to target)."""
         return torch.tensor([[*(original or (height, width)), *crop, height, width]], dtype=torch.float32)
+
+    def training_time_ids(self, original, crop, resolution):
+        """Per sample: original size, crop top-left, target size (`resolution` square), as SDXL was trained."""
+        target = torch.tensor([resolution, resolution], dtype=torch.float32).expand(original.shape[0], 2)
+        return torch.cat([original.float(), crop.float(), target], dim=1)
+
+    def encode_ids(self, text_encoders, ids):
+        """Each encoder's penultimate hidden states, concatenated; the pooled (projected) embedding of the last
+        encoder, as `StableDiffusionXLPipeline.encode_prompt`."""
+        states, pooled = [], None
+        for encoder, encoder_ids in zip(text_encoders, ids):
+            out = encoder(encoder_ids, output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), pooled  # (B, tokens, dim_1 + dim_2), (B, projection_dim)
 
     def conditioning(self, pipe, prompts, negative, *, height, width, guidance=True):
         """As `StableDiffusionXLPipeline.__call__`: no negative prompt (or only empty ones) is the stock default,

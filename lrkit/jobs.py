@@ -300,11 +300,15 @@ def _check_toy_inputs(concept: Concept, prompts: list[str]) -> None:
     warn_outside_toy_world(photos=refs, prompts=prompts, known=[t.token for t in concept.tokens])
 
 
-def default_resolution(base: str) -> int:
-    """64 px for the built-in bases (tiny-random, toy), 512 for anything else (SD 1.5-sized)."""
+def default_resolution(base: str, family: str | None = None) -> int:
+    """64 px for the built-in bases (tiny-random, tiny-random-xl, toy); else the given family's (SDXL: 1024), or
+    512 (SD 1.5-sized)."""
+    from lrkit.families import get_family
     from lrkit.models import builtin_kind
 
-    return BUILTIN_RESOLUTION if builtin_kind(base) else 512
+    if builtin_kind(base):
+        return BUILTIN_RESOLUTION
+    return get_family(family).default_resolution if family is not None else 512
 
 
 def subject_name(photos: str | os.PathLike) -> str:
@@ -323,7 +327,7 @@ def training_inputs(photos: str | os.PathLike, class_word: str, *, base: str, me
 
 def train_or_reuse(photos: str | os.PathLike, class_word: str, train_dir: str | os.PathLike, *, base: str,
                    method: str = "lora", resolution: int | None = None, train_overrides: dict | None = None,
-                   phase: str = "", overwrite: bool = False) -> Concept:
+                   phase: str = "", overwrite: bool = False, family: str | None = None) -> Concept:
     """The concept bundle in TRAIN_DIR/concept, trained from `photos` unless this job already trained it.
 
     The training run (checkpoints, logs, validation images) lives in TRAIN_DIR, as `lrkit train
@@ -332,13 +336,13 @@ def train_or_reuse(photos: str | os.PathLike, class_word: str, train_dir: str | 
     is reused, and a checkpoint resumed, only when the recorded inputs (and bundle digest) match; otherwise
     `JobInputsError` names what changed, before anything is written. With `overwrite`, training starts afresh
     and replaces the bundle instead. `phase` prefixes the log line that says which of the two happens
-    (e.g. `phase 1/2: `).
+    (e.g. `phase 1/2: `). `family` ("sd" or "sdxl") overrides the base's detected model family.
     """
     from lrkit.training import train_concept
 
     train_dir = Path(train_dir)
     bundle = train_dir / "concept"
-    resolution = resolution or default_resolution(base)
+    resolution = resolution or default_resolution(base, family)
     inputs = training_inputs(photos, class_word, base=base, method=method, resolution=resolution,
                              train_overrides=train_overrides)
     digest = inputs_digest(inputs)
@@ -359,7 +363,7 @@ def train_or_reuse(photos: str | os.PathLike, class_word: str, train_dir: str | 
         logger.info("%sreusing the concept bundle %s", phase, bundle)
         return Concept.load(bundle)
     atomic_write_json(record_file, {"format": TRAINING_FORMAT, "inputs": inputs, "digest": digest})
-    overrides = {"base": base, "method": method, "output_dir": str(train_dir),
+    overrides = {"base": base, "family": family, "method": method, "output_dir": str(train_dir),
                  "data": {"photos": str(photos), "class_word": class_word, "resolution": resolution}}
     if changes:
         overrides.update(overwrite=True, resume=None)
@@ -387,7 +391,8 @@ def _training_changes(record: dict | None, inputs: dict, digest: str, bundle: Pa
 def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[str], *, base: str | None = None,
                      out_dir: str | os.PathLike = "outputs/run", method: str = "lora", seeds: list[int] | None = None,
                      options=None, resolution: int | None = None, train_overrides: dict | None = None,
-                     sam_checkpoint: str | None = None, intermediates: bool = True, overwrite: bool = False) -> Path:
+                     sam_checkpoint: str | None = None, intermediates: bool = True, overwrite: bool = False,
+                     family: str | None = None) -> Path:
     """Train (or reuse) a concept from `photos`, then Layout-and-Retouch every prompt x seed.
 
     The concept is named after the photo folder and its bundle is OUT_DIR/<name>/concept (`lrkit run
@@ -395,7 +400,8 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
     the same inputs reuses the bundle and keeps finished images; more prompts or seeds may be added. Other
     photos, class word, method, overrides, base, resolution, options or another prompt at an index already
     used are refused (`JobInputsError`) unless `overwrite`, which trains and generates again what they change.
-    `base` defaults to the reused bundle's recorded base, else `tiny-random`. Returns the contact sheet's path
+    `base` defaults to the reused bundle's recorded base, else `tiny-random`; `family` ("sd" or "sdxl") overrides
+    its detected model family. Returns the contact sheet's path
     (OUT_DIR/contact_sheet.png).
     """
     from lrkit.concept import recorded_base, recorded_base_error
@@ -411,9 +417,9 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
     given = base is not None
     if not given:
         base = recorded_base([Concept.load(reused.parent)]) if reused.is_file() else "tiny-random"
-    resolution = resolution or default_resolution(base)
+    resolution = resolution or default_resolution(base, family)
     concept = train_or_reuse(photos, class_word, train_dir, base=base, method=method, resolution=resolution,
-                             train_overrides=train_overrides, phase="phase 1/2: ", overwrite=overwrite)
+                             train_overrides=train_overrides, phase="phase 1/2: ", overwrite=overwrite, family=family)
     filled = fill_prompts(prompts, concept)
     options = options or GenerationOptions()  # unset height/width: the concept's training resolution
     inputs = generation_inputs(concept, base, sam_checkpoint=sam_checkpoint)
@@ -422,7 +428,7 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
                 out / "images")
     try:
         pipeline = LayoutRetouchPipeline.from_concept(base, concept, sam_checkpoint=sam_checkpoint,
-                                                      cache_dir=out / "cache")
+                                                      cache_dir=out / "cache", family=family)
     except BaseModelError as err:
         if given:
             raise

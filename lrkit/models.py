@@ -193,21 +193,27 @@ SD_SCHEDULER_CONFIG = dict(
 TINY_RESOLUTION = 64
 
 
+def seeded_modules(seed: int, *makers):
+    """`maker()` of each maker, the k-th under `torch.manual_seed(seed + k)`; torch's global RNG is left as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        modules = []
+        for k, make in enumerate(makers):
+            torch.manual_seed(seed + k)
+            modules.append(make())
+        return modules
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def build_tiny_random(seed: int = 0, *, unet_overrides: dict | None = None):
     """A seeded, randomly initialised tiny Stable Diffusion pipeline, built from config offline."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, **(unet_overrides or {})})
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
-    finally:
-        torch.random.set_rng_state(generator_state)
+    unet, vae, text_encoder = seeded_modules(
+        seed, lambda: UNet2DConditionModel(**{**TINY_UNET_CONFIG, **(unet_overrides or {})}),
+        lambda: AutoencoderKL(**TINY_VAE_CONFIG), lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -241,18 +247,10 @@ def build_tiny_random_xl(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_XL_UNET_CONFIG)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG))
-    finally:
-        torch.random.set_rng_state(generator_state)
+    unet, vae, text_encoder, text_encoder_2 = seeded_modules(
+        seed, lambda: UNet2DConditionModel(**TINY_XL_UNET_CONFIG), lambda: AutoencoderKL(**TINY_VAE_CONFIG),
+        lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)),
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG)))
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
         tokenizer_2=load_clip_tokenizer(), unet=unet,

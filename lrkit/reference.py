@@ -60,12 +60,13 @@ def reference_concept(photos, class_word: str, out_dir: str | os.PathLike, *, ba
                       name: str | None = None, resolution: int | None = None, overwrite: bool = False) -> Concept:
     """Write a reference concept bundle of `photos` (folder, file, or files) showing a `class_word`.
 
-    `base`: the base model it is meant for (id, folder, file, built-in name, or a loaded
-    `StableDiffusionPipeline`), whose fingerprint the bundle records. `resolution`: the generation
-    size the bundle suggests (default: 64 for the built-in bases, else 512). Written atomically.
+    `base`: the base model it is meant for (id, folder, file, built-in name, or a loaded SD or SDXL
+    pipeline), whose fingerprint the bundle records. `resolution`: the generation size the bundle suggests
+    (default: 64 for the built-in bases, else the model family's: 512 for SD, 1024 for SDXL). Written atomically.
     """
-    from lrkit.jobs import default_resolution
-    from lrkit.models import fingerprint, load_base
+    from lrkit.families import family_of
+    from lrkit.jobs import BUILTIN_RESOLUTION
+    from lrkit.models import builtin_kind, fingerprint, load_base
 
     word = (class_word or "").strip()
     if not word:
@@ -76,7 +77,8 @@ def reference_concept(photos, class_word: str, out_dir: str | os.PathLike, *, ba
     images = _photos(photos)
     pipe = load_base(base) if isinstance(base, (str, os.PathLike)) else base
     if resolution is None:
-        resolution = default_resolution(str(base)) if isinstance(base, (str, os.PathLike)) else 512
+        builtin = isinstance(base, (str, os.PathLike)) and builtin_kind(str(base))
+        resolution = BUILTIN_RESOLUTION if builtin else family_of(pipe).default_resolution
     out = Path(out_dir)
     concept = Concept(
         name=name or concept_slug(out.resolve().name), method=REFERENCE_METHOD, tokens=[TokenSpec(word)], class_word=word,
@@ -102,7 +104,8 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--photos", nargs="+", required=True, help="a folder of photos, or image files")
     parser.add_argument("--class-word", required=True, help="what the photos show, e.g. vase; prompts use this word")
     parser.add_argument("--out", required=True, help="bundle folder to write")
-    parser.add_argument("--base", default="toy", help="base model: hub id, folder, .safetensors file, toy, tiny-random")
+    parser.add_argument("--base", default="toy",
+                        help="base model (SD or SDXL): hub id, folder, .safetensors file, toy, tiny-random, tiny-random-xl")
     parser.add_argument("--resolution", type=int, default=None, help="suggested generation size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     args = parser.parse_args(argv)

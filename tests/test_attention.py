@@ -17,26 +17,42 @@ SD15 = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_atten
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 SD2 = dict(SD15, attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, cross_attention_dim=48)
+# SDXL base 1.0's block layout (no attention at the highest resolution; 1, 2 and 10 transformer blocks per level).
+SDXL = dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=(2, 4, 8),
+            norm_num_groups=8, sample_size=16, transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+SD_SWAP = {f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor" for b in (2, 3) for a in range(3)}
+SDXL_SWAP = {f"up_blocks.{b}.attentions.{a}.transformer_blocks.{t}.attn1.processor"
+             for b, blocks in ((0, 10), (1, 2)) for a in range(3) for t in range(blocks)}
 
 
-@pytest.mark.parametrize("config", [SD15, SD2], ids=["sd15", "sd2"])
-def test_swap_layers_are_the_decoder_self_attention_at_the_two_highest_resolutions(config):
+@pytest.mark.parametrize("config, count, swap, swap_levels, cross_level", [
+    (SD15, 32, SD_SWAP, {0, 1}, 2),  # 16 transformer blocks (6 down, 1 mid, 9 up), attn1 + attn2 each
+    (SD2, 32, SD_SWAP, {0, 1}, 2),
+    (SDXL, 140, SDXL_SWAP, {1, 2}, 1),  # 70 transformer blocks (4 + 20 down, 10 mid, 30 + 6 up)
+], ids=["sd15", "sd2", "sdxl"])
+def test_swap_layers_are_the_decoder_self_attention_at_the_two_highest_resolutions(config, count, swap, swap_levels,
+                                                                                  cross_level):
+    """SD: up_blocks.2 and .3 (levels 0 and 1). SDXL has no attention at level 0: the two highest resolutions with
+    attention are levels 1 and 2, i.e. every decoder self-attention layer, up_blocks.1 and up_blocks.0."""
     unet = UNet2DConditionModel(**config)
     layers = attention_layers(unet)
-    assert len(layers) == 32  # 16 transformer blocks (6 down, 1 mid, 9 up), attn1 + attn2 each
+    assert len(layers) == count
     chosen = {l.name for l in decoder_self_layers(unet)}
-    expected = {f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor" for b in (2, 3) for a in range(3)}
-    assert chosen == expected
-    assert {l.level for l in decoder_self_layers(unet)} == {0, 1}
-    # Cross-attention capture: the second-lowest resolution with cross-attention (16x16 of a 64x64 SD latent).
+    assert chosen == swap
+    assert {l.level for l in decoder_self_layers(unet)} == swap_levels
+    # Cross-attention capture: the second-lowest resolution with cross-attention (SD: 16x16 of a 64x64 latent;
+    # SDXL: 64x64 of a 128x128 latent, down_blocks.1 and up_blocks.1).
     cross = cross_layers_at(unet)
-    assert {l.level for l in cross} == {2} and all(l.is_cross for l in cross)
+    assert {l.level for l in cross} == {cross_level} and all(l.is_cross for l in cross)
     assert {l.place for l in cross} == {"down", "up"}
 
     with processors(unet, {n: AttnProcessor2_0() for n in chosen}):
         installed = unet.attn_processors
-        assert len(installed) == 32
-    assert len(unet.attn_processors) == 32
+        assert len(installed) == count
+    assert len(unet.attn_processors) == count
 
 
 def test_parse_names():

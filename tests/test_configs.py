@@ -26,7 +26,8 @@ def test_train_config_loads_and_round_trips(path):
     raw = yaml.safe_load(path.read_text())
     assert config.method == raw["method"] and config.base == raw["base"]
     if path.parent.name == "train":
-        assert config.method == path.stem
+        assert config.method == path.stem.removeprefix("sdxl_")  # sdxl_<method>.yaml: the method on SDXL
+        assert config.family == ("sdxl" if path.stem.startswith("sdxl_") else None)
     # Dumping and re-reading gives the same config (YAML files are nothing but saved arguments).
     parser = build_parser()
     dumped = parser.dump(parser.parse_object(config.to_dict()))

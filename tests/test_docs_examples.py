@@ -108,6 +108,8 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [  # (old text, new text, why); appl
      'StableDiffusionPipeline.from_pretrained("sd15"',
      "stock diffusers loads a folder: tiny-random saved as `sd15`, README's offline download folder"),
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny-random", "the base model"),
+    ('StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0"',
+     'StableDiffusionXLPipeline.from_pretrained("sdxl"', "stock diffusers loads a folder: tiny-random-xl saved as `sdxl`"),
     ('"cuda"', '"cpu"', "no GPU"),
     ("~/photos/my_dog", "data/subjects/vase", "the user's photos"),
     ('"photos/"', '"data/subjects/vase"', "the user's photos"),
@@ -147,6 +149,7 @@ NOT_RUN: dict[str, str] = {
 
 _MAKE_SD15 = 'lrkit.load_base("tiny-random").save_pretrained("sd15")  # README: hf download ... --local-dir sd15\n'
 _MAKE_METRICS = 'save_tiny_metric_models("outputs/tiny_metrics")\n'
+_MAKE_SDXL = 'lrkit.load_base("tiny-random-xl").save_pretrained("sdxl")  # stabilityai/stable-diffusion-xl-base-1.0\n'
 
 
 def _train(config: str, output_dir: str, **options) -> str:
@@ -165,12 +168,13 @@ from lrkit.masks import SamSegmenter
 """
 
 PREREQUISITES: dict[str, str] = {  # document -> python run in its checkout before its first block
-    "README.md": _MAKE_SD15 + _MAKE_METRICS + (
+    "README.md": _MAKE_SD15 + _MAKE_SDXL + _MAKE_METRICS + (
         'torch.save(SamSegmenter.from_config("vit_b", seed=0).model.state_dict(), "sam_vit_b_01ec64.pth")\n'),
     "docs/concept-bundle.md": _MAKE_SD15
     + _train("lora", "outputs/my-dog", data={"photos": "data/subjects/vase", "class_word": "dog"})
     + _train("textual_inversion", "outputs/my-ti")
-    + _train("dreambooth", "outputs/my-db"),
+    + _train("dreambooth", "outputs/my-db")
+    + _MAKE_SDXL + _train("sdxl_textual_inversion", "outputs/sdxl-ti"),
     "docs/dual-reference.md": _train("lora", "outputs/my-concept", base="toy") + (
         'Path("my-concept").symlink_to("outputs/my-concept/concept")\n'
         'Image.open("data/subjects/red_teapot/1.jpeg").convert("RGB").save("style.png")\n'),
@@ -229,15 +233,19 @@ PROMISES: dict[str, list[Callable[[Ran], None]]] = {
                 "outputs/my-dog/concept/my-dog.kohya.safetensors", "outputs/my-dog/validation/*.png")],
     "README.md#4 import torch": [defines("image", "PIL.Image.Image")],
     "README.md#5 import lrkit": [defines("pipe", _STOCK_PIPELINE)],
-    "README.md#6 lrkit train --config": [prints("rank: 8"), prints("max_steps: 400")],
-    "README.md#7 import lrkit":
+    "README.md#6 lrkit train --config":
+        [writes("outputs/my-dog-xl/concept/concept.json", "outputs/my-dog-xl/concept/my-dog-xl.kohya.safetensors",
+                "outputs/my-dog-xl/images/p000_s0.png", "outputs/my-dog-xl/images/p000_s0_grid.png")],
+    "README.md#7 import torch": [defines("image", "PIL.Image.Image")],
+    "README.md#8 lrkit train --config": [prints("rank: 8"), prints("max_steps: 400")],
+    "README.md#9 import lrkit":
         [defines("bundle", "pathlib.PosixPath"), writes("outputs/lora-vase/concept/concept.json")],
-    "README.md#8 torchrun --nproc_per_node 4":
+    "README.md#10 torchrun --nproc_per_node 4":
         [writes("outputs/lora-torchrun/concept/concept.json", "outputs/lora-accelerate/concept/concept.json"),
          prints("rank 1/2 finished training")],
-    "README.md#9 lrkit generate --base": [writes("outputs/dog-surf/p000_s0.png", "outputs/dog-surf/p000_s1.png")],
-    "README.md#10 from lrkit import LayoutRetouchPipeline": [writes("dog.png"), defines("images", "builtins.list")],
-    "README.md#11 lrkit eval --base":
+    "README.md#11 lrkit generate --base": [writes("outputs/dog-surf/p000_s0.png", "outputs/dog-surf/p000_s1.png")],
+    "README.md#12 from lrkit import LayoutRetouchPipeline": [writes("dog.png"), defines("images", "builtins.list")],
+    "README.md#13 lrkit eval --base":
         [writes("outputs/eval/results.csv", "outputs/eval/results.md", "outputs/eval/plots/*.png")],
     "docs/concept-bundle.md#3 import lrkit": [defines("image", "PIL.Image.Image")],
     "docs/concept-bundle.md#4 import torch": [defines("pipe", _STOCK_PIPELINE)],

@@ -13,9 +13,9 @@ from PIL import Image
 
 from lrkit.attention import AttentionLayerError
 from lrkit.inference.processors import AttentionCache, DualReferenceProcessor, DualReferenceState
-from lrkit.inference import GenerationOptions, InferenceError, LayoutRetouchPipeline
+from lrkit.inference import GenerationOptions, InferenceError
 from lrkit.inference.dual_reference import entropy_switch, image_entropy, phase_at, shift_to_style, switch_step
-from test_layout_retouch import PROMPT, ROOT, STEPS, as_np, make_bundle, stock_image
+from test_layout_retouch import PROMPT, ROOT, STEPS, Made, as_np, stock_image
 
 # ---------------------------------------------------------------------------- the entropy switch
 
@@ -234,15 +234,18 @@ def test_processor_refuses_cross_attention_and_unknown_phases(toy_layer):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dual-bundles")
-    return {kind: make_bundle(root, kind) for kind in ("lora", "ti")}
+def made(tmp_path_factory):
+    return Made(tmp_path_factory.mktemp("dual-bundles"), tmp_path_factory.mktemp("dual-cache"))
 
 
 @pytest.fixture(scope="module")
-def pipes(bundles, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("dual-cache")
-    return {kind: LayoutRetouchPipeline.from_concept("tiny-random", path, cache_dir=cache) for kind, path in bundles.items()}
+def bundles(made):
+    return {kind: made.bundle("tiny-random", kind) for kind in ("lora", "ti")}
+
+
+@pytest.fixture(scope="module")
+def pipes(made, bundles):
+    return {kind: made.pipe("tiny-random", kind) for kind in bundles}
 
 
 @pytest.fixture(scope="module")
@@ -263,15 +266,17 @@ def dual(pipe, prompt, style, seed=0, **options):
                                                               style_reference=style, **options))
 
 
-@pytest.mark.parametrize("kind", ["lora", "ti"])
-def test_both_phases_off_is_the_personalized_pipeline(kind, pipes, bundles, style_png):
-    expected = stock_image(PROMPT[kind], 0, bundles[kind])  # stock diffusers, the concept applied, same seed
-    got = as_np(dual(pipes[kind], PROMPT[kind], style_png, customize=False, stylize=False)[0].image)
+@pytest.mark.parametrize("base, kind", [("tiny-random", "lora"), ("tiny-random", "ti"), ("tiny-random-xl", "lora"),
+                                        ("tiny-random-xl", "ti"), ("tiny-random-xl", "reference")])
+def test_both_phases_off_is_the_personalized_pipeline(base, kind, made, style_png):
+    expected = stock_image(PROMPT[kind], 0, made.bundle(base, kind), base)  # stock diffusers, the concept applied
+    got = as_np(dual(made.pipe(base, kind), PROMPT[kind], style_png, customize=False, stylize=False)[0].image)
     np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
 
 
-def test_each_phase_changes_the_image(pipes, style_png):
-    pipe, prompt = pipes["lora"], PROMPT["lora"]
+@pytest.mark.parametrize("base", ["tiny-random", "tiny-random-xl"])
+def test_each_phase_changes_the_image(base, made, style_png):
+    pipe, prompt = made.pipe(base, "lora"), PROMPT["lora"]
     plain = as_np(dual(pipe, prompt, style_png, customize=False, stylize=False)[0].image)
     early = as_np(dual(pipe, prompt, style_png, stylize=False, switch=0.75)[0].image)
     late = as_np(dual(pipe, prompt, style_png, customize=False, switch=0.5)[0].image)
@@ -281,12 +286,13 @@ def test_each_phase_changes_the_image(pipes, style_png):
     assert np.abs(both - late).mean() > 1e-4
 
 
-def test_style_phase_touches_only_the_subject(pipes, style_png, monkeypatch):
+@pytest.mark.parametrize("base", ["tiny-random", "tiny-random-xl"])
+def test_style_phase_touches_only_the_subject(base, made, style_png, monkeypatch):
     """M ≡ 0: the style phase has no foreground query to reconstruct, so the image is the personalized one;
     the customization phase still changes it (background queries see the references' foregrounds)."""
     import lrkit.masks
 
-    pipe, prompt = pipes["lora"], PROMPT["lora"]
+    pipe, prompt = made.pipe(base, "lora"), PROMPT["lora"]
     plain = as_np(dual(pipe, prompt, style_png, customize=False, stylize=False)[0].image)
     monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, sam_weight, mask_threshold: torch.zeros_like(attn))
     late = dual(pipe, prompt, style_png, customize=False, switch=0.25)[0]
@@ -344,10 +350,11 @@ def test_style_shift_starts_at_style_shift_start(pipes, style_png):
         GenerationOptions.of(mode="personalized", style_shift_start=0.5)
 
 
-def test_a_segmenter_gives_the_target_mask_from_the_switch_step(pipes, style_png, monkeypatch):
+@pytest.mark.parametrize("base", ["tiny-random", "tiny-random-xl"])
+def test_a_segmenter_gives_the_target_mask_from_the_switch_step(base, made, style_png, monkeypatch):
     from lrkit.inference.dual_reference import denoise_dual_reference
 
-    pipe, prompt = pipes["lora"], PROMPT["lora"]
+    pipe, prompt = made.pipe(base, "lora"), PROMPT["lora"]
     calls = []
 
     def left_half(image, box):  # a stand-in for SAM: the left half of the picture, whatever the box

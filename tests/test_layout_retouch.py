@@ -1,4 +1,5 @@
-"""DESIGN §5.2 invariants of Layout-and-Retouch, each against stock diffusers pipelines, same seed."""
+"""DESIGN §5.2 invariants of Layout-and-Retouch, each against stock diffusers pipelines, same seed, on both model
+families: `tiny-random` (StableDiffusionPipeline) and `tiny-random-xl` (StableDiffusionXLPipeline)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from lrkit.models import build_tiny_random, fingerprint, load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
+BASES = ["tiny-random", "tiny-random-xl"]
+# The concepts each base's exactness tests run on. SD: LoRA (UNet + text encoder), Textual Inversion, DreamBooth
+# UNet. SDXL: LoRA made by hand (UNet + both text encoders), Textual Inversion (clip_l / clip_g vectors), DreamBooth
+# (UNet + both text encoders), and a reference concept (no weights).
+KINDS = {"tiny-random": ["lora", "ti", "db"], "tiny-random-xl": ["lora", "ti", "db", "reference"]}
+CASES = [pytest.param(base, kind, id=f"{base}-{kind}") for base in BASES for kind in KINDS[base]]
 
 
 def _perturb_lora(module, seed: int, scale: float = 0.3) -> None:
@@ -30,11 +37,42 @@ def _perturb_lora(module, seed: int, scale: float = 0.3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def make_bundle(root: Path, kind: str) -> Path:
-    """A concept with a strong effect: random LoRA (UNet + text encoder) or a random TI vector."""
-    pipe = build_tiny_random(0)
-    out = root / f"{kind}-concept"
-    if kind == "lora":
+def _xl_lora_files(pipe):
+    """Random LoRA adapters on the tiny SDXL UNet and both text encoders, saved as diffusers' SDXL examples do."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights="gaussian"))
+    for seed, name in enumerate(("text_encoder", "text_encoder_2"), start=2):
+        encoder = getattr(pipe, name)
+        encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+        _perturb_lora(encoder, seed, 0.5)
+    _perturb_lora(pipe.unet, 1)
+
+    def write(folder: Path) -> None:
+        layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, name)))
+                  for name in ("text_encoder", "text_encoder_2")}
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                    **layers)
+    return write
+
+
+def make_bundle(root: Path, kind: str, base: str = "tiny-random") -> Path:
+    """A concept with a strong effect: random LoRA (UNet + text encoders), a random TI vector, a perturbed
+    DreamBooth UNet; or a reference concept (the photo alone)."""
+    out = root / f"{base}-{kind}-concept"
+    if kind == "reference":
+        from lrkit.reference import reference_concept
+
+        return reference_concept(ROOT / "data/subjects/vase/00.jpg", "vase", out, base=base).path
+    pipe = build_tiny_random(0) if base == "tiny-random" else load_base(base)
+    write_lora = None
+    if kind == "lora" and base != "tiny-random":
+        write_lora = _xl_lora_files(pipe)
+        tokens, files = [TokenSpec("sks")], {"lora": "pytorch_lora_weights.safetensors"}
+    elif kind == "lora":
         pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                          init_lora_weights="gaussian"))
         pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
@@ -42,52 +80,87 @@ def make_bundle(root: Path, kind: str) -> Path:
         _perturb_lora(pipe.unet, 1)
         _perturb_lora(pipe.text_encoder, 2, 0.5)
         tokens, files = [TokenSpec("sks")], {"lora": "pytorch_lora_weights.safetensors"}
-    elif kind == "db":
+    elif kind == "db":  # SDXL: both text encoders too, so the vanilla model must swap all three
+        replaced = ["unet"] if base == "tiny-random" else ["unet", "text_encoder", "text_encoder_2"]
         with torch.no_grad():
             g = torch.Generator().manual_seed(4)
-            for p in pipe.unet.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        tokens, files = [TokenSpec("sks")], {"unet": "unet"}
+            for name in replaced:
+                for p in getattr(pipe, name).parameters():
+                    if p.is_floating_point():
+                        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        tokens, files = [TokenSpec("sks")], {name: name for name in replaced}
     else:
         tokens, files = [TokenSpec("<sks>", learned=True, num_vectors=1, initializer="vase")], {"embeddings": EMBEDDINGS}
     method = {"lora": "lora", "db": "dreambooth", "ti": "textual_inversion"}[kind]
     concept = Concept(name=kind, method=method, tokens=tokens,
-                      class_word="vase", base=fingerprint(load_base("tiny-random")), resolution=64, files=files,
+                      class_word="vase", base=fingerprint(load_base(base)), resolution=64, files=files,
                       refs=["refs/00.jpg"])
 
     def write(tmp: Path) -> None:
         (tmp / "refs").mkdir()
         shutil.copy(ROOT / "data/subjects/vase/00.jpg", tmp / "refs/00.jpg")
-        if kind == "lora":
+        if write_lora is not None:
+            write_lora(tmp)
+        elif kind == "lora":
             save_diffusers_lora(tmp, pipe.unet, pipe.text_encoder)
         elif kind == "db":
-            pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        else:
+            for name in files:
+                getattr(pipe, name).save_pretrained(tmp / name, safe_serialization=True)
+        elif base == "tiny-random":
             vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
             atomic_write_bytes(tmp / EMBEDDINGS, save({"<sks>": vec}))
+        else:  # SDXL: a vector per text encoder, under clip_l / clip_g
+            g = torch.Generator().manual_seed(3)
+            vectors = {key: torch.randn(1, getattr(pipe, name).config.hidden_size, generator=g)
+                       for key, name in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))}
+            atomic_write_bytes(tmp / EMBEDDINGS, save(vectors))
 
     write_bundle(concept, out, write)
     return out
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    return {kind: make_bundle(root, kind) for kind in ("lora", "ti", "db")}
+class Made:
+    """Bundles and pipelines per (base, kind), each built on first use and kept."""
+
+    def __init__(self, root: Path, cache: Path):
+        self.root, self.cache = root, cache
+        self._bundles: dict = {}
+        self._pipes: dict = {}
+
+    def bundle(self, base: str, kind: str) -> Path:
+        if (base, kind) not in self._bundles:
+            self._bundles[base, kind] = make_bundle(self.root, kind, base)
+        return self._bundles[base, kind]
+
+    def pipe(self, base: str, kind: str) -> LayoutRetouchPipeline:
+        if (base, kind) not in self._pipes:
+            self._pipes[base, kind] = LayoutRetouchPipeline.from_concept(base, self.bundle(base, kind),
+                                                                         cache_dir=self.cache)
+        return self._pipes[base, kind]
 
 
 @pytest.fixture(scope="module")
-def pipes(bundles, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {kind: LayoutRetouchPipeline.from_concept("tiny-random", path, cache_dir=cache) for kind, path in bundles.items()}
+def made(tmp_path_factory):
+    return Made(tmp_path_factory.mktemp("bundles"), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def bundles(made):
+    return {kind: made.bundle("tiny-random", kind) for kind in ("lora", "ti", "db")}
+
+
+@pytest.fixture(scope="module")
+def pipes(made, bundles):
+    return {kind: made.pipe("tiny-random", kind) for kind in bundles}
 
 
 PROMPT = {"lora": "a photo of sks vase on the beach", "ti": "a photo of <sks> vase on the beach",
-          "db": "a photo of sks vase on the beach"}
+          "db": "a photo of sks vase on the beach", "reference": "a photo of vase on the beach"}
 
 
-def stock_image(prompt: str, seed: int, concept: Path | None) -> np.ndarray:
-    pipe = load_base("tiny-random")
+def stock_image(prompt: str, seed: int, concept: Path | None, base: str = "tiny-random") -> np.ndarray:
+    """The stock pipeline of `base`'s family (`load_base`), the concept applied by `Concept.apply`."""
+    pipe = load_base(base)
     if concept is not None:
         Concept.load(concept).apply(pipe)
     generator = torch.Generator().manual_seed(seed)
@@ -103,26 +176,27 @@ def as_np(image) -> np.ndarray:
     return np.asarray(image).astype(np.float32) / 255.0
 
 
-@pytest.mark.parametrize("kind", ["lora", "ti", "db"])
-def test_lambda_zero_is_the_personalized_pipeline(kind, pipes, bundles):
-    expected = stock_image(PROMPT[kind], 0, bundles[kind])
-    got = as_np(ours(pipes[kind], PROMPT[kind], mode="layout", lam=0.0)[0].image)
+@pytest.mark.parametrize("base, kind", CASES)
+def test_lambda_zero_is_the_personalized_pipeline(base, kind, made):
+    expected = stock_image(PROMPT[kind], 0, made.bundle(base, kind), base)
+    got = as_np(ours(made.pipe(base, kind), PROMPT[kind], mode="layout", lam=0.0)[0].image)
     np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
     # and the personalized mode is the same thing
-    same = as_np(ours(pipes[kind], PROMPT[kind], mode="personalized")[0].image)
+    same = as_np(ours(made.pipe(base, kind), PROMPT[kind], mode="personalized")[0].image)
     np.testing.assert_array_equal(same, got)
 
 
-@pytest.mark.parametrize("kind", ["lora", "ti", "db"])
-def test_lambda_one_is_the_vanilla_pipeline(kind, pipes):
-    expected = stock_image("a photo of vase on the beach", 0, None)
-    got = as_np(ours(pipes[kind], PROMPT[kind], mode="layout", lam=1.0)[0].image)
+@pytest.mark.parametrize("base, kind", CASES)
+def test_lambda_one_is_the_vanilla_pipeline(base, kind, made):
+    expected = stock_image("a photo of vase on the beach", 0, None, base)
+    got = as_np(ours(made.pipe(base, kind), PROMPT[kind], mode="layout", lam=1.0)[0].image)
     np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
 
 
-def test_the_concept_matters_and_lambda_blends(pipes):
+@pytest.mark.parametrize("base", BASES)
+def test_the_concept_matters_and_lambda_blends(base, made):
     """Sensitivity: vanilla and personalized differ, and λ=0.5 is neither."""
-    pipe = pipes["lora"]
+    pipe = made.pipe(base, "lora")
     v = as_np(ours(pipe, PROMPT["lora"], mode="vanilla")[0].image)
     p = as_np(ours(pipe, PROMPT["lora"], mode="personalized")[0].image)
     mid = as_np(ours(pipe, PROMPT["lora"], mode="layout", lam=0.5)[0].image)
@@ -130,32 +204,39 @@ def test_the_concept_matters_and_lambda_blends(pipes):
     assert np.abs(mid - p).mean() > 1e-3 and np.abs(mid - v).mean() > 1e-3
 
 
-def test_swap_off_returns_the_layout(pipes):
-    out = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, swap=False)[0]
+@pytest.mark.parametrize("base", BASES)
+def test_swap_off_returns_the_layout(base, made):
+    out = ours(made.pipe(base, "lora"), PROMPT["lora"], mode="layout-retouch", lam=0.5, swap=False)[0]
     assert np.abs(as_np(out.image) - as_np(out.layout)).max() <= 1.5 / 255
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
-def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(pipes, monkeypatch, cache):
+def test_zero_mask_returns_the_layout_and_a_full_mask_changes_it(base, made, monkeypatch, cache):
     import lrkit.masks
 
+    pipe = made.pipe(base, "lora")
     monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, sam_weight, mask_threshold: torch.zeros_like(attn))
-    zero = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
+    zero = ours(pipe, PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
     assert np.abs(as_np(zero.image) - as_np(zero.layout)).max() <= 1.5 / 255
     monkeypatch.setattr(lrkit.masks, "blend_target_mask", lambda attn, sam, sam_weight, mask_threshold: torch.ones_like(attn))
-    full = ours(pipes["lora"], PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
+    full = ours(pipe, PROMPT["lora"], mode="layout-retouch", lam=0.5, cache_attention=cache)[0]
     assert np.abs(as_np(full.image) - as_np(full.layout)).mean() > 1e-3
 
 
-@pytest.mark.parametrize("kind, foreground", [("lora", {}), ("ti", {}),
-                                              ("ti", dict(foreground="replace")), ("ti", dict(reference_weight=4.0))])
-def test_cached_attention_equals_the_batched_paths(pipes, kind, foreground):
+@pytest.mark.parametrize("base, kind, foreground", [
+    ("tiny-random", "lora", {}), ("tiny-random", "ti", {}), ("tiny-random", "ti", dict(foreground="replace")),
+    ("tiny-random", "ti", dict(reference_weight=4.0)),
+    ("tiny-random-xl", "lora", {}), ("tiny-random-xl", "ti", dict(reference_weight=4.0)),
+    ("tiny-random-xl", "reference", dict(foreground="replace"))])
+def test_cached_attention_equals_the_batched_paths(made, base, kind, foreground):
     """Recording C in stage 1 and R once gives what running [R, C_u, C_c, X_u, X_c] per step gives, for each way
     the subject reads the reference."""
     kw = dict(mode="layout-retouch", lam=0.25, **foreground)
-    cached = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS, **kw))
-    plain = pipes[kind](PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS,
-                                                                             cache_attention=False, **kw))
+    pipe = made.pipe(base, kind)
+    cached = pipe(PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS, **kw))
+    plain = pipe(PROMPT[kind], seeds=[0, 1], options=GenerationOptions.of(num_inference_steps=STEPS,
+                                                                      cache_attention=False, **kw))
     for a, b in zip(cached, plain):
         np.testing.assert_allclose(as_np(a.image), as_np(b.image), atol=1.5 / 255)
         np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
@@ -325,11 +406,12 @@ def fresh_copy(bundle: Path, dest: Path) -> Path:
     return dest
 
 
-def test_sam_masks_are_wired_in(bundles, tmp_path):
-    pipe = LayoutRetouchPipeline.from_concept("tiny-random", fresh_copy(bundles["ti"], tmp_path / "ti"),
+@pytest.mark.parametrize("base, kind", [("tiny-random", "ti"), ("tiny-random-xl", "reference")])
+def test_sam_masks_are_wired_in(base, kind, made, tmp_path):
+    pipe = LayoutRetouchPipeline.from_concept(base, fresh_copy(made.bundle(base, kind), tmp_path / kind),
                                               cache_dir=tmp_path / "c")
     pipe.segmenter = BoxSegmenter()
-    out = ours(pipe, PROMPT["ti"], mode="layout-retouch", lam=0.5, sam_weight=1.0, mask_threshold=0.5)[0]
+    out = ours(pipe, PROMPT[kind], mode="layout-retouch", lam=0.5, sam_weight=1.0, mask_threshold=0.5)[0]
     # first call: the reference (square crop at generation size), then the layout image
     assert [size for size, _ in pipe.segmenter.calls] == [(64, 64), (64, 64)]
     box = pipe.segmenter.calls[1][1]
@@ -353,33 +435,36 @@ def test_non_square_reference_is_resized_with_a_note(bundles, tmp_path, caplog):
     assert "900x500" in caplog.text
 
 
-def test_user_layout_image(pipes, tmp_path):
+@pytest.mark.parametrize("base, kind", [("tiny-random", "ti"), ("tiny-random-xl", "lora")])
+def test_user_layout_image(base, kind, made, tmp_path):
     from PIL import Image
 
+    pipe = made.pipe(base, kind)
     layout = Image.new("RGB", (64, 64), (30, 120, 200))
     layout.paste((200, 60, 40), (20, 20, 44, 52))
-    out = pipes["ti"](PROMPT["ti"], seeds=[0], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5),
-                      layout_image=layout)[0]
+    out = pipe(PROMPT[kind], seeds=[0], options=GenerationOptions.of(num_inference_steps=STEPS, lam=0.5),
+               layout_image=layout)[0]
     with torch.no_grad():
-        vae = pipes["ti"].pipe.vae
-        reconstructed = vae.decode(vae.encode(pipes["ti"].pipe.image_processor.preprocess(layout)).latent_dist.mean)
+        vae = pipe.pipe.vae
+        reconstructed = vae.decode(vae.encode(pipe.pipe.image_processor.preprocess(layout)).latent_dist.mean)
     assert out.layout is not None and out.image.size == (64, 64)
     # the layout shown is the given image through the VAE (its inversion's clean end)
-    expected = pipes["ti"].pipe.image_processor.postprocess(reconstructed.sample, output_type="np")[0]
+    expected = pipe.pipe.image_processor.postprocess(reconstructed.sample, output_type="np")[0]
     np.testing.assert_allclose(as_np(out.layout), np.round(expected * 255) / 255, atol=1.5 / 255)
     with pytest.raises(InferenceError, match="layout-retouch"):
-        pipes["ti"](PROMPT["ti"], options=GenerationOptions.of(num_inference_steps=STEPS, mode="layout"), layout_image=layout)
+        pipe(PROMPT[kind], options=GenerationOptions.of(num_inference_steps=STEPS, mode="layout"), layout_image=layout)
 
 
-def test_other_schedulers_match_stock(pipes, bundles):
+@pytest.mark.parametrize("base", BASES)
+def test_other_schedulers_match_stock(base, made):
     from diffusers import EulerDiscreteScheduler
 
-    stock = load_base("tiny-random")
-    Concept.load(bundles["lora"]).apply(stock)
+    stock = load_base(base)
+    Concept.load(made.bundle(base, "lora")).apply(stock)
     stock.scheduler = EulerDiscreteScheduler.from_config(stock.scheduler.config)
-    expected = stock(PROMPT["lora"], num_inference_steps=STEPS, height=64, width=64,
+    expected = stock(PROMPT["lora"], num_inference_steps=STEPS, guidance_scale=7.5, height=64, width=64,
                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-    got = as_np(ours(pipes["lora"], PROMPT["lora"], mode="personalized", scheduler="euler")[0].image)
+    got = as_np(ours(made.pipe(base, "lora"), PROMPT["lora"], mode="personalized", scheduler="euler")[0].image)
     np.testing.assert_allclose(got, np.round(expected * 255) / 255, atol=1.5 / 255)
     with pytest.raises(InferenceError, match="ddim"):
         GenerationOptions.of(mode="layout-retouch", scheduler="euler")

@@ -3,6 +3,8 @@
 The adapters get seeded random lora_A AND lora_B (gaussian init leaves lora_B = 0, which would make
 every round trip pass trivially), alpha != rank, and different alphas for the UNet (8) and the
 text encoder (2), so a loader that ignores or mixes up alphas fails.
+SDXL's second text encoder gets alpha 3. The exactness tests run on both built-in families (`tiny-random`,
+`tiny-random-xl`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ import safetensors
 import safetensors.torch
 import torch
 
+from lrkit.families import family_of
 from lrkit.lora_io import lora_state_dicts, save_diffusers_lora, save_kohya_lora, to_kohya
-from lrkit.models import build_tiny_random
+from lrkit.models import build_tiny_random, build_tiny_random_xl
 
 RANK, UNET_ALPHA, TE_ALPHA = 4, 8.0, 2.0
+TE_ALPHAS = {"text_encoder": TE_ALPHA, "text_encoder_2": 3.0}
+BASES = ["tiny-random", "tiny-random-xl"]
+BUILD = {"tiny-random": build_tiny_random, "tiny-random-xl": build_tiny_random_xl}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # the attention projections plus the transformer blocks' 1x1 projections, feed-forward and the resnets' 3x3
@@ -38,10 +44,15 @@ def latents(pipe) -> torch.Tensor:
     return out.images
 
 
-def fresh_pipe():
-    pipe = build_tiny_random(0)
+def fresh_pipe(base: str = "tiny-random"):
+    pipe = BUILD[base](0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def text_encoders(pipe) -> dict:
+    """{component: text encoder} of the pipe's family (SDXL: both)."""
+    return {name: getattr(pipe, name) for name in family_of(pipe).text_encoders}
 
 
 @dataclass
@@ -51,40 +62,50 @@ class Trained:
     ref: torch.Tensor  # latents with LoRA
 
 
-def make_trained(use_dora: bool, unet_targets: list[str] = UNET_TARGETS, te_targets: list[str] = TE_TARGETS) -> Trained:
-    """A tiny pipe with UNet + text-encoder LoRA whose every adapter weight is seeded and non-zero."""
+def make_trained(use_dora: bool, unet_targets: list[str] = UNET_TARGETS, te_targets: list[str] = TE_TARGETS,
+                 base: str = "tiny-random") -> Trained:
+    """A tiny pipe with UNet + text-encoder LoRA (SDXL: on both encoders) whose every adapter weight is seeded and
+    non-zero."""
     from peft import LoraConfig
 
-    pipe = fresh_pipe()
-    base = latents(pipe)
+    pipe = fresh_pipe(base)
+    base_latents = latents(pipe)
     pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=UNET_ALPHA, target_modules=unet_targets,
                                      init_lora_weights="gaussian", use_dora=use_dora))
-    pipe.text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=TE_ALPHA, target_modules=te_targets,
-                                             init_lora_weights="gaussian", use_dora=use_dora))
+    for name, encoder in text_encoders(pipe).items():
+        encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=TE_ALPHAS[name], target_modules=te_targets,
+                                       init_lora_weights="gaussian", use_dora=use_dora))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
+        for model in (pipe.unet, *text_encoders(pipe).values()):
             for name, param in model.named_parameters():
                 if "lora_magnitude_vector" in name:  # DoRA: move the magnitudes off their init (the weight norms)
                     param.mul_(1 + 0.3 * torch.rand(param.shape, generator=gen))
                 elif "lora_" in name:
                     param.copy_(0.3 * torch.randn(param.shape, generator=gen))
-    return Trained(pipe, base, latents(pipe))
+    return Trained(pipe, base_latents, latents(pipe))
+
+
+_MADE: dict[tuple[str, str], Trained] = {}
+_KINDS = {"lora": dict(use_dora=False), "dora": dict(use_dora=True),
+          "wide_lora": dict(use_dora=False, unet_targets=WIDE_UNET_TARGETS, te_targets=WIDE_TE_TARGETS)}
+
+
+def made(kind: str, base: str = "tiny-random") -> Trained:
+    """`make_trained` of `kind` on `base`, built once per test run."""
+    if (kind, base) not in _MADE:
+        _MADE[kind, base] = make_trained(base=base, **_KINDS[kind])
+    return _MADE[kind, base]
 
 
 @pytest.fixture(scope="module")
 def lora():
-    return make_trained(use_dora=False)
-
-
-@pytest.fixture(scope="module")
-def wide_lora():
-    return make_trained(use_dora=False, unet_targets=WIDE_UNET_TARGETS, te_targets=WIDE_TE_TARGETS)
+    return made("lora")
 
 
 @pytest.fixture(scope="module")
 def dora():
-    return make_trained(use_dora=True)
+    return made("dora")
 
 
 @contextlib.contextmanager
@@ -110,9 +131,9 @@ def captured_warnings():
             lg.removeHandler(handler)
 
 
-def load_clean(directory, **kwargs):
+def load_clean(directory, base: str = "tiny-random", **kwargs):
     """A fresh pipe with the LoRA loaded, asserting the loaders warned about nothing (no unexpected keys)."""
-    pipe = fresh_pipe()
+    pipe = fresh_pipe(base)
     with captured_warnings() as messages:
         pipe.load_lora_weights(str(directory), **kwargs)
     assert messages == []
@@ -120,10 +141,12 @@ def load_clean(directory, **kwargs):
 
 
 def assert_same_adapter(loaded, trained, adapter_name="default_0"):
-    """Every adapter tensor arrived under its own name with its own value."""
-    got_unet, got_te = lora_state_dicts(loaded.unet, loaded.text_encoder, adapter_name)
-    want_unet, want_te = lora_state_dicts(trained.unet, trained.text_encoder)
-    for got, want in ((got_unet, want_unet), (got_te, want_te)):
+    """Every adapter tensor (UNet and each text encoder) arrived under its own name with its own value."""
+    pairs = [(lora_state_dicts(loaded.unet, None, adapter_name)[0], lora_state_dicts(trained.unet)[0])]
+    for name in text_encoders(trained):
+        pairs.append((lora_state_dicts(loaded.unet, getattr(loaded, name), adapter_name)[1],
+                      lora_state_dicts(trained.unet, getattr(trained, name))[1]))
+    for got, want in pairs:
         assert sorted(got) == sorted(want)
         for key in want:
             torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
@@ -149,19 +172,25 @@ def test_state_dicts_refuse_a_missing_adapter(lora):
         lora_state_dicts(lora.pipe.unet, fresh_pipe().text_encoder)
 
 
-def test_diffusers_layout_round_trip_is_exact(lora, tmp_path):
-    path = save_diffusers_lora(tmp_path, lora.pipe.unet, lora.pipe.text_encoder)
+@pytest.mark.parametrize("base", BASES)
+def test_diffusers_layout_round_trip_is_exact(base, tmp_path):
+    lora = made("lora", base)
+    encoders = text_encoders(lora.pipe)
+    path = save_diffusers_lora(tmp_path, lora.pipe.unet, **encoders)
     assert path == tmp_path / "pytorch_lora_weights.safetensors"
     with safetensors.safe_open(str(path), "pt") as f:
         header = json.loads(f.metadata()["lora_adapter_metadata"])
         keys = list(f.keys())
     assert (header["unet.r"], header["unet.lora_alpha"]) == (RANK, UNET_ALPHA)
-    assert (header["text_encoder.r"], header["text_encoder.lora_alpha"]) == (RANK, TE_ALPHA)
-    assert all(k.startswith(("unet.", "text_encoder.text_model.")) for k in keys)
+    for name in encoders:
+        assert (header[f"{name}.r"], header[f"{name}.lora_alpha"]) == (RANK, TE_ALPHAS[name])
+    assert all(k.startswith(("unet.", *(f"{name}.text_model." for name in encoders))) for k in keys)
+    assert {k.split(".")[0] for k in keys} == {"unet", *encoders}
 
-    loaded = load_clean(tmp_path)
+    loaded = load_clean(tmp_path, base)
     assert loaded.unet.peft_config["default_0"].lora_alpha == UNET_ALPHA
-    assert loaded.text_encoder.peft_config["default_0"].lora_alpha == TE_ALPHA
+    for name in encoders:
+        assert getattr(loaded, name).peft_config["default_0"].lora_alpha == TE_ALPHAS[name]
     assert_same_adapter(loaded, lora.pipe)
     torch.testing.assert_close(latents(loaded), lora.ref, **TOL)
 
@@ -203,59 +232,75 @@ def test_kohya_unet_names_agree_with_diffusers_converter(lora):
     assert {k for k in ours if not k.endswith(".alpha")} == {k for k in theirs if not k.endswith(".alpha")}
 
 
-def test_kohya_round_trip_matches_diffusers_layout(lora, tmp_path):
-    save_diffusers_lora(tmp_path, lora.pipe.unet, lora.pipe.text_encoder)
-    save_kohya_lora(tmp_path / KOHYA_NAME, lora.pipe.unet, lora.pipe.text_encoder)
-    via_diffusers = latents(load_clean(tmp_path))
-    loaded = load_clean(tmp_path, weight_name=KOHYA_NAME)
+@pytest.mark.parametrize("base", BASES)
+def test_kohya_round_trip_matches_diffusers_layout(base, tmp_path):
+    lora = made("lora", base)
+    encoders = text_encoders(lora.pipe)
+    save_diffusers_lora(tmp_path, lora.pipe.unet, **encoders)
+    save_kohya_lora(tmp_path / KOHYA_NAME, lora.pipe.unet, **encoders)
+    via_diffusers = latents(load_clean(tmp_path, base))
+    loaded = load_clean(tmp_path, base, weight_name=KOHYA_NAME)
     assert loaded.unet.peft_config["default_0"].lora_alpha == UNET_ALPHA
-    assert loaded.text_encoder.peft_config["default_0"].lora_alpha == TE_ALPHA
+    for name in encoders:
+        assert getattr(loaded, name).peft_config["default_0"].lora_alpha == TE_ALPHAS[name]
     assert_same_adapter(loaded, lora.pipe)
     via_kohya = latents(loaded)
     torch.testing.assert_close(via_kohya, via_diffusers, **TOL)
     torch.testing.assert_close(via_kohya, lora.ref, **TOL)
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
-def test_lora_on_convolutions_round_trips(wide_lora, tmp_path, layout):
+def test_lora_on_convolutions_round_trips(base, tmp_path, layout):
     """`lora.unet_targets` may name the resnets' 3x3 convolutions (conv1, conv2) and the feed-forward (and
     `text_encoder_targets` the MLP): both layouts load them back into a stock pipe, every tensor under its own name.
     (diffusers' `convert_state_dict_to_diffusers` renames only the attention projections, and its loader then drops
     them from such a mixed file without an error: the diffusers layout keeps peft's key names.)"""
+    wide_lora = made("wide_lora", base)
+    encoders = text_encoders(wide_lora.pipe)
     unet_sd, _ = lora_state_dicts(wide_lora.pipe.unet)
     assert any(v.ndim == 4 and v.shape[-1] == 3 for v in unet_sd.values())  # a 3x3 conv LoRA is in the file
     if layout == "diffusers":
-        save_diffusers_lora(tmp_path, wide_lora.pipe.unet, wide_lora.pipe.text_encoder)
-        loaded = load_clean(tmp_path)
+        save_diffusers_lora(tmp_path, wide_lora.pipe.unet, **encoders)
+        loaded = load_clean(tmp_path, base)
     else:
-        save_kohya_lora(tmp_path / KOHYA_NAME, wide_lora.pipe.unet, wide_lora.pipe.text_encoder)
-        loaded = load_clean(tmp_path, weight_name=KOHYA_NAME)
+        save_kohya_lora(tmp_path / KOHYA_NAME, wide_lora.pipe.unet, **encoders)
+        loaded = load_clean(tmp_path, base, weight_name=KOHYA_NAME)
     assert_same_adapter(loaded, wide_lora.pipe)
     assert not torch.allclose(wide_lora.ref, wide_lora.base, atol=1e-3)
     torch.testing.assert_close(latents(loaded), wide_lora.ref, **TOL)
 
 
-@pytest.mark.parametrize("prefix", ["lora_unet_", "lora_te_"])
-def test_kohya_wrong_alpha_changes_output(lora, tmp_path, prefix):
+@pytest.mark.parametrize("base, prefix", [("tiny-random", "lora_unet_"), ("tiny-random", "lora_te_"),
+                                          ("tiny-random-xl", "lora_unet_"), ("tiny-random-xl", "lora_te1_"),
+                                          ("tiny-random-xl", "lora_te2_")])
+def test_kohya_wrong_alpha_changes_output(base, prefix, tmp_path):
     """Negative control: the same file with one model's `.alpha` set to the rank gives other latents."""
-    tensors = to_kohya(*lora_state_dicts(lora.pipe.unet, lora.pipe.text_encoder), alpha=UNET_ALPHA, te_alpha=TE_ALPHA)
+    lora = made("lora", base)
+    save_kohya_lora(tmp_path / KOHYA_NAME, lora.pipe.unet, **text_encoders(lora.pipe))
+    tensors = safetensors.torch.load_file(str(tmp_path / KOHYA_NAME))
+    assert any(k.startswith(prefix) for k in tensors)
     for key in tensors:
         if key.startswith(prefix) and key.endswith(".alpha"):
             tensors[key] = torch.tensor(float(RANK))
     safetensors.torch.save_file(tensors, str(tmp_path / KOHYA_NAME))
-    wrong = latents(load_clean(tmp_path, weight_name=KOHYA_NAME))
+    wrong = latents(load_clean(tmp_path, base, weight_name=KOHYA_NAME))
     assert not torch.allclose(wrong, lora.ref, atol=1e-3)
 
 
-def test_dora_diffusers_layout_round_trip_is_exact(dora, tmp_path):
+@pytest.mark.parametrize("base", BASES)
+def test_dora_diffusers_layout_round_trip_is_exact(base, tmp_path):
+    dora = made("dora", base)
+    encoders = text_encoders(dora.pipe)
     assert not torch.allclose(dora.ref, dora.base, atol=1e-2)
     unet_sd, te_sd = lora_state_dicts(dora.pipe.unet, dora.pipe.text_encoder)
     assert any(k.endswith(".lora_magnitude_vector") for k in unet_sd)
     assert any(k.endswith(".lora_magnitude_vector") for k in te_sd)
 
-    save_diffusers_lora(tmp_path, dora.pipe.unet, dora.pipe.text_encoder)
-    loaded = load_clean(tmp_path)
-    assert loaded.unet.peft_config["default_0"].use_dora and loaded.text_encoder.peft_config["default_0"].use_dora
+    save_diffusers_lora(tmp_path, dora.pipe.unet, **encoders)
+    loaded = load_clean(tmp_path, base)
+    assert loaded.unet.peft_config["default_0"].use_dora
+    assert all(getattr(loaded, name).peft_config["default_0"].use_dora for name in encoders)
     assert_same_adapter(loaded, dora.pipe)
     torch.testing.assert_close(latents(loaded), dora.ref, **TOL)
 

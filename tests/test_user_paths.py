@@ -27,12 +27,16 @@ from user_paths import ROOT, SIZE_KEYS, make_checkout
 pytestmark = pytest.mark.slow
 
 TRAIN_CONFIGS = ["configs/demo.yaml", "configs/train/concept_em.yaml", "configs/train/dreambooth.yaml",
-                 "configs/train/lora.yaml", "configs/train/pivotal.yaml", "configs/train/textual_inversion.yaml"]
-INFER_CONFIGS = {  # config -> the extra arguments its header comment tells the user to give
-    "configs/infer/layout_retouch.yaml": [],
-    "configs/infer/dual_reference.yaml": ["--options.dual_reference.style_reference", "data/subjects/vase/03.jpg"],
+                 "configs/train/lora.yaml", "configs/train/pivotal.yaml", "configs/train/textual_inversion.yaml",
+                 "configs/train/sdxl_dreambooth.yaml", "configs/train/sdxl_lora.yaml",
+                 "configs/train/sdxl_textual_inversion.yaml"]
+INFER_CONFIGS = {  # config -> (the training config of the concept it generates with, the extra arguments its
+    # header comment tells the user to give)
+    "configs/infer/layout_retouch.yaml": ("configs/train/lora.yaml", []),
+    "configs/infer/dual_reference.yaml": ("configs/train/lora.yaml",
+                                          ["--options.dual_reference.style_reference", "data/subjects/vase/03.jpg"]),
+    "configs/infer/layout_retouch_sdxl.yaml": ("configs/train/sdxl_lora.yaml", []),
 }
-INFER_CONCEPT = "configs/train/lora.yaml"  # the bundle the inference configs generate with
 PROMPT = "a photo of {} on the beach"
 
 
@@ -104,8 +108,9 @@ def test_training_config_trains_and_exports_as_shipped(config, checkout, monkeyp
 
     # The bundle applies to the base it records and changes what it draws.
     prompt = f"a photo of {concept.subject_phrase()} on the beach"
-    before = _latents(load_base("tiny-random"), prompt)
-    pipe = load_base("tiny-random")
+    base = yaml.safe_load((checkout / config).read_text())["base"]  # the shrunk base of the config's family
+    before = _latents(load_base(base), prompt)
+    pipe = load_base(base)
     concept.apply(pipe)
     after = _latents(pipe, prompt)
     assert torch.isfinite(after).all()
@@ -114,12 +119,13 @@ def test_training_config_trains_and_exports_as_shipped(config, checkout, monkeyp
 
 @pytest.mark.parametrize("config", list(INFER_CONFIGS))
 def test_inference_config_generates_every_mode_it_names(config, checkout, monkeypatch, tmp_path):
-    bundle = _train(INFER_CONCEPT, checkout, monkeypatch)
+    concept_config, extra = INFER_CONFIGS[config]
+    bundle = _train(concept_config, checkout, monkeypatch)
     monkeypatch.chdir(checkout)
     shrunk = yaml.safe_load((checkout / config).read_text())
     out = tmp_path / "images"
     assert main(["generate", "--config", config, "--concept", str(bundle), "--prompt", PROMPT, "--out", str(out),
-                 *INFER_CONFIGS[config]]) == 0
+                 *extra]) == 0
     seeds = shrunk["seeds"]
     stems = [f"p000_s{s}" for s in seeds]
     names = {p.name for p in out.glob("*.png")}

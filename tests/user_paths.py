@@ -3,7 +3,7 @@
 Tests that run lrkit the way a user does (`tests/test_docs_examples.py`, `tests/test_user_paths.py`) give
 it a working directory like the user's checkout, with the shipped configs and prompt files made small.
 Shrinking changes only how much work a run does, never what it does: the base model becomes the built-in
-`tiny-random`, and the size fields in `SIZE_KEYS` get small values; precision, optimizer, caches,
+`tiny-random` (`tiny-random-xl` for a config of `family: sdxl`), and the size fields in `SIZE_KEYS` get small values; precision, optimizer, caches,
 schedules, methods and every other option stay as shipped.
 
 API (kept small on purpose):
@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 SIZE_KEYS: dict[str, object] = {
-    "base": "tiny-random",                      # every shipped base (SD 1.5) -> the built-in random model
+    "base": "tiny-random",                      # every shipped base -> the built-in random model of its family
     "data.resolution": 64,
     "data.repeats": 1,
     "max_steps": 4,                             # 4, not 2: pivotal's first 30 % (token only) is then one step
@@ -36,11 +36,16 @@ SIZE_KEYS: dict[str, object] = {
     "concept_em.attention_timesteps": 2,
     "concept_em.crf_resolution": 8,             # the latent grid, as 64 is at 512 px (the CRF cost grows as side^4)
     "options.num_inference_steps": 4,
+    "options.height": 64,                       # an SDXL config's 1024 px (SD configs take the concept's size)
+    "options.width": 64,
     "seeds": [0, 1],
 }
 """Dotted option -> small value. A key is set where the file sets it or, for a nested key, where the file
 has its section (`validation:` without `num_inference_steps` gets it too: the default is sized for SD 1.5).
 A top-level key the file does not set stays unset."""
+
+TINY_BASE = {"sdxl": "tiny-random-xl"}
+"""A config's `family` -> the built-in random model `base` shrinks to (others: SIZE_KEYS' `tiny-random`)."""
 
 PROMPTS_PER_FILE = 1
 """A shrunk prompt file (data/prompts/*.txt) keeps its first prompts, this many."""
@@ -65,6 +70,8 @@ def shrunk_config(path: str | os.PathLike) -> dict:
     config = yaml.safe_load(Path(path).read_text()) or {}
     for dotted, value in SIZE_KEYS.items():
         _set(config, dotted, value)
+    if "base" in config and config.get("family") in TINY_BASE:
+        config["base"] = TINY_BASE[config["family"]]
     return config
 
 
@@ -92,4 +99,4 @@ def make_checkout(dest: str | os.PathLike) -> Path:
     return dest
 
 
-__all__ = ["CHECKOUT", "PROMPTS_PER_FILE", "SIZE_KEYS", "make_checkout", "shrunk_config"]
+__all__ = ["CHECKOUT", "PROMPTS_PER_FILE", "SIZE_KEYS", "TINY_BASE", "make_checkout", "shrunk_config"]

@@ -191,10 +191,11 @@ def denoise_dual_reference(model: PersonalizedModel, references: References, pro
     layers = model.swap_layers(options)
     custom_kv, style_kv = references.keys_values([custom, style], layers, range(steps))
 
-    star = model.embed([prompt] * batch, model.phrase_in, options.negative_prompt, vanilla=False)
-    embeds = torch.cat([star.uncond, star.cond])  # rows: X_u (B), X_c (B)
-    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, model.device,
-                                   generators)
+    star = model.embed([prompt] * batch, model.phrase_in, options.negative_prompt, vanilla=False, height=height,
+                       width=width)
+    embeds = star.guided()  # rows: X_u (B), X_c (B)
+    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.states.dtype,
+                                   model.device, generators)
     extra = pipe.prepare_extra_step_kwargs(generators, options.eta)
     grid = tuple(latents.shape[-2:])
     store = AttentionStore(rows=list(range(batch, 2 * batch)), tokens=star.tokens, size=grid)

@@ -8,19 +8,21 @@ of `scheduler.set_timesteps(T)`; `z_i` is the latent fed INTO step i (z_0 is pur
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import PIL.Image
 import PIL.ImageOps
 import torch
 from tqdm.auto import tqdm
 
+from lrkit.families import Conditioning, family_of
 from lrkit.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,22 @@ def center_square(image: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
         image = image.resize((new_w, new_h), PIL.Image.Resampling.BICUBIC)
     left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+@contextlib.contextmanager
+def vae_precision(pipe) -> Iterator[torch.dtype]:
+    """The dtype `pipe.vae` runs in for the block: its own, or float32 where the family's stock pipeline upcasts it
+    (SDXL in float16); an upcast VAE is cast back on exit."""
+    vae = pipe.vae
+    if not family_of(pipe).vae_upcast(vae):
+        yield vae.dtype
+        return
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(dtype)
 
 
 @torch.no_grad()
@@ -69,9 +87,9 @@ def encode_image(pipe, image: PIL.Image.Image, resolution: int, generator=None) 
         image = center_square(image, resolution)
     vae = pipe.vae
     pixels = pipe.image_processor.preprocess(image)  # (1, 3, H, W) in [-1, 1]
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    posterior = vae.encode(pixels).latent_dist
-    latents = posterior.mean if generator is None else posterior.sample(generator=generator)
+    with vae_precision(pipe) as dtype:
+        posterior = vae.encode(pixels.to(device=vae.device, dtype=dtype)).latent_dist
+        latents = posterior.mean if generator is None else posterior.sample(generator=generator)
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         latents = latents - shift
@@ -109,25 +127,28 @@ def _check_inputs(latents: torch.Tensor, num_inference_steps: int) -> None:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
 
 
-def _batched_embeds(name: str, embeds: torch.Tensor, batch: int) -> torch.Tensor:
-    """Text embeddings (1 or batch, tokens, dim), expanded to the latents' batch size."""
-    if embeds.ndim != 3 or embeds.shape[0] not in (1, batch):
+def _batched_embeds(name: str, embeds: torch.Tensor | Conditioning, batch: int) -> Conditioning:
+    """Text embeddings (1 or batch, tokens, dim), or a family's `Conditioning` of 1 or batch rows, expanded to the
+    latents' batch size."""
+    states = embeds.states if isinstance(embeds, Conditioning) else embeds
+    if states.ndim != 3 or states.shape[0] not in (1, batch):
         raise ValueError(
-            f"{name} must be (1 or {batch}, tokens, dim) for {batch} latents, got shape {tuple(embeds.shape)}"
+            f"{name} must be (1 or {batch}, tokens, dim) for {batch} latents, got shape {tuple(states.shape)}"
         )
-    return embeds.expand(batch, -1, -1)
+    return (embeds if isinstance(embeds, Conditioning) else Conditioning(embeds)).expand(batch)
 
 
-def _predict_noise(unet, latents, t, prompt_embeds, guidance_scale=1.0, negative_prompt_embeds=None) -> torch.Tensor:
+def _predict_noise(unet, latents, t, prompt_embeds: Conditioning, guidance_scale=1.0,
+                   negative_prompt_embeds: Conditioning | None = None) -> torch.Tensor:
     """The UNet's output at (latents, t), with classifier-free guidance when guidance_scale > 1."""
     model_in = latents.to(device=unet.device, dtype=unet.dtype)
     cond = prompt_embeds.to(device=unet.device, dtype=unet.dtype)
     if guidance_scale <= 1.0:
-        out = unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+        out = unet(model_in, t, **cond.unet_kwargs(), return_dict=False)[0]
     else:
         uncond = negative_prompt_embeds.to(device=unet.device, dtype=unet.dtype)
         both = unet(
-            torch.cat([model_in, model_in]), t, encoder_hidden_states=torch.cat([uncond, cond]), return_dict=False
+            torch.cat([model_in, model_in]), t, **Conditioning.cat([uncond, cond]).unet_kwargs(), return_dict=False
         )[0]
         out_uncond, out_cond = both.chunk(2)
         out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -138,18 +159,19 @@ def _predict_noise(unet, latents, t, prompt_embeds, guidance_scale=1.0, negative
 def ddim_invert(
     pipe,
     latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | Conditioning,
     num_inference_steps: int,
     *,
     unet=None,
     guidance_scale: float = 1.0,
-    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | Conditioning | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """DDIM inversion (Song et al. 2021, §4.3: the eta = 0 step, eq. 12, run backwards) of clean z_T to z_0.
 
     Returns the trajectory (T+1, B, C, h, w) holding z_0 .. z_T, with trajectory[T] == latents.
-    Uses `unet or pipe.unet` and `prompt_embeds`; no guidance unless guidance_scale > 1, which then
+    Uses `unet or pipe.unet` and `prompt_embeds` (text embeddings, or a `Conditioning` of the pipeline's family:
+    SDXL needs its pooled embedding and time ids); no guidance unless guidance_scale > 1, which then
     needs `negative_prompt_embeds`. Sampling forward with pipe.scheduler (same T, eta = 0, same
     prompt, no guidance) from trajectory[0] retraces the trajectory approximately.
     """
@@ -194,7 +216,7 @@ def ddim_invert(
 
 @torch.no_grad()
 def sample_from(
-    pipe, z0: torch.Tensor, prompt_embeds: torch.Tensor, num_inference_steps: int, *, unet=None
+    pipe, z0: torch.Tensor, prompt_embeds: torch.Tensor | Conditioning, num_inference_steps: int, *, unet=None
 ) -> torch.Tensor:
     """The plain forward DDIM loop (eta = 0, no guidance) from z_0; returns the trajectory (T+1, B, C, h, w).
 

@@ -34,9 +34,10 @@ def draw_layout(model: PersonalizedModel, prompts: list[str], plain_prompts: lis
     pipe, steps, batch = model.pipe, options.num_inference_steps, len(prompts)
     switch = options.step_index(lam)
     negative = options.negative_prompt
-    star = model.embed(prompts, model.phrase_in, negative, vanilla=False) if switch < steps else None
-    vanilla = model.embed(plain_prompts, lambda p: vanilla_phrase, negative, vanilla=True) if switch > 0 else None
-    dtype = (star or vanilla).cond.dtype
+    size = dict(height=height, width=width)
+    star = model.embed(prompts, model.phrase_in, negative, vanilla=False, **size) if switch < steps else None
+    vanilla = model.embed(plain_prompts, lambda p: vanilla_phrase, negative, vanilla=True, **size) if switch > 0 else None
+    dtype = (star or vanilla).cond.states.dtype
     pipe.scheduler.set_timesteps(steps, device=model.device)
     latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, model.device, generators)
     extra = pipe.prepare_extra_step_kwargs(generators, options.eta)
@@ -55,7 +56,7 @@ def draw_layout(model: PersonalizedModel, prompts: list[str], plain_prompts: lis
             if not indices:
                 continue
             with model.vanilla() if phase == "vanilla" else contextlib.nullcontext():  # adapters switched once
-                both = torch.cat([embeds.uncond, embeds.cond])
+                both = embeds.guided()
                 store.tokens = embeds.tokens
                 for i in indices:
                     if context is not None:
@@ -81,14 +82,14 @@ def given_layout(model: PersonalizedModel, image, prompt: str, batch: int, optio
         image = Image.open(path)
     pipe, steps = model.pipe, options.num_inference_steps
     latents = encode_image(pipe, image.convert("RGB"), height).to(model.device)
-    cond = model.encode(prompt)
+    cond = model.encode(prompt, height)
     pipe.scheduler.set_timesteps(steps, device=model.device)
-    trajectory = ddim_invert(pipe, latents, cond, steps).to(cond.dtype)  # (T+1, 1, C, h, w)
+    trajectory = ddim_invert(pipe, latents, cond, steps).to(cond.states.dtype)  # (T+1, 1, C, h, w)
     grid = tuple(latents.shape[-2:])
     store = AttentionStore(rows=[0], tokens=[model.token_positions(prompt, model.phrase_in(prompt))], size=grid)
     start = min(options.retouch_step(), steps - 1)
     with processors(pipe.unet, model.store_processors(store, grid)):
-        pipe.unet(trajectory[start], pipe.scheduler.timesteps[start], encoder_hidden_states=cond)
+        pipe.unet(trajectory[start], pipe.scheduler.timesteps[start], **cond.unet_kwargs())
     maps = store.take().expand(steps, batch, *grid)
     trajectory = trajectory.expand(-1, batch, -1, -1, -1)
     return Layout(latents=trajectory[-1], trajectory=trajectory, maps=maps)

@@ -74,7 +74,8 @@ class RetouchOptions:
     swap_start: float | None = None
     """First step (fraction of T) with the attention swap on (default: retouch_start)."""
     swap_levels: int = 2
-    """Decoder self-attention at this many highest resolutions swaps in the reference."""
+    """Decoder self-attention at this many highest resolutions that have attention swaps in the reference (SD 1.5:
+    up_blocks.3, then up_blocks.2; SDXL: up_blocks.1, then up_blocks.0)."""
     swap_layers: list[str] | None = None
     """Explicit swap layers (self-attention processor names, e.g.
     'up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor'); overrides swap_levels."""

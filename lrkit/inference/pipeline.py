@@ -54,16 +54,19 @@ def _mask_image(mask: torch.Tensor, width: int, height: int) -> Image.Image:
 
 
 class LayoutRetouchPipeline:
-    """Personalized generation with Layout-and-Retouch on a stock diffusers `StableDiffusionPipeline`.
+    """Personalized generation with Layout-and-Retouch on a stock diffusers pipeline of a model family
+    (`StableDiffusionPipeline` for SD 1.x/2.x, `StableDiffusionXLPipeline` for SDXL).
 
     For LoRA and TI concepts the vanilla and personalized models share one UNet (adapters toggled,
-    or a prompt without the new token); only a full DreamBooth concept keeps a second UNet.
+    or a prompt without the new token); only a full DreamBooth concept keeps a second UNet (and the base's text
+    encoders it replaces: `vanilla_modules`).
     """
 
-    def __init__(self, pipe, concept: Concept, *, vanilla_unet=None, vanilla_text_encoder=None, segmenter=None,
-                 cache: TrajectoryCache | None = None):
+    def __init__(self, pipe, concept: Concept, *, vanilla_unet=None, vanilla_text_encoder=None,
+                 vanilla_modules: dict | None = None, segmenter=None, cache: TrajectoryCache | None = None):
         self.model = PersonalizedModel(pipe, concept, vanilla_unet=vanilla_unet,
-                                       vanilla_text_encoder=vanilla_text_encoder, segmenter=segmenter)
+                                       vanilla_text_encoder=vanilla_text_encoder, vanilla_modules=vanilla_modules,
+                                       segmenter=segmenter)
         self.cache = cache if cache is not None else TrajectoryCache()
         self.references = References(self.model, self.cache)
         self._schedulers: dict = {}
@@ -72,18 +75,23 @@ class LayoutRetouchPipeline:
 
     @classmethod
     def from_concept(cls, base, concept, *, dtype=None, device=None, sam_checkpoint: str | None = None,
-                     force: bool = False, cache_dir: str | os.PathLike | None = None) -> "LayoutRetouchPipeline":
-        """Load `base` (id, folder, file, or a pipeline), apply `concept` (folder or `Concept`)."""
+                     force: bool = False, cache_dir: str | os.PathLike | None = None,
+                     family: str | None = None) -> "LayoutRetouchPipeline":
+        """Load `base` (id, folder, file, or a pipeline; `family` "sd" or "sdxl" overrides the detected model
+        family), apply `concept` (folder or `Concept`)."""
+        from lrkit.families import family_of
         from lrkit.masks import load_segmenter
 
         concept = concept if isinstance(concept, Concept) else Concept.load(concept)
-        pipe = base if not isinstance(base, (str, os.PathLike)) else load_base(base, dtype=dtype, device=device)
+        pipe = base if not isinstance(base, (str, os.PathLike)) else load_base(base, dtype=dtype, device=device,
+                                                                                family=family)
         concept.check_base(pipe, force=force)
-        vanilla_unet = pipe.unet if "unet" in concept.files else None
-        vanilla_te = pipe.text_encoder if "text_encoder" in concept.files else None
+        # A DreamBooth concept replaces these components: the base's stay beside them for the vanilla model.
+        vanilla = {name: getattr(pipe, name) for name in ("unet", *family_of(pipe).text_encoders)
+                   if name in concept.files}
         concept.apply(pipe, force=force)
-        return cls(pipe, concept, vanilla_unet=vanilla_unet, vanilla_text_encoder=vanilla_te,
-                   segmenter=load_segmenter(sam_checkpoint, device=pipe.device), cache=TrajectoryCache(cache_dir))
+        return cls(pipe, concept, vanilla_modules=vanilla, segmenter=load_segmenter(sam_checkpoint, device=pipe.device),
+                   cache=TrajectoryCache(cache_dir))
 
     # ------------------------------------------------------------------ what it holds
 
@@ -116,8 +124,13 @@ class LayoutRetouchPipeline:
     def vanilla_text_encoder(self):
         return self.model.vanilla_text_encoder
 
+    @property
+    def vanilla_modules(self) -> dict:
+        """The base's components beside a DreamBooth concept's, by pipeline component name."""
+        return self.model.vanilla_modules
+
     def vanilla(self):
-        """Context manager: the vanilla model (adapters off, or the base UNet / text encoder)."""
+        """Context manager: the vanilla model (adapters off, or the base UNet / text encoders)."""
         return self.model.vanilla()
 
     def subject_phrase(self) -> str:

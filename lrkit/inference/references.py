@@ -17,6 +17,7 @@ import PIL.ImageOps
 import torch
 
 from lrkit.attention import AttentionStore, processors
+from lrkit.families import Conditioning
 from lrkit.inference.inversion import TrajectoryCache, center_square, ddim_invert, encode_image, image_digest
 from lrkit.inference.options import GenerationOptions, InferenceError
 from lrkit.inference.personalized import PersonalizedModel
@@ -31,7 +32,7 @@ class Reference:
 
     image: PIL.Image.Image  # the photo as given (a concept photo) or its square crop at the generation size
     trajectory: torch.Tensor  # (T+1, 1, C, h, w): its DDIM inversion under ε*
-    embeds: torch.Tensor  # (1, tokens, dim): the prompt it was inverted with
+    embeds: Conditioning  # one row: the prompt it was inverted with, at the reference's size
     mask: torch.Tensor  # (h, w) float: its subject at latent resolution
     key: str  # the inversion's cache key: identifies the reference for the key/value memo
 
@@ -121,20 +122,20 @@ class References:
         """(trajectory on the device, embeds, cache key): `image`'s DDIM inversion under ε*, from the cache or run."""
         model = self.model
         pipe, concept = model.pipe, model.concept
-        if prompt not in self._prompts:
-            self._prompts = {prompt: model.encode(prompt)}
-        embeds = self._prompts[prompt]
+        if (prompt, size) not in self._prompts:
+            self._prompts = {(prompt, size): model.encode(prompt, size)}
+        embeds = self._prompts[(prompt, size)]
         key = self.cache.key(**kind, concept=concept.name, base=concept.base.unet_config_sha256,
                              weights=concept.weights_digest(), reference=digest,
                              scheduler=dict(pipe.scheduler.config), steps=options.num_inference_steps,
-                             resolution=size, prompt=prompt, dtype=str(embeds.dtype))
+                             resolution=size, prompt=prompt, dtype=str(embeds.states.dtype))
 
         def invert():
             return ddim_invert(pipe, encode_image(pipe, image, size), embeds, options.num_inference_steps)
 
         trajectory, cached = self.cache.get_or_compute(key, invert)
         logger.debug("reference trajectory %s", "from cache" if cached else "inverted")
-        return trajectory.to(model.device, embeds.dtype), embeds, key
+        return trajectory.to(model.device, embeds.states.dtype), embeds, key
 
     # ------------------------------------------------------------------ masks
 
@@ -147,7 +148,7 @@ class References:
         store = AttentionStore(rows=[0], tokens=[model.token_positions(prompt, phrase)], size=grid)
         i = steps // 2
         with processors(model.pipe.unet, model.store_processors(store, grid)):
-            model.pipe.unet(trajectory[i], model.pipe.scheduler.timesteps[i], encoder_hidden_states=embeds)
+            model.pipe.unet(trajectory[i], model.pipe.scheduler.timesteps[i], **embeds.unet_kwargs())
         return minmax(store.take()[0])
 
     def _segment(self, image: PIL.Image.Image, attn: torch.Tensor, fallback) -> torch.Tensor:
@@ -203,7 +204,7 @@ class References:
             with processors(unet, {name: RecordingProcessor(cache, name, "kv") for name in names}):
                 for i in steps:
                     cache.step = i
-                    unet(ref.trajectory[i], model.pipe.scheduler.timesteps[i], encoder_hidden_states=ref.embeds,
+                    unet(ref.trajectory[i], model.pipe.scheduler.timesteps[i], **ref.embeds.unet_kwargs(),
                          return_dict=False)
             memo[memo_key] = cache
         self._kv = memo

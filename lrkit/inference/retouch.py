@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from lrkit.attention import AttentionStore, processors
+from lrkit.families import Conditioning
 from lrkit.inference.inversion import center_square
 from lrkit.inference.layout import Layout
 from lrkit.inference.options import GenerationOptions, InferenceError
@@ -50,7 +51,8 @@ def retouch(model: PersonalizedModel, references: References, prompt: str, layou
     start, swap_from = options.retouch_step(), options.swap_step()
     pipe.scheduler.set_timesteps(steps, device=model.device)
     ref = references.from_concept(options, height)
-    star = layout.embeds or model.embed([prompt] * batch, model.phrase_in, options.negative_prompt, vanilla=False)
+    star = layout.embeds or model.embed([prompt] * batch, model.phrase_in, options.negative_prompt, vanilla=False,
+                                        height=height, width=width)
     sam = target_sam_masks(model, layout, height, width)
     grid = tuple(layout.latents.shape[-2:])
     layers = model.swap_layers(options)
@@ -58,14 +60,14 @@ def retouch(model: PersonalizedModel, references: References, prompt: str, layou
     if cached:  # rows: X_u (B), X_c (B)
         x_c = batch
         pairs = [(b, None) for b in range(2 * batch)]
-        embeds = torch.cat([star.uncond, star.cond])
+        embeds = star.guided()
         (ref_kv,) = references.keys_values([ref], layers, range(swap_from, steps))
         state = SwapState(ref=None, pairs=pairs, ref_mask=ref.mask, target_mask=torch.zeros(2 * batch, 1, 1),
                           ref_cache=ref_kv, context_cache=context)
     else:  # rows: R, C_u (B), C_c (B), X_u (B), X_c (B)
         c_u, c_c, x_u, x_c = (1 + k * batch for k in range(4))
         pairs = [(x_u + b, c_u + b) for b in range(batch)] + [(x_c + b, c_c + b) for b in range(batch)]
-        embeds = torch.cat([ref.embeds, star.uncond, star.cond, star.uncond, star.cond])
+        embeds = Conditioning.cat([ref.embeds, star.uncond, star.cond, star.uncond, star.cond])
         state = SwapState(ref=0, pairs=pairs, ref_mask=ref.mask, target_mask=torch.zeros(2 * batch, 1, 1))
     state.reference_weight, state.replace = rt.reference_weight, rt.foreground == "replace"
     if rt.correspondence:

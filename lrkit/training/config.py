@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lrkit.concept import ConceptError, check_name, concept_slug
+from lrkit.families import FAMILIES
 from lrkit.training.methods import METHOD_NAMES, Method, get_method
 from lrkit.training.methods.concept_em import ConceptEMOptions
 from lrkit.training.methods.dreambooth import DreamBoothOptions
@@ -139,7 +140,11 @@ class TrainConfig:
     """Train a personalization concept and export it as a concept bundle."""
 
     base: str = "tiny-random"
-    """Base model: `tiny-random`, `toy`, a hub id, a local diffusers folder, or a .safetensors file."""
+    """Base model: `tiny-random`, `tiny-random-xl`, `toy`, a hub id, a local diffusers folder, or a .safetensors
+    file."""
+    family: Optional[str] = None
+    """The base model's family, `sd` (SD 1.x/2.x) or `sdxl`; None: told from the base (its model_index.json, a
+    single file's keys)."""
     method: str = "lora"
     """One of dreambooth, lora, textual_inversion, pivotal, concept_em."""
     name: Optional[str] = None
@@ -202,6 +207,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check(self.method in METHOD_NAMES, f"method {self.method!r} is not one of {list(METHOD_NAMES)}")
+        check(self.family is None or self.family in FAMILIES,
+              f"family {self.family!r} is not one of {sorted(FAMILIES)} (or unset: told from the base)")
         check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         check(self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
         check(self.checkpoint_every_n_epochs >= 1,

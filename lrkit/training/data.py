@@ -1,7 +1,8 @@
 """The data side of concept training: turn the user's photos (`lrkit.photos`) into training samples, and
 generate the class images for prior preservation.
 
-- `PhotoDataset` turns photos into `{"pixel_values", "caption", ...}` samples; sample `i` depends
+- `PhotoDataset` turns photos into `{"pixel_values", "caption", ...}` samples (with the photo's original size
+  and the crop's top-left, which SDXL conditions on); sample `i` depends
   only on `(seed, i)`, so a resumed run sees exactly the samples it would have seen.
 - `ensure_class_images` tops up a folder of class images, reproducibly and resumably.
 """
@@ -178,14 +179,19 @@ class PhotoDataset(torch.utils.data.Dataset):
 
     def _item(self, photo_index: int, top: int, left: int, *, flipped: bool) -> dict:
         r = self.resolution
-        crop = self._pixels[photo_index][:, top : top + r, left : left + r]  # (3, R, R)
+        pixels = self._pixels[photo_index]
+        crop = pixels[:, top : top + r, left : left + r]  # (3, R, R)
         if flipped:
             crop = crop.flip(-1)
+            left = pixels.shape[-1] - left - r  # the crop's left edge in the mirrored photo
+        width, height = self.photos[photo_index].image.size
         return {
             "pixel_values": crop.float() / 127.5 - 1.0,
             "caption": self._captions[photo_index],
             "photo_index": photo_index,
             "flipped": flipped,
+            "original_size": (height, width),  # the photo before resizing (SDXL's size conditioning)
+            "crop_top_left": (top, left),  # in the resized photo (SDXL's crop conditioning)
         }
 
 

@@ -143,7 +143,7 @@ def cross_attention_maps(model, pixel_values: torch.Tensor, tokens: list[str], c
     grid = tuple(latents.shape[-2:])
     ids = model.tokenize([caption])  # (1, 77)
     positions = [token_positions(ids[0], model.tokenizer, t) for t in tokens]
-    states = model.text_encoder(ids)[0]  # (1, 77, dim)
+    cond = model.conditioning([caption])  # (1, 77, dim) states (SDXL: and pooled, time ids)
     num_train = model.noise_scheduler.config.num_train_timesteps
     top = max(1, int(options.max_timestep_fraction * num_train))
     steps = torch.randint(0, top, (options.attention_timesteps,), generator=generator)
@@ -156,7 +156,7 @@ def cross_attention_maps(model, pixel_values: torch.Tensor, tokens: list[str], c
         noisy = model.noise_scheduler.add_noise(latents.expand(b, -1, -1, -1).to(device), noise[start:start + b].to(device), t)
         store = AttentionStore(rows=[r for r in range(b) for _ in tokens], tokens=positions * b, size=grid)
         with processors(model.unet, {l.name: AttentionStoreProcessor(store) for l in layers}):
-            model.unet(noisy.to(dtype), t, states.expand(b, -1, -1).to(dtype))
+            model.unet(noisy.to(dtype), t, **cond.expand(b).to(dtype).unet_kwargs())
         total += store.take().float().cpu().view(b, len(tokens), *grid).sum(0)  # (K, h, w)
     return total / len(steps)
 

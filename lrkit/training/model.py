@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrkit.families import Conditioning, family_of
 from lrkit.logs import dropped
 from lrkit.models import fingerprint, load_base
 from lrkit.training.config import TrainConfig
@@ -29,22 +30,26 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 class ConceptModel(nn.Module):
-    """VAE, text encoder and UNet of the base model; the method decides which parameters train."""
+    """VAE, text encoder(s) and UNet of the base model; the method decides which parameters train.
+
+    The base's model family (`lrkit.families`) says which text encoders and tokenizers there are: they are
+    attributes under their pipeline names (`text_encoder`, SDXL's `text_encoder_2`; `tokenizer`, `tokenizer_2`)."""
 
     def __init__(self, config: TrainConfig, pipe=None):
         super().__init__()
         from diffusers import DDPMScheduler
 
         self.config = config
-        pipe = pipe if pipe is not None else load_base(config.base)
+        pipe = pipe if pipe is not None else load_base(config.base, family=config.family)
+        self.family = family_of(pipe)
         self.base_fingerprint = fingerprint(pipe, config.base)
         self.vae = pipe.vae
-        self.text_encoder = pipe.text_encoder
         self.unet = pipe.unet
-        self.tokenizer = pipe.tokenizer
+        for name in (*self.family.text_encoders, *self.family.tokenizers):
+            setattr(self, name, getattr(pipe, name))
         self.scheduler_config = dict(pipe.scheduler.config)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        for module in (self.vae, self.text_encoder, self.unet):
+        for module in (self.vae, *self.text_encoders, self.unet):
             module.requires_grad_(False)
 
         self.method = config.method_class(config)
@@ -53,10 +58,14 @@ class ConceptModel(nn.Module):
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if not self.method.text_encoder_frozen():
-                self.text_encoder.gradient_checkpointing_enable()
+                for encoder in self.text_encoders:
+                    # transformers 5 renames it (the old name warns); older releases have only the old one
+                    enable = (getattr(encoder, "activation_checkpointing_enable", None)
+                              or encoder.gradient_checkpointing_enable)
+                    enable()
         if config.compile:
             self.unet.compile()  # in place: state_dict keys stay the same
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # caption -> (states, pooled)
         self._latent_cache: dict[tuple, torch.Tensor] = {}
         # from_pretrained hands the modules over in eval mode; set each one's mode from what trains
         self.train()
@@ -66,11 +75,21 @@ class ConceptModel(nn.Module):
         ones (always the VAE) stay in eval mode, whatever mode they came in."""
         super().train(mode)
         if mode:
-            for name in ("vae", "text_encoder", "unet"):
+            for name in ("vae", *self.family.text_encoders, "unet"):
                 module = getattr(self, name)
                 if not any(p.requires_grad for p in module.parameters()):
                     module.eval()
         return self
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders, in the family's order."""
+        return [getattr(self, name) for name in self.family.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        """The tokenizers, in the family's order (one per text encoder)."""
+        return [getattr(self, name) for name in self.family.tokenizers]
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -84,7 +103,7 @@ class ConceptModel(nn.Module):
                     module.to(dtype=to)
 
         cast(self.vae, dtype)
-        for name in ("unet", "text_encoder"):
+        for name in ("unet", *self.family.text_encoders):
             module = getattr(self, name)
             if self.method.trains_module(name):
                 cast(module, torch.float32)
@@ -108,22 +127,50 @@ class ConceptModel(nn.Module):
 
     # ------------------------------------------------------------------ encoders
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        captions = [expand_prompt(c, self.tokenizer) for c in captions]
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+    def tokenize(self, captions: list[str], tokenizer=None) -> torch.Tensor:
+        """(batch, 77) token ids of `captions` by `tokenizer` (default: the first), multi-vector tokens expanded."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        captions = [expand_prompt(c, tokenizer) for c in captions]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
         return ids.to(self.unet.device)
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """(batch, 77, dim) text states; cached per caption when the text encoder is frozen."""
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = [self.tokenize(captions, tokenizer) for tokenizer in self.tokenizers]
+        return self.family.encode_ids(self.text_encoders, ids)
+
+    def conditioning(self, captions: list[str], batch: dict | None = None) -> Conditioning:
+        """The UNet's conditioning of `captions` (states, and SDXL's pooled embedding), cached per caption when the
+        text encoders are frozen; SDXL's time ids from each sample's original size and crop in `batch`."""
         if not self.cache_text:
-            return self.text_encoder(self.tokenize(captions))[0]
-        missing = sorted({c for c in captions if c not in self._text_cache})
-        if missing:
-            with torch.no_grad():
-                states = self.text_encoder(self.tokenize(missing))[0]
-            self._text_cache.update(zip(missing, states))
-        return torch.stack([self._text_cache[c] for c in captions])
+            states, pooled = self._encode(captions)
+        else:
+            missing = sorted({c for c in captions if c not in self._text_cache})
+            if missing:
+                with torch.no_grad():
+                    states, pooled = self._encode(missing)
+                pooled_rows = list(pooled) if pooled is not None else [None] * len(missing)
+                self._text_cache.update(zip(missing, zip(states, pooled_rows)))
+            rows = [self._text_cache[c] for c in captions]
+            states = torch.stack([r[0] for r in rows])
+            pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+        return Conditioning(states, pooled, self.time_ids(batch, len(captions)))
+
+    def time_ids(self, batch: dict | None, size: int) -> torch.Tensor | None:
+        """(size, 6) SDXL time ids of the batch's samples (none given: uncropped squares at data.resolution); None
+        for a family without them."""
+        if not self.family.time_conditioned:
+            return None
+        r = self.config.data.resolution
+        if batch is None:
+            original, crop = torch.tensor([[r, r]]).expand(size, 2), torch.zeros(size, 2)
+        else:
+            original, crop = batch["original_size"], batch["crop_top_left"]
+        return self.family.training_time_ids(original, crop, r).to(self.unet.device)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """(batch, 77, dim) text states (both encoders' concatenated for SDXL); cached as `conditioning` is."""
+        return self.conditioning(captions).states
 
     def latent_params(self, batch: dict) -> torch.Tensor:
         """(batch, 2*C, h, w) mean and log-variance of the VAE posterior: cached or encoded now."""
@@ -197,8 +244,8 @@ class ConceptModel(nn.Module):
         latents, noise, timesteps = self.sample_noise(params, generators)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
-        states = self.encode_text(list(batch["caption"]))
-        pred = self.unet(noisy.to(self.unet.dtype), timesteps, states.to(self.unet.dtype)).sample
+        cond = self.conditioning(list(batch["caption"]), batch).to(self.unet.dtype)
+        pred = self.unet(noisy.to(self.unet.dtype), timesteps, **cond.unet_kwargs()).sample
 
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -230,13 +277,11 @@ class ConceptModel(nn.Module):
     # ------------------------------------------------------------------ inference view
 
     def pipeline(self):
-        """A stock `StableDiffusionPipeline` sharing this model's modules (for validation images)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        """A stock pipeline of the base's family sharing this model's modules (validation and class images)."""
+        from diffusers import DDIMScheduler
 
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler_config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+        modules = {name: getattr(self, name) for name in (*self.family.text_encoders, *self.family.tokenizers)}
+        pipe = self.family.build_pipeline(vae=self.vae, unet=self.unet,
+                                          scheduler=DDIMScheduler.from_config(self.scheduler_config), **modules)
         pipe.set_progress_bar_config(disable=True)
         return pipe

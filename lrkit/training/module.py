@@ -111,6 +111,8 @@ def collate(items: list[dict]) -> dict:
         "caption": [s["caption"] for s in samples],
         "photo_index": torch.tensor([s["photo_index"] for s in samples]),
         "flipped": torch.tensor([bool(s["flipped"]) for s in samples]),
+        "original_size": torch.tensor([s["original_size"] for s in samples]),  # (batch, 2): height, width
+        "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples]),  # (batch, 2): top, left
         "source": [s["source"] for s in samples],
         "counter": torch.tensor([s["counter"] for s in samples]),
         "num_instance": num_instance,

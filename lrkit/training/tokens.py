@@ -97,6 +97,17 @@ def add_new_tokens(tokenizer, text_encoder, tokens: list[tuple[str, int, str]]) 
     return module
 
 
+def token_rows(model) -> list[nn.Parameter]:
+    """The new rows of every text encoder of `model` (a `ConceptModel` whose tokens were added), in its order."""
+    rows = []
+    for encoder in model.text_encoders:
+        embedding = encoder.get_input_embeddings()
+        if not isinstance(embedding, NewTokenEmbedding):
+            raise ValueError("new tokens were not added to every text encoder")
+        rows.append(embedding.new_rows)
+    return rows
+
+
 def learned_embeddings(tokenizer, text_encoder, tokens: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
     """{token: (num_vectors, dim)} float32 tensors, the layout diffusers' load_textual_inversion reads."""
     embedding = text_encoder.get_input_embeddings()

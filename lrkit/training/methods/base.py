@@ -88,7 +88,8 @@ class Method:
         return True
 
     def trains_module(self, module_name: str) -> bool:
-        """Whether the whole `unet` / `text_encoder` trains (its weights then stay float32)."""
+        """Whether the whole `unet` / a text encoder (`text_encoder`, SDXL's `text_encoder_2`) trains (its weights
+        then stay float32)."""
         return False
 
     def before_optimizer_step(self, model, step: int) -> None:
@@ -123,13 +124,15 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def model_groups(method: Method, model, *, text_encoder: bool, suffix: str = "") -> list[dict]:
-    """Optimizer groups of the UNet's trainable parameters and, with `text_encoder`, the text encoder's, at the
-    method's learning rate (`optim.lr`, else its default); named `unet<suffix>` / `text_encoder<suffix>`."""
+    """Optimizer groups of the UNet's trainable parameters and, with `text_encoder`, each text encoder's, at the
+    method's learning rate (`optim.lr`, else its default); named `unet<suffix>` / `text_encoder<suffix>` (SDXL:
+    and `text_encoder_2<suffix>`)."""
     lr = method.config.optim.lr or method.default_lr
     wd = method.config.optim.weight_decay
     groups = [dict(name=f"unet{suffix}", params=trainable(model.unet), lr=lr, weight_decay=wd)]
     if text_encoder:
-        groups.append(dict(name=f"text_encoder{suffix}", params=trainable(model.text_encoder), lr=lr, weight_decay=wd))
+        for name, encoder in zip(model.family.text_encoders, model.text_encoders):
+            groups.append(dict(name=f"{name}{suffix}", params=trainable(encoder), lr=lr, weight_decay=wd))
     return groups
 
 

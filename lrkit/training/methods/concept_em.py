@@ -20,7 +20,7 @@ from lrkit.concept import LoraSpec, TokenSpec
 from lrkit.crf import CRFParams
 from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
-from lrkit.training.options import check, check_finite
+from lrkit.training.options import ConfigError, check, check_finite
 
 
 @dataclass
@@ -229,6 +229,9 @@ class ConceptEMMethod(TextualInversionMethod):
 
     # what trains -------------------------------------------------------------------------
     def configure(self, model) -> None:
+        if len(model.text_encoders) > 1:
+            raise ConfigError(f"method concept_em trains on one-text-encoder bases (SD 1.x/2.x) only; base "
+                              f"{self.config.base!r} is {model.family.label}: use method textual_inversion or pivotal")
         if self.options.train_lora:
             # LoRA first: peft's add_adapter freezes every non-LoRA parameter, new token rows included.
             add_lora(model, self.config.lora, text_encoder=self._te)

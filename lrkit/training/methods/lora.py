@@ -1,4 +1,4 @@
-"""`lora`: peft LoRA on the UNet attention, optionally on the text encoder."""
+"""`lora`: peft LoRA on the UNet attention, optionally on the text encoder(s)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class LoraOptions:
     `proj_out`, `ff.net.0.proj`, `ff.net.2`, `conv1`, `conv2` also adapts the transformer blocks' projections and
     feed-forward and the resnets' 3x3 convolutions (both export layouts carry them)."""
     train_text_encoder: bool = False
-    """Also put LoRA on the text encoder."""
+    """Also put LoRA on the text encoder (SDXL: on both)."""
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     """Text-encoder module names to adapt (when train_text_encoder)."""
     dora: bool = False
@@ -58,18 +58,19 @@ def add_lora(model, options: LoraOptions, *, text_encoder: bool) -> None:
                   init_lora_weights="gaussian", use_dora=options.dora)
     model.unet.add_adapter(LoraConfig(target_modules=list(options.unet_targets), **common))
     if text_encoder:
-        model.text_encoder.add_adapter(LoraConfig(target_modules=list(options.text_encoder_targets), **common))
+        for encoder in model.text_encoders:
+            encoder.add_adapter(LoraConfig(target_modules=list(options.text_encoder_targets), **common))
 
 
 def write_lora_files(model, root: Path, name: str, *, text_encoder: bool, dora: bool = False) -> dict[str, str]:
     """The diffusers-layout LoRA, plus the kohya-layout copy (not for DoRA: no loader keeps it)."""
-    te = model.text_encoder if text_encoder else None
-    save_diffusers_lora(root, model.unet, te)
+    encoders = dict(zip(model.family.text_encoders, model.text_encoders)) if text_encoder else {}
+    save_diffusers_lora(root, model.unet, **encoders)
     if dora:
         logger.warning("DoRA concept: no kohya-layout file is written (diffusers' kohya loader drops DoRA weights)")
         return {"lora": LORA_WEIGHTS}
     kohya = f"{name}.kohya.safetensors"
-    save_kohya_lora(root / kohya, model.unet, te)
+    save_kohya_lora(root / kohya, model.unet, **encoders)
     return {"lora": LORA_WEIGHTS, "kohya": kohya}
 
 
@@ -81,14 +82,15 @@ def lora_spec_of(options: LoraOptions, *, text_encoder: bool) -> LoraSpec:
 
 def lora_groups_beside_tokens(model, embedding_group: dict, lr: float, weight_decay: float, *,
                               text_encoder: bool) -> list[dict]:
-    """The token rows' group, then the UNet LoRA and (`text_encoder`) the text-encoder LoRA, for methods that
-    learn new tokens and LoRA together (the rows also train inside the text encoder, so they are left out of
-    its LoRA group)."""
+    """The token rows' group, then the UNet LoRA and (`text_encoder`) each text encoder's LoRA, for methods that
+    learn new tokens and LoRA together (the rows also train inside the text encoders, so they are left out of
+    their LoRA groups)."""
     groups = [embedding_group, dict(name="unet_lora", params=trainable(model.unet), lr=lr, weight_decay=weight_decay)]
     if text_encoder:
         rows = {id(p) for p in embedding_group["params"]}
-        te_lora = [p for p in trainable(model.text_encoder) if id(p) not in rows]
-        groups.append(dict(name="text_encoder_lora", params=te_lora, lr=lr, weight_decay=weight_decay))
+        for name, encoder in zip(model.family.text_encoders, model.text_encoders):
+            te_lora = [p for p in trainable(encoder) if id(p) not in rows]
+            groups.append(dict(name=f"{name}_lora", params=te_lora, lr=lr, weight_decay=weight_decay))
     return groups
 
 

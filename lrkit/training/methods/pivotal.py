@@ -11,6 +11,7 @@ from lrkit.training.methods.base import trainable
 from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
 from lrkit.training.options import check, check_finite
+from lrkit.training.tokens import token_rows
 
 
 @dataclass
@@ -59,9 +60,9 @@ class PivotalMethod(TextualInversionMethod):
         # exactly inactive until phase 2.
         if step >= self.ti_steps:
             return
-        rows = model.text_encoder.get_input_embeddings().new_rows
-        for p in trainable(model.unet) + trainable(model.text_encoder):
-            if p is not rows:
+        rows = {id(p) for p in token_rows(model)}
+        for p in trainable(model.unet) + [p for encoder in model.text_encoders for p in trainable(encoder)]:
+            if id(p) not in rows:
                 p.grad = None
 
     def lora_spec(self) -> LoraSpec:

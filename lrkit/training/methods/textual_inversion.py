@@ -1,4 +1,4 @@
-"""`textual_inversion`: new token vectors; only their embedding rows change."""
+"""`textual_inversion`: new token vectors (one set per text encoder); only their embedding rows change."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 from safetensors.torch import save
 
 from lrkit.concept import EMBEDDINGS, TokenSpec
 from lrkit.io import atomic_write_bytes
 from lrkit.training.methods.base import Method
 from lrkit.training.options import check, check_finite
-from lrkit.training.tokens import add_new_tokens, learned_embeddings
+from lrkit.training.tokens import add_new_tokens, learned_embeddings, token_rows
 
 
 @dataclass
@@ -27,6 +28,21 @@ class TextualInversionOptions:
     def __post_init__(self) -> None:
         check_finite(self, "textual_inversion")
         check(self.num_vectors >= 1, f"textual_inversion.num_vectors must be >= 1, got {self.num_vectors}")
+
+
+def embeddings_file(model, entries: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    """The tensors of `learned_embeds.safetensors`: `{token: (num_vectors, dim)}` for one text encoder; with several
+    (SDXL) one token's vectors per encoder under the family's `embedding_keys` (`clip_l`, `clip_g`), the layout of
+    diffusers' SDXL Textual-Inversion examples and A1111 (a file holds one token)."""
+    keys = model.family.embedding_keys
+    if not keys:
+        return learned_embeddings(model.tokenizer, model.text_encoder, entries)
+    if len(entries) != 1:
+        raise ValueError(f"a {model.family.label} embeddings file holds one token ({', '.join(keys)} per encoder), "
+                         f"got {[t for t, _ in entries]}")
+    token = entries[0][0]
+    return {key: learned_embeddings(tokenizer, encoder, entries)[token]
+            for key, tokenizer, encoder in zip(keys, model.tokenizers, model.text_encoders)}
 
 
 class TextualInversionMethod(Method):
@@ -45,11 +61,11 @@ class TextualInversionMethod(Method):
         return [(self.config.token, self.config.textual_inversion.num_vectors, self._initializer)]
 
     def configure(self, model) -> None:
-        add_new_tokens(model.tokenizer, model.text_encoder, self._token_entries())
+        for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):  # SDXL: the token in both encoders
+            add_new_tokens(tokenizer, encoder, self._token_entries())
 
     def embedding_group(self, model) -> dict:
-        rows = model.text_encoder.get_input_embeddings().new_rows
-        return dict(name="embeddings", params=[rows], lr=self.config.optim.embedding_lr, weight_decay=0.0)
+        return dict(name="embeddings", params=token_rows(model), lr=self.config.optim.embedding_lr, weight_decay=0.0)
 
     def param_groups(self, model) -> list[dict]:
         return [self.embedding_group(model)]
@@ -62,7 +78,7 @@ class TextualInversionMethod(Method):
 
     def write_embeddings(self, model, root: Path) -> dict[str, str]:
         entries = [(t, n) for t, n, _ in self._token_entries()]
-        tensors = learned_embeddings(model.tokenizer, model.text_encoder, entries)
+        tensors = embeddings_file(model, entries)
         atomic_write_bytes(root / EMBEDDINGS, save(tensors, metadata={"format": "pt"}))
         return {"embeddings": EMBEDDINGS}
 
