@@ -485,6 +485,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
                              f"(hand-written notes from '{MARKDOWN_NOTES}' on in the replaced subsection are kept)")
     args = parser.parse_args(argv)
     common = common_spec_fields(parser, args)
+    if args.model == "sdxl":
+        parser.error("--model sdxl is not built yet for this benchmark (tiny, sd15)")
     if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
         parser.error("--steps, --repeats and --batch-size must be >= 1, --warmup >= 0")
     if not 0.0 <= args.lam < 1.0:
