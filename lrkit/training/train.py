@@ -117,6 +117,9 @@ def _fit(config: TrainConfig, trainer: L.Trainer, module: PersonalizationModule,
         # Lightning's own use of a torch API that torch deprecates; nothing the user can change
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+        # a resumed run checkpoints into the folder it resumed from: lrkit owns that folder (its lock and the
+        # recorded inputs keep other runs out), so its checkpoints being there is expected
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         with cpu_threads_for(config.base, trainer.strategy.root_device.type):
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
 
