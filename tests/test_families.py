@@ -122,3 +122,53 @@ def test_a_concept_of_one_family_is_refused_on_the_other_naming_both(xl):
     for force in (False, True):
         with pytest.raises(ConceptError, match="Stable Diffusion 1.x/2.x concept .* is Stable Diffusion XL"):
             concept.check_base(xl, force=force)
+
+
+@pytest.fixture(scope="module")
+def v_prediction_folder(tmp_path_factory):
+    """A tiny SD 2.x-style base: the tiny random model with a v-prediction DDIM scheduler, saved as a folder."""
+    from diffusers import DDIMScheduler
+
+    pipe = load_base("tiny-random")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    folder = tmp_path_factory.mktemp("v") / "tiny-v"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_a_v_prediction_base_is_the_sd_family_and_inverts(v_prediction_folder):
+    """SD 2.x (v-prediction) is part of the SD family: it loads as one, and DDIM inversion (diffusers' inverse
+    scheduler reads the prediction type) reconstructs its latents far better than sampling from noise."""
+    from lrkit.inference.inversion import ddim_invert, encode_image, sample_from
+    from PIL import Image
+
+    pipe = load_base(v_prediction_folder)
+    assert family_of(pipe) is SD and pipe.scheduler.config.prediction_type == "v_prediction"
+    cond, _ = SD.conditioning(pipe, ["a photo of a vase"], None, height=64, width=64, guidance=False)
+    image = Image.fromarray((torch.arange(64 * 64 * 3) % 251).view(64, 64, 3).to(torch.uint8).numpy())
+    latents = encode_image(pipe, image, 64)
+    steps = 10
+    rebuilt = sample_from(pipe, ddim_invert(pipe, latents, cond, steps)[0], cond, steps)[steps]
+    from_noise = sample_from(pipe, torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)), cond, steps)[steps]
+    error, baseline = ((rebuilt - latents).norm() / latents.norm()).item(), ((from_noise - latents).norm() / latents.norm()).item()
+    assert baseline > 5 * error, (error, baseline)
+
+
+def test_a_v_prediction_base_trains_against_the_velocity(v_prediction_folder, tmp_path, monkeypatch):
+    """Training on a v-prediction base regresses the scheduler's velocity, not the noise."""
+    from diffusers import DDPMScheduler
+
+    from lrkit.training import train_concept
+
+    targets = []
+    original = DDPMScheduler.get_velocity
+
+    def spy(self, *args, **kwargs):
+        targets.append(True)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", spy)  # the training noise scheduler
+    bundle = train_concept({"base": str(v_prediction_folder), "method": "lora", "output_dir": str(tmp_path / "run"),
+                            "max_steps": 2, "data": {"photos": "data/subjects/vase", "class_word": "vase",
+                                                      "resolution": 64}, "validation": {"prompts": []}})
+    assert targets and Concept.load(bundle).base.family == "sd"
