@@ -286,3 +286,20 @@ def test_toy_base_adds_the_exact_toy_scores(tmp_path, models):
         if centers:  # the runner's sigma^2 per prompt, averaged, is the toy world's layout_diversity
             mean = np.mean([float(p["layout_var"]) for p in prompts])
             assert mean == pytest.approx(layout_diversity(centers))
+
+
+def test_an_sdxl_concept_is_evaluated_on_its_own_family(tmp_path, models):
+    """The runner asks the concept's family: a reference concept on tiny-random-xl gets SDXL pipelines (the base
+    recorded in the bundle) and every unit is scored."""
+    from lrkit.concept import Concept
+    from lrkit.reference import reference_concept
+
+    concept = reference_concept(sorted((ROOT / "data" / "subjects" / "vase").glob("*.jpg"))[:2], "vase",
+                                tmp_path / "vase_xl", base="tiny-random-xl")
+    assert Concept.load(concept.path).base.family == "sdxl"
+    out = tmp_path / "eval_xl"
+    assert main(["eval", *eval_args(concept.path, out, models)]) == 0
+    rows = read_csv(out / "results.csv")
+    assert sorted(keys(rows)) == sorted(("vase_xl", m, p, s) for m in ("vanilla", "layout-retouch")
+                                        for p in (0, 1) for s in (0, 1))
+    assert all(float(r["clip_t"]) == float(r["clip_t"]) for r in rows)  # scored (not NaN)
