@@ -92,6 +92,8 @@ class ModelFamily:
     """What the pipeline's constructor needs besides its modules and `pipeline_kwargs` (e.g. SD's feature extractor)."""
     time_conditioned: bool = False
     """Whether the UNet takes size/crop time ids (`training_time_ids`)."""
+    shard_blocks: tuple[str, ...] = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
+    """The classes of the blocks sharded one by one under `strategy: fsdp` (UNet and text-encoder blocks)."""
 
     def pipeline_class(self):
         import diffusers

@@ -26,7 +26,9 @@ def test_train_config_loads_and_round_trips(path):
     raw = yaml.safe_load(path.read_text())
     assert config.method == raw["method"] and config.base == raw["base"]
     if path.parent.name == "train":
-        assert config.method == path.stem.removeprefix("sdxl_")  # sdxl_<method>.yaml: the method on SDXL
+        # [sdxl_]<method>[_fsdp].yaml: the method, on SDXL, sharded over GPUs
+        assert config.method == path.stem.removeprefix("sdxl_").removesuffix("_fsdp")
+        assert (config.strategy == "fsdp") == path.stem.endswith("_fsdp")
         assert config.family == ("sdxl" if path.stem.startswith("sdxl_") else None)
     # Dumping and re-reading gives the same config (YAML files are nothing but saved arguments).
     parser = build_parser()

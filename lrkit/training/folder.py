@@ -106,7 +106,8 @@ def photos_digest(photos) -> str:
 
 def training_inputs(config: TrainConfig, photos) -> dict:
     """What decides the weights a run learns, besides the base model: the photos, the data options that make
-    samples of them, the method and every options group it reads, the optimizer, the loss options and the seed.
+    samples of them, the method and every options group it reads, the optimizer, the loss options and the seed;
+    and whether it is sharded (`strategy: fsdp`), which lays out the checkpoint's optimizer state otherwise.
 
     Left out, so a resume may change them: max_steps (raise it to train on), precision, devices and the like,
     caching, logging, checkpoint frequency, validation images, names and paths.
@@ -126,6 +127,8 @@ def training_inputs(config: TrainConfig, photos) -> dict:
     }
     for group in config.method_class.option_groups(config):
         inputs[group] = options[group]
+    if config.strategy == "fsdp":  # its checkpoints order the optimizer state as the sharded model does
+        inputs["strategy"] = "fsdp"
     return json.loads(json.dumps(inputs))  # plain JSON values, as a checkpoint gives them back
 
 

@@ -18,6 +18,7 @@ from lrkit.logs import dropped
 from lrkit.models import fingerprint, load_base
 from lrkit.training.config import TrainConfig
 from lrkit.training.precision import frozen_dtype
+from lrkit.training.sharding import clean_name
 from lrkit.training.tokens import expand_prompt
 
 logger = logging.getLogger(__name__)
@@ -116,9 +117,13 @@ class ConceptModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def trainable_names(self) -> set[str]:
+        """The state-dict names of what trains (as without FSDP, whether or not the model is sharded)."""
+        return {clean_name(n) for n, p in self.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what trains: the adapter-only checkpoint."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = self.trainable_names()
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     @property

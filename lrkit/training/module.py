@@ -33,6 +33,7 @@ from lrkit.photos import load_images
 from lrkit.training.model import ConceptModel, step_seed
 from lrkit.training.options import TrainingError
 from lrkit.training.precision import autocast_for
+from lrkit.training.sharding import is_fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ class PersonalizationModule(L.LightningModule):
         non-finite gradient shows in the next step's loss and in the weights a checkpoint would hold."""
         if gradient_clip_val:
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            norm = clip_grad_norm(optimizer, gradient_clip_val, scaler)
+            sharded = self.trainer.strategy.model if is_fsdp(self.trainer.strategy) else None
+            norm = clip_grad_norm(optimizer, gradient_clip_val, scaler, sharded=sharded)
             if scaler is None:
                 self._note_nonfinite("gradient norm", norm)
 
@@ -290,14 +292,16 @@ class PersonalizationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the trainable weights; refuse to save a diverged run (the last good checkpoint stays)."""
         self.raise_if_diverged()
-        trainable = {f"model.{k}" for k in self.model.trainable_state_dict()}
+        trainable = {f"model.{k}" for k in self.model.trainable_names()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         raise_if_nonfinite({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()},
                            f"checkpoint at step {self.global_step} not written",
                            f"train again with {self._divergence_fix()} (the last checkpoint written is kept)")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = {f"model.{k}" for k in self.model.trainable_state_dict()}
+        if "state_dict" not in checkpoint:
+            return  # FSDP loaded the weights itself; `check_resume` found the run's inputs (method, options) equal
+        expected = {f"model.{k}" for k in self.model.trainable_names()}
         got = set(checkpoint["state_dict"])
         if got != expected:
             missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
@@ -318,17 +322,21 @@ def raise_if_nonfinite(tensors: dict[str, torch.Tensor], what: str, fix: str) ->
             raise TrainingError(f"{what}: {name} holds NaN or infinite values; {fix}")
 
 
-def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float, scaler=None) -> torch.Tensor:
+def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float, scaler=None, *,
+                   sharded: torch.nn.Module | None = None) -> torch.Tensor:
     """Clip the optimizer's gradients to total norm `max_norm`, with any optimizer and precision.
 
     Lightning's mixed-precision plugin unscales a 16-mixed run's gradients before clipping, except for
     optimizers that unscale inside their own step (fused AdamW): for those it refuses to clip at all,
     even under bf16-mixed, where nothing is scaled. Here such an optimizer's gradients are unscaled
     first (`GradScaler.step` then skips its own unscale, and still skips the step on inf/NaN);
-    bf16-mixed and 32 have no scaler. Returns the total norm before clipping.
+    bf16-mixed and 32 have no scaler. Returns the total norm before clipping. `sharded`: the FSDP root
+    (`strategy: fsdp`), whose norm is taken over every rank's shards (called on every rank).
     """
     if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
         scaler.unscale_(optimizer)
+    if sharded is not None:
+        return sharded.clip_grad_norm_(max_norm)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -403,7 +411,7 @@ class ValidationImages(L.Callback):
         return [p.replace("{token}", cfg.token).replace("{class}", cfg.data.class_word) for p in cfg.validation.prompts]
 
     @torch.no_grad()
-    def generate(self, module: PersonalizationModule, step: int) -> list[Path]:
+    def generate(self, module: PersonalizationModule, step: int, write: bool = True) -> list[Path]:
         cfg = self.config.validation
         pipe = module.model.pipeline()
         paths = []
@@ -416,22 +424,29 @@ class ValidationImages(L.Callback):
                     image = pipe(prompt, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                  height=self.config.data.resolution, width=self.config.data.resolution,
                                  generator=generator).images[0]
-                    path = self.out_dir / f"step{step:06d}_{i:02d}.png"
-                    atomic_save_png(image, path)
-                    paths.append(path)
-                    _log_image(module, f"validation/{i:02d}", image, step)
+                    if write:
+                        path = self.out_dir / f"step{step:06d}_{i:02d}.png"
+                        atomic_save_png(image, path)
+                        paths.append(path)
+                        _log_image(module, f"validation/{i:02d}", image, step)
         finally:
             module.train(was_training)
         return paths
 
+    @staticmethod
+    def _generates(trainer) -> bool:
+        """Rank 0 generates; under FSDP every rank does (each call of the sharded UNet gathers its weights from
+        all ranks), and rank 0 writes."""
+        return trainer.is_global_zero or is_fsdp(trainer.strategy)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.config.validation.every_n_steps
-        if every and trainer.is_global_zero and self._prompts() and trainer.global_step % every == 0:
-            self.generate(pl_module, trainer.global_step)
+        if every and self._generates(trainer) and self._prompts() and trainer.global_step % every == 0:
+            self.generate(pl_module, trainer.global_step, write=trainer.is_global_zero)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero and self._prompts():
-            self.generate(pl_module, trainer.global_step)
+        if self._generates(trainer) and self._prompts():
+            self.generate(pl_module, trainer.global_step, write=trainer.is_global_zero)
 
 
 def _log_image(module, tag: str, image, step: int) -> None:

@@ -7,6 +7,7 @@ OUTPUT_DIR's lock, resumes only a checkpoint trained from the same inputs, and a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -24,6 +25,7 @@ from lrkit.training.config import TrainConfig, config_from_dict, load_config
 from lrkit.training.folder import (InputsRecord, MetricsLogger, base_record, check_resume, folder_lock,
                                    read_checkpoint, training_inputs, write_record)
 from lrkit.training.model import ConceptModel
+from lrkit.training.sharding import build_strategy, is_fsdp, single_process_notes_dropped
 from lrkit.training.module import (AtomicCheckpointIO, ConceptDataModule, PersonalizationModule, StepProgressBar,
                                    ValidationImages, raise_if_nonfinite, world_from_environment)
 from lrkit.version import __version__
@@ -46,9 +48,9 @@ def _resume_path(config: TrainConfig) -> str | None:
 
 
 def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), *, resume_step: int | None = None,
-                  **trainer_kwargs) -> L.Trainer:
+                  model: ConceptModel | None = None, **trainer_kwargs) -> L.Trainer:
     """The Lightning trainer of `config`; `resume_step` (a resume from that step) keeps the rows of the earlier
-    steps in logs/metrics.csv."""
+    steps in logs/metrics.csv. `strategy: fsdp` needs the `model` it will shard (`lrkit.training.sharding`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     checkpoint = ModelCheckpoint(dirpath=config.checkpoint_dir, filename="last", save_top_k=1, monitor=None,
@@ -56,7 +58,8 @@ def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), *, 
                                  enable_version_counter=False)
     kwargs = dict(
         max_steps=config.max_steps, max_epochs=-1, precision=config.precision, accelerator=config.accelerator,
-        devices=world_from_environment(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
+        devices=world_from_environment(config.devices), num_nodes=config.num_nodes,
+        strategy=build_strategy(config.strategy, model),
         callbacks=[checkpoint, ValidationImages(config), *extra_callbacks], plugins=[AtomicCheckpointIO()],
         logger=MetricsLogger(config.output_dir, resume_step=resume_step), default_root_dir=config.output_dir,
         log_every_n_steps=config.log_every_n_steps, use_distributed_sampler=False,
@@ -85,7 +88,7 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
     datamodule = ConceptDataModule(config)  # reads and checks the photos before any model is loaded
     if builtin_kind(config.base) == "toy":
         _check_toy_inputs(config, datamodule.photos, datamodule.method.prompt_tokens())
-    with folder_lock(config.output_dir):
+    with folder_lock(config.output_dir), _own_process_group():
         resume = _resume_path(config)
         inputs = training_inputs(config, datamodule.photos)
         record, step = read_checkpoint(resume) if resume else (None, None)
@@ -96,14 +99,32 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         if resume:
             check_resume(resume, record, inputs, base)
         trainer = build_trainer(config, extra_callbacks=[InputsRecord(inputs, base), *module.model.method.callbacks()],
-                                resume_step=step)
+                                resume_step=step, model=module.model)
         if trainer.is_global_zero:
             write_record(config.output_dir, inputs, base)
         _fit(config, trainer, module, datamodule, resume)
+        model = module.model
+        if is_fsdp(trainer.strategy):
+            # the trained weights are sharded: gather them (every rank takes part) into a model built afresh
+            with single_process_notes_dropped():
+                state = trainer.strategy.lightning_module_state_dict()
+            model = _model_from_state(config, state, module.model.method.callbacks()) if trainer.is_global_zero else None
         if trainer.is_global_zero:
-            export_concept(module.model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
+            export_concept(model, config, bundle, photos=datamodule.photos, overwrite=config.overwrite)
         trainer.strategy.barrier("lrkit-export")
     return bundle
+
+
+@contextlib.contextmanager
+def _own_process_group():
+    """Destroy the process group a run in this process started (a multi-device or FSDP run started without a
+    launcher), so that the caller's process is as it was; one a launcher or the caller started is left alone."""
+    started = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    finally:
+        if not started and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _fit(config: TrainConfig, trainer: L.Trainer, module: PersonalizationModule, datamodule: ConceptDataModule,
@@ -120,7 +141,7 @@ def _fit(config: TrainConfig, trainer: L.Trainer, module: PersonalizationModule,
         # a resumed run checkpoints into the folder it resumed from: lrkit owns that folder (its lock and the
         # recorded inputs keep other runs out), so its checkpoints being there is expected
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        with cpu_threads_for(config.base, trainer.strategy.root_device.type):
+        with cpu_threads_for(config.base, trainer.strategy.root_device.type), single_process_notes_dropped():
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
 
 
@@ -187,13 +208,26 @@ def export_checkpoint(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLi
         config_dict = dict(config_dict, base=base)
     config = config_from_dict(config_dict)
     model = ConceptModel(config)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    expected = set(model.trainable_state_dict())
-    if set(state) != expected:
+    if {k.removeprefix("model.") for k in ckpt["state_dict"]} != model.trainable_names():
         raise ValueError(f"{path}: its weights do not match a {config.method} model built from its own config")
-    model.load_state_dict(state, strict=False)
-    saved_callbacks = ckpt.get("callbacks") or {}
-    for callback in model.method.callbacks():  # e.g. concept_em's masks live in its callback's state
-        if callback.state_key in saved_callbacks:
-            callback.load_state_dict(saved_callbacks[callback.state_key])
+    _load_trained(model, ckpt["state_dict"], ckpt.get("callbacks") or {})
     return export_concept(model, config, out_dir, overwrite=overwrite)
+
+
+def _load_trained(model: ConceptModel, state: dict, callbacks: dict) -> None:
+    """Load a checkpoint's trainable weights (`model.`-prefixed, as the Lightning module names them) and its
+    method callbacks' state into `model`."""
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    for callback in model.method.callbacks():  # e.g. concept_em's masks live in its callback's state
+        if callback.state_key in callbacks:
+            callback.load_state_dict(callbacks[callback.state_key])
+
+
+def _model_from_state(config: TrainConfig, state: dict, callbacks: list) -> ConceptModel:
+    """A model built from `config`'s base holding the trained weights of a full state dict (the sharded run's,
+    gathered) and the state of the run's method `callbacks`."""
+    model = ConceptModel(config)
+    names = {f"model.{k}" for k in model.trainable_names()}
+    _load_trained(model, {k: v for k, v in state.items() if k in names},
+                  {c.state_key: c.state_dict() for c in callbacks})
+    return model
