@@ -15,6 +15,7 @@ import traceback
 from typing import Callable
 
 from lrkit.argparsing import CommandLineError, argument_parser, plain_argument_parser, suggest
+from lrkit.errors import is_user_error
 from lrkit.evaluation.cli import main as _eval
 
 
@@ -201,6 +202,38 @@ def _toyworld_pretrain(argv: list[str]) -> int:
     return 0
 
 
+def _ui(argv: list[str]) -> int:
+    parser = plain_argument_parser("lrkit ui", "A local web app: train a concept from photos, generate "
+                                   "(vanilla ... layout-retouch, dual-reference), manage bundles, evaluate (toy base).")
+    parser.add_argument("--base", default="toy", help="base model: toy (offline), tiny-random, hub id, folder or "
+                        ".safetensors (default: toy)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--root", default="lrkit-ui", help="data root: concepts/, uploads/, outputs/, jobs/ "
+                        "(default ./lrkit-ui)")
+    parser.add_argument("--device", default=None, help="device for generation and evaluation (default: cuda if "
+                        "available, else cpu)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this user and password")
+    args = parser.parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CommandLineError(parser.prog, "the web app needs gradio: pip install 'lrkit[ui]'") from None
+    from lrkit.ui.app import exposure_warning, launch, parse_auth
+
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as err:
+        raise CommandLineError(parser.prog, str(err)) from None
+    warning = exposure_warning(args.host, args.share, auth)
+    if warning:
+        print(f"lrkit ui: {warning}", file=sys.stderr)
+    launch(base=args.base, root=args.root, host=args.host, port=args.port, share=args.share, auth=auth,
+           device=args.device)
+    return 0
+
+
 def _reference(argv: list[str]) -> int:
     from lrkit.reference import cli
 
@@ -216,6 +249,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "demo": (_demo, "toy subject photos -> LoRA concept -> layout-retouch grid, offline on a CPU in minutes"),
     "toyworld": (_toyworld, "toy world: `toyworld pretrain` trains the embedded toy base model"),
     "eval": (_eval, "benchmark modes x concepts x prompts x seeds: CLIP-I/T, DINO, layout diversity, table, plots"),
+    "ui": (_ui, "a local web app (Gradio): train, generate, manage and evaluate concepts in the browser"),
 }
 
 
@@ -252,15 +286,6 @@ def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
     end = argv.index("--") if "--" in argv else len(argv)
     rest = [a for a in argv[:end] if a != DEBUG_FLAG] + argv[end:]
     return rest, len(rest) < len(argv) or os.environ.get("LRKIT_DEBUG", "") not in ("", "0")
-
-
-def is_user_error(err: BaseException) -> bool:
-    """An error whose message tells the user what to fix: one of lrkit's own (any exception class defined in
-    lrkit) or an ordinary user-input error (a bad value, a missing or unreadable file, a missing optional
-    dependency). Anything else is a bug."""
-    if any(cls.__module__.split(".")[0] == "lrkit" for cls in type(err).__mro__):
-        return True
-    return isinstance(err, (ValueError, OSError, ImportError))
 
 
 def main(argv: list[str] | None = None) -> int:

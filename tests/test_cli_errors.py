@@ -147,7 +147,7 @@ def test_an_unexpected_exception_is_one_line_pointing_to_debug_with_exit_code_1(
 
 
 def test_every_exception_class_of_lrkit_is_a_user_error():
-    from lrkit.cli import is_user_error
+    from lrkit.errors import is_user_error
     from lrkit.lora_io import LoraVersionError
     from lrkit.training.options import TrainingError
 

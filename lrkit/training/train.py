@@ -73,12 +73,14 @@ def build_trainer(config: TrainConfig, extra_callbacks: "list | tuple" = (), *, 
         return L.Trainer(**kwargs)
 
 
-def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides) -> Path:
+def train_concept(config: "TrainConfig | dict | str | os.PathLike", *, callbacks: "list | tuple" = (),
+                  **overrides) -> Path:
     """Train a concept and write its bundle; returns the bundle folder (OUTPUT_DIR/concept).
 
     `config` is a `TrainConfig`, a dict or a YAML path; `overrides` as in `load_config`
     (e.g. `max_steps=50, data={"photos": "photos/"}`). Resumes from OUTPUT_DIR/checkpoints/last.ckpt
     when present (`resume="auto"`), if it was trained from the same inputs (else `TrainingError`).
+    `callbacks`: Lightning callbacks added to the run's (e.g. to follow its progress).
     """
     config = load_config(config, **overrides)
     bundle = config.bundle_dir
@@ -98,8 +100,8 @@ def train_concept(config: "TrainConfig | dict | str | os.PathLike", **overrides)
         base = base_record(module.model.base_fingerprint)
         if resume:
             check_resume(resume, record, inputs, base)
-        trainer = build_trainer(config, extra_callbacks=[InputsRecord(inputs, base), *module.model.method.callbacks()],
-                                resume_step=step, model=module.model)
+        trainer = build_trainer(config, extra_callbacks=[InputsRecord(inputs, base), *module.model.method.callbacks(),
+                                                         *callbacks], resume_step=step, model=module.model)
         if trainer.is_global_zero:
             write_record(config.output_dir, inputs, base)
         _fit(config, trainer, module, datamodule, resume)
