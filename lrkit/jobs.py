@@ -301,14 +301,17 @@ def _check_toy_inputs(concept: Concept, prompts: list[str]) -> None:
 
 
 def default_resolution(base: str, family: str | None = None) -> int:
-    """64 px for the built-in bases (tiny-random, tiny-random-xl, toy); else the given family's (SDXL: 1024), or
-    512 (SD 1.5-sized)."""
-    from lrkit.families import get_family
-    from lrkit.models import builtin_kind
+    """64 px for the built-in bases (tiny-random, tiny-random-xl, toy); else the family's (SD: 512, SDXL: 1024):
+    `family` or the one the base is (`family_of_base`: a folder's or hub repository's model_index.json, a
+    checkpoint's tensor names). 512 where that cannot be told: loading the base then says why."""
+    from lrkit.models import BaseModelError, builtin_kind, family_of_base
 
     if builtin_kind(base):
         return BUILTIN_RESOLUTION
-    return get_family(family).default_resolution if family is not None else 512
+    try:
+        return family_of_base(base, family).default_resolution
+    except BaseModelError:
+        return 512
 
 
 def subject_name(photos: str | os.PathLike) -> str:

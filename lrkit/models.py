@@ -348,7 +348,7 @@ def load_base(
     float32 whatever the stored weights are.
     The base fingerprint is computed here, once, and cached for the pipeline's UNet.
     """
-    from lrkit.families import FamilyError, family_of, family_of_checkpoint, family_of_folder, get_family
+    from lrkit.families import FamilyError, family_of, get_family
 
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
@@ -385,20 +385,7 @@ def load_base(
                 "Convert it (e.g. diffusers' convert_original_stable_diffusion_to_diffusers.py) "
                 "or pass a .safetensors file."
             )
-        try:
-            if is_single_file:
-                if not path.is_file():
-                    raise BaseModelError(f"base model file {name!r} does not exist")
-                fam = chosen or family_of_checkpoint(path)
-            elif path.is_dir():
-                _require_pipeline_folder(path, "base model folder")
-                fam = chosen or family_of_folder(path)
-            elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-                raise BaseModelError(f"base model path {name!r} does not exist")
-            else:
-                fam = chosen or _family_of_hub_id(name)
-        except FamilyError as err:
-            raise BaseModelError(f"base model {name!r}: {err}") from None
+        fam = family_of_base(name, chosen)
         cls, extra = fam.pipeline_class(), fam.pipeline_kwargs()
         if is_single_file:
             config_dir = None
@@ -432,6 +419,34 @@ def load_base(
     fingerprint(pipe, base_id)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def family_of_base(name_or_path: "str | os.PathLike", family=None):
+    """The model family (`lrkit.families`) of a base model `load_base` takes, without loading it: a built-in's,
+    a single-file checkpoint's (its tensor names), a folder's (`model_index.json`) or a hub repository's (its
+    `model_index.json`, one small download). `family` (a name or a `ModelFamily`) is returned as given, after the
+    path checks. `BaseModelError` names the base and the fix."""
+    from lrkit.families import FamilyError, family_of_checkpoint, family_of_folder, get_family
+
+    name = str(name_or_path)
+    try:
+        chosen = None if family is None else get_family(family) if isinstance(family, str) else family
+        builtin = _parse_builtin(name)
+        if builtin is not None:
+            return chosen or get_family("sdxl" if builtin[0] == "tiny-random-xl" else "sd")
+        path = Path(name).expanduser()
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            if not path.is_file():
+                raise BaseModelError(f"base model file {name!r} does not exist")
+            return chosen or family_of_checkpoint(path)
+        if path.is_dir():
+            _require_pipeline_folder(path, "base model folder")
+            return chosen or family_of_folder(path)
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise BaseModelError(f"base model path {name!r} does not exist")
+        return chosen or _family_of_hub_id(name)
+    except FamilyError as err:
+        raise BaseModelError(f"base model {name!r}: {err}") from None
 
 
 def _family_of_hub_id(name: str):

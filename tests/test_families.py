@@ -172,3 +172,24 @@ def test_a_v_prediction_base_trains_against_the_velocity(v_prediction_folder, tm
                             "max_steps": 2, "data": {"photos": "data/subjects/vase", "class_word": "vase",
                                                       "resolution": 64}, "validation": {"prompts": []}})
     assert targets and Concept.load(bundle).base.family == "sd"
+
+
+def test_a_job_takes_the_default_resolution_of_the_family_the_base_is(tmp_path, monkeypatch):
+    """`lrkit run` without --resolution: a folder, checkpoint or hub repository's family decides it (SDXL 1024 px),
+    without --family; where the family cannot be told, 512 (loading the base then says why)."""
+    import lrkit.models as models
+    from lrkit.jobs import default_resolution
+
+    xl, sd = tmp_path / "xl", tmp_path / "sd"
+    load_base("tiny-random-xl").save_pretrained(xl)
+    load_base("tiny-random").save_pretrained(sd)
+    assert default_resolution(str(xl)) == 1024 and default_resolution(str(sd)) == 512
+    assert default_resolution(str(sd), "sdxl") == 1024 and default_resolution("tiny-random-xl") == 64
+    monkeypatch.setattr(models, "_family_of_hub_id", lambda name: {"org/xl": SDXL, "org/sd": SD}[name])
+    assert default_resolution("org/xl") == 1024 and default_resolution("org/sd") == 512
+
+    def offline(name):
+        raise models.BaseModelError("offline")
+
+    monkeypatch.setattr(models, "_family_of_hub_id", offline)
+    assert default_resolution("org/xl") == 512
