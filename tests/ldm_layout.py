@@ -1,16 +1,21 @@
-"""Test helper: write a diffusers SD pipeline as an original (LDM/CompVis) single-file checkpoint.
+"""Test helper: write a diffusers SD or SDXL pipeline as an original (LDM / SGM) single-file checkpoint, the
+layout A1111 and ComfyUI checkpoints have.
 
-The inverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
-`convert_ldm_clip_checkpoint` (diffusers/loaders/single_file_utils.py), for SD 1.x-shaped models.
+The inverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`
+and `convert_open_clip_checkpoint` (diffusers/loaders/single_file_utils.py), for SD 1.x- and SDXL-shaped models
+(SDXL: `conditioner.embedders.0.transformer.*` CLIP-L, `conditioner.embedders.1.model.*` OpenCLIP-G).
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -18,6 +23,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's size/crop + pooled-text embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -95,21 +102,53 @@ def vae_to_ldm(state: dict, config) -> dict:
     return out
 
 
-def text_encoder_to_ldm(state: dict) -> dict:
-    """transformers CLIPTextModel keys -> `cond_stage_model.transformer.text_model.*` keys."""
+def text_encoder_to_ldm(state: dict, prefix: str = CLIP_PREFIX) -> dict:
+    """transformers CLIPTextModel keys -> `<prefix>text_model.*` keys."""
     out = {}
     for key, value in state.items():
         key = key if key.startswith("text_model.") else f"text_model.{key}"
-        out[f"{CLIP_PREFIX}{key}"] = value
+        out[f"{prefix}{key}"] = value
+    return out
+
+
+def open_clip_to_ldm(state: dict, prefix: str = SDXL_CLIP_PREFIXES[1]) -> dict:
+    """transformers CLIPTextModelWithProjection keys -> OpenCLIP's (`<prefix>transformer.resblocks.*`: q, k, v
+    stacked into `attn.in_proj_*`; the projection transposed)."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key == "text_projection.weight":
+            out[f"{prefix}text_projection"] = value.T
+            continue
+        key = key.removeprefix("text_model.")
+        if key == "embeddings.token_embedding.weight":
+            out[f"{prefix}token_embedding.weight"] = value
+        elif key == "embeddings.position_embedding.weight":
+            out[f"{prefix}positional_embedding"] = value
+        elif key.startswith("final_layer_norm."):
+            out[f"{prefix}ln_final.{key.rpartition('.')[2]}"] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key):
+            rest = (m[2].replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2").replace("self_attn.", "attn.")
+                    .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj"))
+            out[f"{prefix}transformer.resblocks.{m[1]}.{rest}"] = value
+        elif key != "embeddings.position_ids":
+            raise KeyError(f"no OpenCLIP name for text-encoder key {key!r}")
+    for (layer, param), parts in qkv.items():
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts[c] for c in "qkv"])
     return out
 
 
 def save_ldm_checkpoint(pipe, path) -> None:
-    """Write `pipe` (UNet, VAE, CLIP text encoder) as one LDM-layout .safetensors file."""
+    """Write `pipe` (UNet, VAE, its CLIP text encoder; SDXL's two) as one LDM/SGM-layout .safetensors file."""
     from safetensors.torch import save_file
 
     state = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict(), SDXL_CLIP_PREFIXES[0]))
+        state.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict()))
+    else:
+        state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))

@@ -326,3 +326,50 @@ def test_loading_warns_about_no_deprecated_dtype_keyword(tmp_path, recwarn, capl
     load_base(tmp_path / "folder", dtype="fp32")
     messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "torch_dtype" in m], messages
+
+
+def test_an_sdxl_single_file_checkpoint_loads_as_the_same_sdxl_pipeline(tmp_path):
+    """An A1111/ComfyUI-layout SDXL checkpoint (SGM UNet, both CLIP encoders, the second in OpenCLIP's layout):
+    recognised as SDXL from its tensor names, loaded through `StableDiffusionXLPipeline.from_single_file` with a
+    local config, every weight and the generated latents equal to the folder's, and the same fingerprint (the
+    check `Concept.apply` makes: a concept trained on the folder applies to the checkpoint)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from ldm_layout import save_ldm_checkpoint
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lrkit.families import SDXL, family_of, family_of_checkpoint
+    from lrkit.jobs import default_resolution
+    from lrkit.models import (SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_VAE_CONFIG, TINY_XL_UNET_CONFIG,
+                              load_clip_tokenizer, seeded_modules)
+
+    # tiny-random-xl with a wider second encoder, as SDXL's (1280 vs 768): diffusers tells the two encoders of a
+    # checkpoint apart by their widths
+    wide = dict(TINY_TEXT_CONFIG, hidden_size=48, intermediate_size=96)
+    unet, vae, te1, te2 = seeded_modules(
+        0, lambda: UNet2DConditionModel(**dict(TINY_XL_UNET_CONFIG, cross_attention_dim=32 + 48)),
+        lambda: AutoencoderKL(**TINY_VAE_CONFIG), lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)),
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**wide)))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=load_clip_tokenizer(),
+                                     tokenizer_2=load_clip_tokenizer(), unet=unet,
+                                     scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    single = tmp_path / "tiny-xl-sgm.safetensors"
+    save_ldm_checkpoint(pipe, single)
+    state = load_file(str(single))
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in state
+    assert "model.diffusion_model.label_emb.0.0.weight" in state
+    assert family_of_checkpoint(single) is SDXL and default_resolution(str(single)) == 1024
+
+    loaded = load_base(single, config=tmp_path / "folder")
+    assert isinstance(loaded, StableDiffusionXLPipeline) and family_of(loaded) is SDXL
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert_same_state(getattr(pipe, name), getattr(loaded, name))
+
+    def latents(p):
+        return p("a photo of a vase", num_inference_steps=2, height=64, width=64, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    torch.testing.assert_close(latents(loaded), latents(pipe), rtol=0, atol=0)
+    assert fingerprint(loaded).matches(fingerprint(pipe))
