@@ -98,8 +98,9 @@ def common_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny",
-                        help="tiny: lrkit's tiny-random model; sd15 / sdxl: SD-1.5- / SDXL-sized, random weights")
+    parser.add_argument("--model", choices=["tiny", "tiny-xl", "sd15", "sdxl"], default="tiny",
+                        help="tiny / tiny-xl: lrkit's tiny-random / tiny-random-xl models; sd15 / sdxl: SD-1.5- / "
+                             "SDXL-sized, random weights")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,

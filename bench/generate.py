@@ -24,6 +24,8 @@ recorded attention caches are sized with `AttentionCache.nbytes()`.
 
     python bench/generate.py                                   # CPU, tiny-random, 64 px, 20 steps, fp32
     python bench/generate.py --device cuda --model sd15 --resolution 512 --steps 50 --dtype fp16 --repeats 8
+    python bench/generate.py --model tiny-xl                   # CPU, tiny-random-xl (SDXL's pipeline)
+    python bench/generate.py --device cuda --model sdxl --resolution 1024 --steps 50 --dtype fp16
 
 Results: a markdown table on stdout and in bench/RESULTS.md (its "Generation" section), JSON at `--out`.
 """
@@ -53,7 +55,7 @@ from lrkit.inference.processors import AttentionCache  # noqa: E402
 from lrkit.concept import Concept, TokenSpec, write_bundle  # noqa: E402
 from lrkit.inference import GenerationOptions, LayoutRetouchPipeline  # noqa: E402
 from lrkit.lora_io import save_diffusers_lora  # noqa: E402
-from lrkit.models import build_tiny_random, fingerprint  # noqa: E402
+from lrkit.models import build_tiny_random, build_tiny_random_xl, fingerprint  # noqa: E402
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench/ (already there for `python bench/...`)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,14 +127,14 @@ def clock(device: str):
 
 def build_base(spec: BenchSpec):
     """The base pipeline in fp32 on the CPU (same seeded weights every time), fingerprinted."""
-    if spec.model == "tiny":
-        pipe = build_tiny_random(spec.seed)
+    if spec.model in ("tiny", "tiny-xl"):
+        pipe = build_tiny_random(spec.seed) if spec.model == "tiny" else build_tiny_random_xl(spec.seed)
         fingerprint(pipe)
         return pipe
-    from train_step import build_sd15_random  # SD-1.5's architecture, random weights (one definition)
+    from train_step import BASE_IDS, build_sd15_random, build_sdxl_random  # random weights (one definition)
 
-    pipe = build_sd15_random(spec.seed)
-    fingerprint(pipe, "sd15-random")
+    pipe = build_sd15_random(spec.seed) if spec.model == "sd15" else build_sdxl_random(spec.seed)
+    fingerprint(pipe, BASE_IDS[spec.model])
     return pipe
 
 
@@ -147,14 +149,17 @@ def _perturb_lora(module: torch.nn.Module, seed: int, scale: float) -> None:
 def make_bundle(spec: BenchSpec, base, out: Path) -> Path:
     """A LoRA concept (UNet + text encoder, random weights, one reference photo) for `base`,
     as tests/test_layout_retouch.py builds one; the adapters are trained on copies of the base."""
-    unet, text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    encoders = [copy.deepcopy(base.text_encoder)] + ([copy.deepcopy(base.text_encoder_2)]
+                                                     if getattr(base, "text_encoder_2", None) is not None else [])
+    unet = copy.deepcopy(base.unet)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                 init_lora_weights="gaussian"))
-    text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                        init_lora_weights="gaussian"))
-    scale = 0.3 if spec.model == "tiny" else 0.02  # a visible effect that keeps SD-1.5's activations finite
+    scale = 0.3 if spec.model.startswith("tiny") else 0.02  # a visible effect that keeps the activations finite
     _perturb_lora(unet, 1, scale)
-    _perturb_lora(text_encoder, 2, scale)
+    for i, encoder in enumerate(encoders):
+        encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                       init_lora_weights="gaussian"))
+        _perturb_lora(encoder, 2 + i, scale)
     concept = Concept(name="bench-lora", method="lora", tokens=[TokenSpec("sks")], class_word="vase",
                       base=fingerprint(base), resolution=spec.resolution,
                       files={"lora": "pytorch_lora_weights.safetensors"}, refs=["refs/00.jpg"])
@@ -162,7 +167,7 @@ def make_bundle(spec: BenchSpec, base, out: Path) -> Path:
     def write(tmp: Path) -> None:
         (tmp / "refs").mkdir()
         shutil.copy(REFERENCE_PHOTO, tmp / "refs" / "00.jpg")
-        save_diffusers_lora(tmp, unet, text_encoder)
+        save_diffusers_lora(tmp, unet, encoders[0], text_encoder_2=encoders[1] if len(encoders) > 1 else None)
 
     write_bundle(concept, out, write)
     return out
@@ -485,8 +490,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
                              f"(hand-written notes from '{MARKDOWN_NOTES}' on in the replaced subsection are kept)")
     args = parser.parse_args(argv)
     common = common_spec_fields(parser, args)
-    if args.model == "sdxl":
-        parser.error("--model sdxl is not built yet for this benchmark (tiny, sd15)")
     if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
         parser.error("--steps, --repeats and --batch-size must be >= 1, --warmup >= 0")
     if not 0.0 <= args.lam < 1.0:

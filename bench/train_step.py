@@ -22,6 +22,8 @@ Ratios are medians of per-round ratios. Peak memory is measured per side in a fr
 
     python bench/train_step.py                                   # CPU, tiny-random, 64 px, fp32
     python bench/train_step.py --device cuda --model sd15 --resolution 512 --precision bf16 --batch-size 4
+    python bench/train_step.py --model tiny-xl                   # CPU, tiny-random-xl (SDXL's conditioning)
+    python bench/train_step.py --device cuda --model sdxl --resolution 1024 --precision bf16 --methods lora
 
 Results: a markdown table on stdout and in bench/RESULTS.md, JSON at `--out`.
 """
@@ -52,7 +54,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import compute_snr  # noqa: E402,F401  (ConceptModel.loss imports it)
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lrkit.models import (SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_random, fingerprint, load_clip_tokenizer, seeded_modules)  # noqa: E402
+from lrkit.models import (SD_SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG,  # noqa: E402
+                          TINY_XL_UNET_CONFIG,
+                          build_tiny_random, build_tiny_random_xl, fingerprint, load_clip_tokenizer, seeded_modules)
 from lrkit.training.config import METHOD_NAMES, TrainConfig, load_config  # noqa: E402
 
 # The single-concept methods this benchmark compares (concept_em needs a multi-concept image config).
@@ -169,12 +173,35 @@ def build_sd15_random(seed: int = 0):
     )
 
 
+def build_sdxl_random(seed: int = 0):
+    """An SDXL-sized `StableDiffusionXLPipeline` with seeded random weights, built offline from config (the VAE has
+    SD's architecture; SDXL's differs only in its scaling factor)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    unet, vae, text_encoder, text_encoder_2 = seeded_modules(
+        seed, lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG),
+        lambda: AutoencoderKL(**dict(SD15_VAE_CONFIG, scaling_factor=0.13025, sample_size=1024)),
+        lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_CONFIG)))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer(), unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        add_watermarker=False)
+
+
+BASE_IDS = {"tiny": "tiny-random", "tiny-xl": "tiny-random-xl", "sd15": "sd15-random", "sdxl": "sdxl-random"}
+"""`--model` -> the base id the runs record."""
+
+
 def build_pipe(spec: BenchSpec):
     """A fresh base pipeline for one side (the same seeded weights every time)."""
     if spec.model == "tiny":
         return build_tiny_random(spec.seed)
-    pipe = build_sd15_random(spec.seed)
-    fingerprint(pipe, "sd15-random")
+    if spec.model == "tiny-xl":
+        return build_tiny_random_xl(spec.seed)
+    pipe = build_sd15_random(spec.seed) if spec.model == "sd15" else build_sdxl_random(spec.seed)
+    fingerprint(pipe, BASE_IDS[spec.model])
     return pipe
 
 
@@ -182,7 +209,7 @@ def train_config(spec: BenchSpec, method: str, *, lrkit_options: bool) -> TrainC
     """The run's `TrainConfig`: defaults, plus lrkit's caches when `lrkit_options`."""
     return load_config(
         None,
-        base="sd15-random" if spec.model == "sd15" else "tiny-random",
+        base=BASE_IDS[spec.model],
         method=method,
         seed=spec.seed,
         precision=PRECISIONS[spec.precision],
@@ -226,11 +253,14 @@ def build_batches(config: TrainConfig, spec: BenchSpec) -> tuple[list[dict], lis
 
 
 def reference_loss(model: ConceptModel, batch: dict) -> torch.Tensor:
-    """The per-step work of diffusers' train_dreambooth_lora.py: the yardstick, without caches.
+    """The per-step work of diffusers' train_dreambooth_lora.py (SDXL: train_dreambooth_lora_sdxl.py): the
+    yardstick, without caches.
 
-    VAE encode, tokenize + text encode, noise and timesteps, UNet, MSE (instance + prior term).
+    VAE encode, tokenize + text encode (SDXL: both encoders' penultimate states, the second's pooled output, and
+    the time ids of each photo's original size, crop and the target size), noise and timesteps, UNet, MSE
+    (instance + prior term).
     """
-    vae, text_encoder, unet, scheduler = model.vae, model.text_encoder, model.unet, model.noise_scheduler
+    vae, unet, scheduler = model.vae, model.unet, model.noise_scheduler
     pixels = batch["pixel_values"]
     latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
     latents = latents.float()
@@ -238,12 +268,26 @@ def reference_loss(model: ConceptModel, batch: dict) -> torch.Tensor:
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
-    captions = [expand_prompt(c, model.tokenizer) for c in batch["caption"]]  # multi-vector tokens
-    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(latents.device)
-    states = text_encoder(ids)[0]
+    states, added = [], None
+    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
+        captions = [expand_prompt(c, tokenizer) for c in batch["caption"]]  # multi-vector tokens
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(latents.device)
+        if not model.family.time_conditioned:
+            states.append(encoder(ids)[0])
+            continue
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's pooled (projected) output is the one SDXL reads
+    states = torch.cat(states, dim=-1)
+    if model.family.time_conditioned:
+        size = pixels.shape[-1]
+        target = torch.tensor([size, size], device=latents.device).expand(len(pixels), 2)
+        time_ids = torch.cat([batch["original_size"].to(latents.device), batch["crop_top_left"].to(latents.device),
+                              target], dim=1).to(unet.dtype)
+        added = {"text_embeds": pooled.to(unet.dtype), "time_ids": time_ids}
 
-    pred = unet(noisy.to(unet.dtype), timesteps, states.to(unet.dtype)).sample.float()
+    pred = unet(noisy.to(unet.dtype), timesteps, states.to(unet.dtype), added_cond_kwargs=added).sample.float()
     n = int(batch["num_instance"])
     loss = torch.nn.functional.mse_loss(pred[:n], noise[:n])
     if n < len(pred):  # prior preservation: class images follow the instance photos
@@ -530,7 +574,8 @@ def flop_estimate(spec: BenchSpec, methods: list[str]) -> tuple[list[dict], dict
 
     configs = {"sd15": (SD15_UNET_CONFIG, SD15_VAE_CONFIG, [SD15_TEXT_CONFIG]),
                "sdxl": (SDXL_UNET_CONFIG, SD15_VAE_CONFIG, [SD15_TEXT_CONFIG, SDXL_TEXT_2_CONFIG]),
-               "tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG, [TINY_TEXT_CONFIG])}
+               "tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG, [TINY_TEXT_CONFIG]),
+               "tiny-xl": (TINY_XL_UNET_CONFIG, TINY_VAE_CONFIG, [TINY_TEXT_CONFIG, TINY_TEXT_CONFIG])}
     unet_config, vae_config, text_configs = configs[spec.model]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config).requires_grad_(False)
@@ -662,8 +707,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSpec, argparse.Names
     common = common_spec_fields(parser, args)
     if min(args.steps, args.rounds, args.batch_size) < 1 or args.warmup < 0:
         parser.error("--steps, --rounds and --batch-size must be >= 1, --warmup >= 0")
-    if args.model == "sdxl" and not args.flops:
-        parser.error("--model sdxl: only --flops is built (the timed SDXL step and its reference loop are not yet)")
     args.methods = methods
     spec = BenchSpec(**common, precision=args.precision, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
                      compile=args.compile, channels_last=args.channels_last, control=args.control)
