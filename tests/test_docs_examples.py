@@ -100,7 +100,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [  # (old text, new text, why); appl
      "installed already: the test runs in that environment"),
     ("pip install -e .            # brings your CUDA torch if you have none; keep yours if you do\n", "",
      "installed already"),
-    ("python -m pytest -q\n", "", "the test suite, which runs this file"),
+    ("python -m pytest -q -n auto\n", "", "the test suite, which runs this file"),
     ("accelerate launch --num_processes 4 -m lrkit.cli eval ...   # each process takes a shard, merged once\n", "",
      "`...` stands for the options of the line above; the two-process eval is tests/test_evaluation_runner.py's"),
     # The base model, the device, the user's files, metric models.
