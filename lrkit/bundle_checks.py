@@ -18,6 +18,9 @@ from pathlib import Path
 from lrkit.models import PICKLE_SUFFIXES
 
 MANIFEST = "concept.json"
+CARD = "README.md"
+"""The model card (`lrkit.card`): Markdown with YAML front matter that describes the bundle. Nothing lrkit loads
+reads it, so it is one more entry of the folder to `check_tree` (a file, or a symlink that stays inside)."""
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 MAX_RESOLUTION = 8192
@@ -327,4 +330,4 @@ def check_model_config(folder: Path, key: str, current) -> None:
                            "model of another base); load the base model it was trained on")
 
 
-__all__ = ["ConceptError", "MANIFEST", "boolean_field", "check_finite", "check_json_value", "check_model_config", "check_picture", "check_tree", "check_weight_file", "check_weights_entry", "inside_bundle", "integer_field", "number_field", "object_field", "path_fields", "read_json", "read_weights", "resolved", "shown_value", "string_list", "text_field", "within", "word_field"]
+__all__ = ["CARD", "ConceptError", "MANIFEST", "boolean_field", "check_finite", "check_json_value", "check_model_config", "check_picture", "check_tree", "check_weight_file", "check_weights_entry", "inside_bundle", "integer_field", "number_field", "object_field", "path_fields", "read_json", "read_weights", "resolved", "shown_value", "string_list", "text_field", "within", "word_field"]

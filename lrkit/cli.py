@@ -240,6 +240,12 @@ def _reference(argv: list[str]) -> int:
     return cli(argv)
 
 
+def _push(argv: list[str]) -> int:
+    from lrkit.hub import cli
+
+    return cli(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a concept from photos (YAML config + overrides) and write its bundle"),
     "export": (_export, "write a concept bundle from a training checkpoint"),
@@ -250,6 +256,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "toyworld": (_toyworld, "toy world: `toyworld pretrain` trains the embedded toy base model"),
     "eval": (_eval, "benchmark modes x concepts x prompts x seeds: CLIP-I/T, DINO, layout diversity, table, plots"),
     "ui": (_ui, "a local web app (Gradio): train, generate, manage and evaluate concepts in the browser"),
+    "push": (_push, "upload a concept bundle (weights, model card, reference photos) to the Hugging Face Hub"),
 }
 
 

@@ -10,6 +10,7 @@ A concept is a folder::
     <name>.kohya.safetensors           the LoRA in kohya / A1111 / ComfyUI layout
     refs/                              the reference photos
     masks/                             subject masks of the refs (PNG)
+    README.md                          the model card (`lrkit.card`), written with the rest by `write_bundle`
 
 Training writes bundles with `write_bundle`; inference reads them with `Concept.load` and
 `Concept.apply`. Neither side needs the other.
@@ -34,11 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lrkit.bundle_checks import (MANIFEST, MAX_MANIFEST_BYTES, MAX_RANK, MAX_RESOLUTION, MAX_VECTORS, MAX_WORD,
+from lrkit.bundle_checks import (CARD, MANIFEST, MAX_MANIFEST_BYTES, MAX_RANK, MAX_RESOLUTION, MAX_VECTORS, MAX_WORD,
                                  WEIGHT_SUFFIX, ConceptError, boolean_field, check_finite, check_json_value,
                                  check_model_config, check_picture, check_tree, check_weight_file, check_weights_entry,
                                  inside_bundle, integer_field, number_field, object_field, path_fields, read_json,
                                  read_weights, resolved, shown_value, string_list, text_field, within, word_field)
+from lrkit.card import write_card
 from lrkit.families import FAMILIES, family_of
 from lrkit.io import atomic_dir, atomic_save_png, atomic_write_json
 from lrkit.logs import dropped
@@ -602,14 +604,16 @@ def write_refs(photos, folder: Path) -> list[str]:
 
 def write_bundle(concept: Concept, out_dir: str | os.PathLike, write_files: Callable[[Path], None], *,
                  overwrite: bool = False) -> Concept:
-    """Write a bundle atomically: `write_files(tmp)` fills a temp folder, the manifest goes last,
-    then one rename publishes it. The manifest is validated before anything is written (the name
-    becomes file names) and again, with every file, before the rename; on any error nothing is left
-    under `out_dir`."""
+    """Write a bundle atomically: `write_files(tmp)` fills a temp folder, the model card (`README.md`,
+    `lrkit.card.write_card`) follows unless `write_files` wrote one, the manifest goes last, then one rename
+    publishes it. The manifest is validated before anything is written (the name becomes file names) and again,
+    with every file, before the rename; on any error nothing is left under `out_dir`."""
     Concept.from_manifest(concept.to_manifest())
     out = Path(out_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_files(tmp)
+        if not (tmp / CARD).exists():
+            write_card(concept, tmp)
         manifest = concept.to_manifest()
         written = Concept.from_manifest(manifest, tmp)
         written._validate_paths()

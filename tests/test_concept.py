@@ -243,7 +243,8 @@ def test_write_bundle_overwrite_replaces_the_whole_folder(tmp_path):
     write_bundle(make_concept(name="first"), out, lambda d: touch(d, "old.txt", "refs/old.png"))
     write_bundle(make_concept(name="second", refs=["refs/new.png"]), out, lambda d: touch(d, "refs/new.png"),
                  overwrite=True)
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [MANIFEST, "refs", "refs/new.png"]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert files == ["README.md", MANIFEST, "refs", "refs/new.png"]  # the model card comes with every bundle
     assert Concept.load(out).name == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp or old folder left behind
 

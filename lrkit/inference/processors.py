@@ -23,10 +23,12 @@ class SwapState:
     """What the swap processors read during one UNet call of the retouch stage.
 
     Batch layout: `ref` is the reference row R; `pairs` are (target row X, context row C) for each
-    guidance branch. `ref_mask` (h, w) and `target_mask` (pairs, h, w) are float maps at latent
+    guidance branch. `ref_mask` (h_R, w_R) and `target_mask` (pairs, h, w) are float maps at latent
     resolution, resized to each layer; `active` switches the swap on for this call. With the caches
     set, R's keys/values and C's outputs come from earlier passes (recorded by `RecordingProcessor`)
-    and the batch holds only the target rows.
+    and the batch holds only the target rows. R may have another size and aspect ratio than the target (its
+    keys/values then always come from `ref_cache`): `ref_mask` is at R's latent grid, and R's token grid at a
+    layer is told from its token count and that grid's aspect ratio (`reference_grid`).
     """
 
     ref: int | None
@@ -46,13 +48,20 @@ class SwapState:
         self.target_mask = mask
         self._cache = {}
 
-    def masks_at(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reference-key mask (h*w,) bool, target blend masks (pairs, h*w, 1) float) at a layer's grid."""
-        if grid not in self._cache:
-            ref = F.interpolate(self.ref_mask[None, None].float(), size=grid, mode="nearest")[0, 0]
+    def reference_grid(self, n_ref: int) -> tuple[int, int]:
+        """R's token grid (h, w) at a layer where it has `n_ref` tokens: the aspect ratio of `ref_mask`'s grid."""
+        return token_grid(n_ref, self.ref_mask.shape[-2] / self.ref_mask.shape[-1])
+
+    def masks_at(self, grid: tuple[int, int], ref_grid: tuple[int, int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference-key mask (h_R*w_R,) bool at R's token grid `ref_grid` (default: the layer's `grid`), target
+        blend masks (pairs, h*w, 1) float at the layer's `grid`)."""
+        ref_grid = grid if ref_grid is None else ref_grid
+        if (grid, ref_grid) not in self._cache:
+            ref = F.interpolate(self.ref_mask[None, None].float(), size=ref_grid, mode="nearest")[0, 0]
             tgt = F.interpolate(self.target_mask[:, None].float(), size=grid, mode="nearest")[:, 0]
-            self._cache[grid] = (ref.reshape(-1) > 0.5, tgt.reshape(len(self.pairs), -1, 1))
-        return self._cache[grid]
+            self._cache[(grid, ref_grid)] = (ref.reshape(-1) > 0.5, tgt.reshape(len(self.pairs), -1, 1))
+        return self._cache[(grid, ref_grid)]
 
 
 @dataclass
@@ -63,24 +72,27 @@ class Correspondence:
 
     rows: list[int]
     grid: tuple[int, int] | None = None
+    ref_grid: tuple[int, int] | None = None  # R's token grid at those layers (the target's, unless R's size differs)
     weights: torch.Tensor | None = None  # (rows, n, n_ref) summed
     calls: int = 0
 
-    def add(self, q, k_ref, ref_keep, grid: tuple[int, int]) -> None:
-        """Add one swap layer's call: `q` (pairs, heads, n, d) the target's queries, `k_ref` (heads, n_ref, d)
-        and `ref_keep` (n_ref,) R's keys and subject. Renormalised over R's subject, the reference weight and the
-        target's own tokens cancel out, so only q·k_R matters."""
+    def add(self, q, k_ref, ref_keep, grid: tuple[int, int], ref_grid: tuple[int, int] | None = None) -> None:
+        """Add one swap layer's call: `q` (pairs, heads, n, d) the target's queries on `grid`, `k_ref`
+        (heads, n_ref, d) and `ref_keep` (n_ref,) R's keys and subject on `ref_grid` (default: `grid`).
+        Renormalised over R's subject, the reference weight and the target's own tokens cancel out, so only q·k_R
+        matters."""
         if not bool(ref_keep.any()) or (self.grid is not None and grid[0] * grid[1] < self.grid[0] * self.grid[1]):
             return
         if self.grid is None or grid != self.grid:  # a finer grid than the one so far: start over there
             self.grid, self.weights, self.calls = grid, None, 0
+            self.ref_grid = grid if ref_grid is None else ref_grid
         logits = (q[self.rows] @ k_ref.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (rows, heads, n, n_ref)
         on_ref = logits.masked_fill(~ref_keep.to(q.device), float("-inf")).softmax(-1).mean(1)  # (rows, n, n_ref)
         self.weights = on_ref if self.weights is None else self.weights + on_ref
         self.calls += 1
 
     def reads_from(self) -> torch.Tensor | None:
-        """(rows, n) the reference token each target token reads most from, on `grid`."""
+        """(rows, n) the reference token (an index on `ref_grid`) each target token (on `grid`) reads most from."""
         return None if self.weights is None else self.weights.argmax(-1)
 
 
@@ -110,6 +122,8 @@ class MultiSourceSwapProcessor:
         out_X = M ⊙ fg + (1 − M) ⊙ bg
 
     `SwapState.reference_weight` scales R's share of fg's softmax; `SwapState.replace` reads R alone.
+    R's keys/values enter as a set of tokens: R may have another token grid than X (a reference of another
+    aspect ratio, inverted at its own size), and `M_R` is taken on R's own grid.
 
     Every other row gets ordinary self-attention. With the swap inactive this is exactly the stock
     processor's computation.
@@ -126,13 +140,14 @@ class MultiSourceSwapProcessor:
         q, k, v, out = self_attention(attn, hidden_states)
         state = self.state
         if state.active:
-            n = q.shape[2]
-            ref_keep, blend = state.masks_at(token_grid(n, self.aspect))  # (n,), (pairs, n, 1)
+            grid = token_grid(q.shape[2], self.aspect)
             xs = [x for x, _ in state.pairs]
             if state.ref_cache is not None:
                 k_ref, v_ref = state.ref_cache.get(self.name, state.step)
             else:
                 k_ref, v_ref = k[state.ref], v[state.ref]
+            ref_grid = state.reference_grid(k_ref.shape[-2])
+            ref_keep, blend = state.masks_at(grid, ref_grid)  # (n_ref,), (pairs, n, 1)
             if state.context_cache is not None:
                 (bg,) = state.context_cache.get(self.name, state.step)
             else:
@@ -140,7 +155,7 @@ class MultiSourceSwapProcessor:
             fg = reference_attention(q[xs], k_ref, v_ref, k[xs], v[xs], ref_keep, weight=state.reference_weight,
                                      replace=state.replace)
             if state.correspondence is not None:
-                state.correspondence.add(q[xs], k_ref, ref_keep, token_grid(n, self.aspect))
+                state.correspondence.add(q[xs], k_ref, ref_keep, grid, ref_grid)
             m = blend.to(out.dtype).unsqueeze(1)  # (pairs, 1, n, 1)
             out = out.clone()
             out[xs] = m * fg + (1 - m) * bg.to(out.dtype)

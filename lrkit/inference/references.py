@@ -1,6 +1,11 @@
 """References: a photo as the loops use it — its DDIM inversion under the personalized model, its subject mask,
 and its self-attention keys/values at the swap layers.
 
+Layout-and-Retouch inverts a concept's reference photo at its own aspect ratio (`reference_size`: about the
+generation's area, each side a multiple of the VAE's scale times the UNet's downsampling), so a portrait photo
+stays portrait beside a square or landscape generation; the swap reads R's tokens as a set of keys and values
+(`lrkit.inference.processors`). Dual-reference and other images keep the generation's square.
+
 Everything computed here is cached outside the bundle (`TrajectoryCache`, keyed by the bundle's weights
 digest among the rest): opening a bundle never writes into it. A mask the bundle itself carries (concept_em
 computes them at training time) is read, never recomputed.
@@ -9,6 +14,7 @@ computes them at training time) is read, never recomputed.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +24,8 @@ import torch
 
 from lrkit.attention import AttentionStore, processors
 from lrkit.families import Conditioning
-from lrkit.inference.inversion import TrajectoryCache, center_square, ddim_invert, encode_image, image_digest
+from lrkit.inference.inversion import (TrajectoryCache, center_square, ddim_invert, encode_image, image_digest,
+                                       vae_precision)
 from lrkit.inference.options import GenerationOptions, InferenceError
 from lrkit.inference.personalized import PersonalizedModel
 from lrkit.inference.processors import AttentionCache, RecordingProcessor
@@ -30,11 +37,72 @@ logger = logging.getLogger(__name__)
 class Reference:
     """One reference image as the loops use it."""
 
-    image: PIL.Image.Image  # the photo as given (a concept photo) or its square crop at the generation size
-    trajectory: torch.Tensor  # (T+1, 1, C, h, w): its DDIM inversion under ε*
+    image: PIL.Image.Image  # a concept photo as given (EXIF-rotated), or another image's square crop as inverted
+    trajectory: torch.Tensor  # (T+1, 1, C, h, w): its DDIM inversion under ε*, at the size it was inverted at
     embeds: Conditioning  # one row: the prompt it was inverted with, at the reference's size
-    mask: torch.Tensor  # (h, w) float: its subject at latent resolution
+    mask: torch.Tensor  # (h, w) float: its subject at latent resolution (the trajectory's grid)
     key: str  # the inversion's cache key: identifies the reference for the key/value memo
+
+
+def size_multiple(pipe) -> int:
+    """The side (px) every reference size is a multiple of: the VAE's scale times the UNet's total downsampling,
+    so that the reference has a whole token grid at every UNet level."""
+    unet = pipe.unet
+    ups = getattr(unet, "num_upsamplers", len(unet.config.block_out_channels) - 1)
+    return pipe.vae_scale_factor * 2 ** ups
+
+
+def reference_size(photo_size: tuple[int, int], target: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """(height, width) at which a reference photo of `photo_size` (width, height) is inverted for a generation of
+    `target` (height, width): of the candidates, the one nearest the photo's aspect ratio (|log(h/w) - log(H/W)|),
+    the larger area on a tie. Candidates: the target's own size, and for each width w that is a multiple of
+    `multiple` the largest height h, a multiple too, with h * w <= the target's area, and the same sizes
+    transposed, and the largest such square. A photo of the target's aspect ratio therefore takes the target's
+    size."""
+    height, width = target
+    area = height * width
+    want = math.log(photo_size[1] / photo_size[0])
+    side = math.isqrt(area) // multiple * multiple
+    candidates = {(height, width)} | ({(side, side)} if side else set())
+    for w in range(multiple, area // multiple + 1, multiple):
+        h = area // w // multiple * multiple
+        if h >= multiple:
+            candidates |= {(h, w), (w, h)}
+    return min(candidates, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - want), -hw[0] * hw[1], hw))
+
+
+def crop_to(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """`image` resized to cover `width` x `height` and centre-cropped to it (a square: `center_square`)."""
+    if width == height:
+        return center_square(image, width)
+    w, h = image.size
+    scale = max(width / w, height / h)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), PIL.Image.Resampling.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+@torch.no_grad()
+def encode_reference(pipe, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+    """`image` as (1, C, height / f, width / f) latents scaled for the UNet: `encode_image` for a square, else
+    resized and centre-cropped to `width` x `height` (`crop_to`) and encoded the same way (posterior mean)."""
+    if height == width:
+        return encode_image(pipe, image, height)
+    image = PIL.ImageOps.exif_transpose(image).convert("RGB")
+    if image.size != (width, height):
+        logger.info("reference image is %dx%d; inverted at %dx%d (its own aspect ratio, about the generation's area)",
+                    *image.size, width, height)
+        image = crop_to(image, width, height)
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(image)  # (1, 3, height, width) in [-1, 1]
+    with vae_precision(pipe) as dtype:
+        latents = vae.encode(pixels.to(device=vae.device, dtype=dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
 
 
 def open_image(path: str, option: str) -> PIL.Image.Image:
@@ -88,16 +156,31 @@ class References:
             raise InferenceError(f"reference photo {refs[index]} is missing from the bundle")
         return refs[index]
 
-    def from_concept(self, options: GenerationOptions, size: int) -> Reference:
-        """R: the concept's reference photo `retouch.reference`, inverted with `a photo of <token> <class>`; its
-        mask from the bundle, else from the cache, else computed (SAM in its attention box, else the attention
-        map above its Otsu threshold)."""
+    def from_concept(self, options: GenerationOptions, size: "int | tuple[int, int]", *,
+                     own_aspect: bool = False) -> Reference:
+        """R: the concept's reference photo `retouch.reference` (EXIF-rotated), inverted with `a photo of <token>
+        <class>`; its mask from the bundle, else from the cache, else computed (SAM in its attention box, else the
+        attention map above its Otsu threshold).
+
+        `size`: the generation's side, or its (height, width). Without `own_aspect` the photo is resized and
+        centre-cropped to that size; with it (Layout-and-Retouch) it is inverted at its own aspect ratio, about the
+        generation's area (`reference_size`), or at the aspect ratio of the mask the bundle stores for it (that
+        mask describes the crop it was made on)."""
         path = self.concept_photo(options.retouch.reference)
-        photo = PIL.Image.open(path)
-        photo.load()
-        photo = photo.convert("RGB")
+        with PIL.Image.open(path) as opened:
+            opened.load()
+            photo = PIL.ImageOps.exif_transpose(opened).convert("RGB")
+        target = (size, size) if isinstance(size, int) else tuple(size)
+        shape = target
+        if own_aspect:
+            stored = self._stored_mask(path)
+            aspect_of = photo.size
+            if stored is not None:
+                with PIL.Image.open(stored) as mask_image:
+                    aspect_of = mask_image.size
+            shape = reference_size(aspect_of, target, size_multiple(self.model.pipe))
         prompt = f"a photo of {self.model.subject_phrase()}"
-        trajectory, embeds, key = self._invert(photo, prompt, options, size, digest=image_digest(path))
+        trajectory, embeds, key = self._invert(photo, prompt, options, shape, digest=image_digest(path))
         mask = self._concept_mask(path, photo, trajectory, embeds, prompt, options, key)
         return Reference(photo, trajectory, embeds, mask, key)
 
@@ -108,7 +191,7 @@ class References:
         from lrkit.masks import AttentionSegmenter, resize_map
 
         square = center_square(image, size)
-        trajectory, embeds, key = self._invert(square, prompt, options, size, digest=image_digest(square),
+        trajectory, embeds, key = self._invert(square, prompt, options, (size, size), digest=image_digest(square),
                                                kind="image")
         grid = tuple(trajectory.shape[-2:])
         if phrase is None:
@@ -118,20 +201,26 @@ class References:
         return Reference(square, trajectory, embeds, (resize_map(mask.float(), grid) >= 0.5).float().to(self.model.device),
                          key)
 
-    def _invert(self, image, prompt: str, options: GenerationOptions, size: int, *, digest: str, **kind):
-        """(trajectory on the device, embeds, cache key): `image`'s DDIM inversion under ε*, from the cache or run."""
+    def _invert(self, image, prompt: str, options: GenerationOptions, shape: tuple[int, int], *, digest: str,
+                **kind):
+        """(trajectory on the device, embeds, cache key): `image`'s DDIM inversion under ε* at `shape` (height,
+        width), from the cache or run."""
         model = self.model
         pipe, concept = model.pipe, model.concept
-        if (prompt, size) not in self._prompts:
-            self._prompts = {(prompt, size): model.encode(prompt, size)}
-        embeds = self._prompts[(prompt, size)]
+        height, width = shape
+        if (prompt, height, width) not in self._prompts:
+            embeds = model.encode(prompt, height) if height == width else model.family.conditioning(
+                pipe, [prompt], None, height=height, width=width, guidance=False)[0]
+            self._prompts = {(prompt, height, width): embeds}
+        embeds = self._prompts[(prompt, height, width)]
         key = self.cache.key(**kind, concept=concept.name, base=concept.base.unet_config_sha256,
                              weights=concept.weights_digest(), reference=digest,
                              scheduler=dict(pipe.scheduler.config), steps=options.num_inference_steps,
-                             resolution=size, prompt=prompt, dtype=str(embeds.states.dtype))
+                             resolution=height if height == width else [height, width], prompt=prompt,
+                             dtype=str(embeds.states.dtype))
 
         def invert():
-            return ddim_invert(pipe, encode_image(pipe, image, size), embeds, options.num_inference_steps)
+            return ddim_invert(pipe, encode_reference(pipe, image, height, width), embeds, options.num_inference_steps)
 
         trajectory, cached = self.cache.get_or_compute(key, invert)
         logger.debug("reference trajectory %s", "from cache" if cached else "inverted")
@@ -160,14 +249,20 @@ class References:
             return fallback(image)
         return segmenter(image, box_from_attention(attn, image.size))
 
+    def _stored_mask(self, path: Path) -> Path | None:
+        """The mask file the bundle stores for the reference photo at `path`, if any."""
+        concept = self.model.concept
+        stored = concept.masks.get(str(path.relative_to(concept.path)))
+        return None if stored is None else concept.path / stored
+
     def _concept_mask(self, path: Path, photo, trajectory, embeds, prompt: str, options, key: str) -> torch.Tensor:
         from lrkit.masks import load_mask_png, otsu_threshold, resize_map
 
         model = self.model
         grid = tuple(trajectory.shape[-2:])
-        stored = model.concept.masks.get(str(path.relative_to(model.concept.path)))
+        stored = self._stored_mask(path)
         if stored is not None:
-            return resize_map(load_mask_png(model.concept.path / stored).float(), grid).to(model.device)
+            return resize_map(load_mask_png(stored).float(), grid).to(model.device)
         segmenter = model.segmenter
         source = None if segmenter is None else getattr(segmenter, "source", None)
         # A segmenter that cannot say where its weights came from gets no disk cache.
@@ -179,8 +274,9 @@ class References:
             mask = self.cache.get_mask(mask_key)
         if mask is None:
             attn = self._attention(trajectory, embeds, prompt, model.subject_phrase(), options.num_inference_steps)
-            square = center_square(photo, grid[0] * model.pipe.vae_scale_factor)  # what the inversion encoded
-            mask = self._segment(square, attn, fallback=lambda _: attn > otsu_threshold(attn))
+            factor = model.pipe.vae_scale_factor
+            inverted = crop_to(photo, grid[1] * factor, grid[0] * factor)  # what the inversion encoded
+            mask = self._segment(inverted, attn, fallback=lambda _: attn > otsu_threshold(attn))
             if mask_key:
                 self.cache.put_mask(mask_key, mask)
         self._masks = {memo_key: mask}
@@ -211,4 +307,4 @@ class References:
         return [memo[(r.key, names, steps.start, steps.stop)] for r in references]
 
 
-__all__ = ["Reference", "References", "open_image"]
+__all__ = ["Reference", "References", "crop_to", "encode_reference", "open_image", "reference_size", "size_multiple"]

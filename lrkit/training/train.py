@@ -178,9 +178,13 @@ def export_concept(model: ConceptModel, config: TrainConfig, out_dir: "str | os.
     )
 
     def write_files(root: Path) -> None:
+        from lrkit.card import write_card
+
         concept.files = method.write_files(model, root)
         concept.refs = write_refs(photos, root / "refs")
         method.finish_bundle(model, root, concept)
+        # the card, with a grid of the run's last validation images when it made some
+        write_card(concept, root, validation=Path(config.output_dir) / "validation")
 
     write_bundle(concept, out_dir, write_files, overwrite=overwrite)
     logger.info("wrote concept bundle %s", out_dir)
