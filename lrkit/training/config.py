@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from lrkit.concept import ConceptError, check_name, concept_slug
 from lrkit.families import FAMILIES
+from lrkit.training.buckets import BUCKETLESS_METHODS
 from lrkit.training.methods import METHOD_NAMES, Method, get_method
 from lrkit.training.methods.concept_em import ConceptEMOptions
 from lrkit.training.methods.dreambooth import DreamBoothOptions
@@ -58,6 +59,23 @@ class DataConfig:
     """For `datasets` sources: the image column (default: the first Image column)."""
     caption_column: Optional[str] = None
     """For `datasets` sources: an optional caption column."""
+    buckets: Union[bool, Literal["auto"]] = "auto"
+    """Aspect-ratio buckets: each photo trains at about resolution² pixels in the bucket shape nearest its own,
+    every batch from one bucket. `auto`: on when the photos' nearest buckets differ (mixed shapes); false: square
+    crops."""
+    max_aspect: float = 2.0
+    """The widest bucket's width over its height (and the tallest's height over its width)."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this many pixels (the base model's latents must halve evenly: 64 for SD 1.x)."""
+    max_upscale: float = 2.0
+    """With buckets, no photo is upscaled more than this: a smaller one trains in a smaller bucket of its shape."""
+    caption_dropout: float = 0.0
+    """Probability that a photo's sample trains with the empty caption (class images keep theirs)."""
+    shuffle_caption: bool = False
+    """Shuffle the comma-separated parts of each photo's caption, per sample; the first `keep_tokens` parts, and every
+    part up to the one holding the token, stay in place."""
+    keep_tokens: int = 0
+    """With shuffle_caption: how many leading comma-separated parts stay in place."""
 
     def __post_init__(self) -> None:
         check_finite(self, "data")
@@ -72,6 +90,16 @@ class DataConfig:
                f"data.caption_template {self.caption_template!r} must contain {{token}} (e.g. 'a photo of {{token}} {{class}}')")
         check(self.token is None or (bool(self.token) and not any(c.isspace() for c in self.token)),
               f"data.token {self.token!r} must be one word without whitespace, e.g. '<my-vase>'")
+        check(self.buckets in (True, False, "auto"), f"data.buckets must be true, false or auto, got {self.buckets!r}")
+        check(self.max_aspect >= 1.0, f"data.max_aspect must be >= 1, got {self.max_aspect}")
+        check(self.bucket_step >= 8 and self.bucket_step % 8 == 0,
+              f"data.bucket_step must be a positive multiple of 8, got {self.bucket_step}")
+        check(self.buckets is not True or self.bucket_step <= self.resolution,
+              f"data.buckets true needs data.bucket_step ({self.bucket_step}) at most data.resolution "
+              f"({self.resolution})")
+        check(self.max_upscale >= 1.0, f"data.max_upscale must be >= 1, got {self.max_upscale}")
+        check(0.0 <= self.caption_dropout < 1.0, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check(self.keep_tokens >= 0, f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
 
 
 @dataclass
@@ -224,6 +252,15 @@ class TrainConfig:
                 raise ConfigError(str(err)) from None
         if self.cache_latents:
             check(self.data.center_crop, "cache_latents needs data.center_crop=true (random crops cannot be cached)")
+        check(not (self.cache_text_embeddings and self.data.shuffle_caption),
+              "data.shuffle_caption and cache_text_embeddings cannot be combined (every order of a caption's parts "
+              "would be encoded and kept); set cache_text_embeddings=false")
+        if self.method in BUCKETLESS_METHODS:
+            check(self.data.buckets is not True, f"method {self.method} trains on square crops: set data.buckets to "
+                                                 "false or auto")
+            check(self.data.caption_dropout == 0 and not self.data.shuffle_caption,
+                  f"method {self.method} reads each concept's token in its captions: data.caption_dropout must be 0 "
+                  "and data.shuffle_caption false")
         self.method_class.validate_config(self)
 
     # -------------------------------------------------------------- derived values

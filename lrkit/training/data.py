@@ -1,9 +1,11 @@
 """The data side of concept training: turn the user's photos (`lrkit.photos`) into training samples, and
 generate the class images for prior preservation.
 
-- `PhotoDataset` turns photos into `{"pixel_values", "caption", ...}` samples (with the photo's original size
-  and the crop's top-left, which SDXL conditions on); sample `i` depends
-  only on `(seed, i)`, so a resumed run sees exactly the samples it would have seen.
+- `PhotoDataset` turns photos into `{"pixel_values", "caption", ...}` samples (with the photo's original size,
+  the crop's top-left and the size trained at, which SDXL conditions on), square or in a given bucket shape
+  (`lrkit.training.buckets`); sample `i` depends only on `(seed, i)`, so a resumed run sees exactly the samples it
+  would have seen.
+- `CaptionVariation` varies a sample's caption (dropout, shuffled parts) from `(seed, i)` only.
 - `ensure_class_images` tops up a folder of class images, reproducibly and resumably.
 """
 
@@ -13,6 +15,7 @@ import logging
 import operator
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +63,56 @@ def format_caption(template: str, *, token: str, class_word: str) -> str:
     return " ".join(text.split())
 
 
+CAPTION_STREAM = 0xCA7  # mixed into a sample's seed: caption draws never share the crop's stream
+
+
+@dataclass(frozen=True)
+class CaptionVariation:
+    """How a photo's caption varies from sample to sample, each sample's draw seeded by `(seed, counter)` only.
+
+    Two draws per sample, always in this order: u ~ U(0, 1), then, with `shuffle`, a permutation of the movable
+    parts. With u < `dropout` the sample trains with the empty caption. With `shuffle` the caption is split at
+    commas into parts (whitespace stripped, empty parts dropped); the first `keep_tokens` parts, and every part up to
+    and including the first that holds `token` as a word, stay in place; the rest are shuffled and all are joined
+    with ", ". The token therefore never moves, so it is never pushed towards the end, where the text encoder's
+    77-token limit would cut it.
+    """
+
+    token: str
+    seed: int = 0
+    dropout: float = 0.0
+    shuffle: bool = False
+    keep_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise DataError(f"caption dropout is a probability in [0, 1), got {self.dropout}")
+        if self.keep_tokens < 0:
+            raise DataError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any caption changes."""
+        return self.dropout > 0 or self.shuffle
+
+    def kept_parts(self, parts: list[str]) -> int:
+        """How many leading parts stay in place: `keep_tokens`, extended to the first part holding the token."""
+        word = re.compile(rf"(?<![\w<>-]){re.escape(self.token)}(?![\w<>-])")
+        holding = next((k + 1 for k, part in enumerate(parts) if word.search(part)), 0)
+        return min(len(parts), max(self.keep_tokens, holding))
+
+    def apply(self, caption: str, counter: int) -> str:
+        """The caption of sample `counter`."""
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, counter) ^ CAPTION_STREAM)
+        u = torch.rand(1, generator=generator).item()
+        if self.shuffle:
+            parts = [p.strip() for p in caption.split(",") if p.strip()]
+            kept = self.kept_parts(parts)
+            order = torch.randperm(len(parts) - kept, generator=generator).tolist()
+            caption = ", ".join(parts[:kept] + [parts[kept + j] for j in order])
+        return "" if u < self.dropout else caption
+
+
 # --------------------------------------------------------------------------- PhotoDataset
 
 
@@ -70,11 +123,12 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class PhotoDataset(torch.utils.data.Dataset):
-    """Training samples from photos: resize the short side, crop a square, maybe flip.
+    """Training samples from photos: resize to cover the crop, crop (a square, or a bucket's shape), maybe flip.
 
     Sample `i` (any non-negative integer, e.g. a global step counter) shows photo
     `i % len(photos)`; its crop and flip come from a generator seeded with `(seed, i)` only, so the
-    same `i` always gives the same sample.
+    same `i` always gives the same sample. `dataset[i]` is the square crop at `resolution`; `sample(i, size)` the
+    crop of shape `size` (a bucket, `lrkit.training.buckets`).
     """
 
     def __init__(
@@ -113,8 +167,9 @@ class PhotoDataset(torch.utils.data.Dataset):
         self.repeats = repeats
         self.seed = seed
         self._captions = [self._caption(p) for p in self.photos]
-        # Resizing is deterministic, so it is done once; items only crop and flip.
+        # Resizing is deterministic, so it is done once (per crop shape); items only crop and flip.
         self._pixels = [self._resize(p) for p in self.photos]  # each (3, H, W) uint8, min(H, W) == resolution
+        self._bucket_pixels: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}  # (photo, size) -> (3, H, W)
 
     @property
     def cacheable(self) -> bool:
@@ -125,27 +180,53 @@ class PhotoDataset(torch.utils.data.Dataset):
         return len(self.photos) * self.repeats
 
     def __getitem__(self, i: int) -> dict:
+        return self.sample(i)
+
+    def sample(self, i: int, size: tuple[int, int] | None = None) -> dict:
+        """Sample `i` cropped to `size` (height, width); None: the `resolution` square."""
         i = operator.index(i)
         if i < 0:
             raise IndexError(f"PhotoDataset index must be >= 0, got {i}")
         photo_index = i % len(self.photos)
-        _, height, width = self._pixels[photo_index].shape
+        size = self._size(size)
+        pixels = self._resized(photo_index, size)
+        _, height, width = pixels.shape
         generator = torch.Generator().manual_seed(sample_seed(self.seed, i))
         u_top, u_left, u_flip = torch.rand(3, generator=generator).tolist()  # always drawn: fixed stream
         if self.center_crop:
-            top, left = self._center_offsets(photo_index)
+            top, left = (height - size[0]) // 2, (width - size[1]) // 2
         else:
-            top = min(int(u_top * (height - self.resolution + 1)), height - self.resolution)
-            left = min(int(u_left * (width - self.resolution + 1)), width - self.resolution)
-        return self._item(photo_index, top, left, flipped=u_flip < self.random_flip)
+            top = min(int(u_top * (height - size[0] + 1)), height - size[0])
+            left = min(int(u_left * (width - size[1] + 1)), width - size[1])
+        return self._item(photo_index, pixels, top, left, size, flipped=u_flip < self.random_flip)
 
-    def deterministic_variants(self, photo_index: int) -> list[dict]:
-        """The center-cropped item of a photo, and its mirror image if `random_flip > 0` (for latent caching)."""
+    def deterministic_variants(self, photo_index: int, size: tuple[int, int] | None = None) -> list[dict]:
+        """The center-cropped item of a photo at `size` (None: the square), and its mirror image if
+        `random_flip > 0` (for latent caching)."""
         if not 0 <= photo_index < len(self.photos):
             raise IndexError(f"photo_index must be in [0, {len(self.photos)}), got {photo_index}")
-        top, left = self._center_offsets(photo_index)
+        size = self._size(size)
+        pixels = self._resized(photo_index, size)
+        top, left = (pixels.shape[1] - size[0]) // 2, (pixels.shape[2] - size[1]) // 2
         flips = (False, True) if self.random_flip > 0 else (False,)
-        return [self._item(photo_index, top, left, flipped=f) for f in flips]
+        return [self._item(photo_index, pixels, top, left, size, flipped=f) for f in flips]
+
+    def _size(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        if size is None:
+            return (self.resolution, self.resolution)
+        height, width = (operator.index(side) for side in size)
+        if height < 1 or width < 1:
+            raise ValueError(f"a crop size is (height, width) in pixels, got {size}")
+        return height, width
+
+    def _resized(self, photo_index: int, size: tuple[int, int]) -> torch.Tensor:
+        """(3, H, W) uint8: the photo resized to cover `size` (the smallest scale at which both sides reach it)."""
+        if size == (self.resolution, self.resolution):
+            return self._pixels[photo_index]
+        key = (photo_index, size)
+        if key not in self._bucket_pixels:
+            self._bucket_pixels[key] = self._resize(self.photos[photo_index], size)
+        return self._bucket_pixels[key]
 
     def _caption(self, photo: Photo) -> str:
         template = photo.caption if photo.caption is not None else self.caption_template
@@ -158,32 +239,22 @@ class PhotoDataset(torch.utils.data.Dataset):
             logger.warning("caption of %s does not mention the token %r: %r", photo.name, self.token, caption)
         return caption
 
-    def _resize(self, photo: Photo) -> torch.Tensor:
+    def _resize(self, photo: Photo, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(3, H, W) uint8: `photo` resized to cover `size` (height, width; None: the resolution square)."""
+        crop_height, crop_width = size or (self.resolution, self.resolution)
         width, height = photo.image.size
-        scale = self.resolution / min(width, height)
-        if scale > 1:
-            logger.warning(
-                "%s is %dx%d px; upscaling it to %d px on its short side (a larger photo trains better)",
-                photo.name,
-                width,
-                height,
-                self.resolution,
-            )
-        size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        scale = max(crop_height / height, crop_width / width)
+        size = (max(crop_width, round(width * scale)), max(crop_height, round(height * scale)))
         resized = to_rgb(photo.image).resize(size, Image.Resampling.LANCZOS)  # antialiased
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
-    def _center_offsets(self, photo_index: int) -> tuple[int, int]:
-        _, height, width = self._pixels[photo_index].shape
-        return (height - self.resolution) // 2, (width - self.resolution) // 2
-
-    def _item(self, photo_index: int, top: int, left: int, *, flipped: bool) -> dict:
-        r = self.resolution
-        pixels = self._pixels[photo_index]
-        crop = pixels[:, top : top + r, left : left + r]  # (3, R, R)
+    def _item(self, photo_index: int, pixels: torch.Tensor, top: int, left: int, size: tuple[int, int], *,
+              flipped: bool) -> dict:
+        crop_height, crop_width = size
+        crop = pixels[:, top : top + crop_height, left : left + crop_width]  # (3, h, w)
         if flipped:
             crop = crop.flip(-1)
-            left = pixels.shape[-1] - left - r  # the crop's left edge in the mirrored photo
+            left = pixels.shape[-1] - left - crop_width  # the crop's left edge in the mirrored photo
         width, height = self.photos[photo_index].image.size
         return {
             "pixel_values": crop.float() / 127.5 - 1.0,
@@ -192,6 +263,7 @@ class PhotoDataset(torch.utils.data.Dataset):
             "flipped": flipped,
             "original_size": (height, width),  # the photo before resizing (SDXL's size conditioning)
             "crop_top_left": (top, left),  # in the resized photo (SDXL's crop conditioning)
+            "target_size": (crop_height, crop_width),  # the size trained at (SDXL's target size)
         }
 
 

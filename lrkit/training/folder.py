@@ -27,6 +27,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from lrkit.io import atomic_write_json
 from lrkit.records import differences, inputs_digest, short_value
+from lrkit.training.buckets import buckets_for
 from lrkit.training.config import TrainConfig
 from lrkit.training.options import TrainingError
 
@@ -109,16 +110,25 @@ def training_inputs(config: TrainConfig, photos) -> dict:
     samples of them, the method and every options group it reads, the optimizer, the loss options and the seed;
     and whether it is sharded (`strategy: fsdp`), which lays out the checkpoint's optimizer state otherwise.
 
+    The buckets are recorded as what they decide, each photo's bucket (`BucketPlan.record`), so bucket options that
+    move no photo may change. Options that are off (no buckets, no caption dropout or shuffling) are recorded as
+    None, as a record written before they existed reads them.
+
     Left out, so a resume may change them: max_steps (raise it to train on), precision, devices and the like,
     caching, logging, checkpoint frequency, validation images, names and paths.
     """
     data, options = config.data, config.to_dict()
     optim = dict(options["optim"], lr=config.optim.lr or config.method_class.default_lr)  # the lr in effect
+    buckets = buckets_for(config, photos)
     inputs = {
         "photos": photos_digest(photos),
         "data": {"class_word": data.class_word, "token": config.token, "caption_template": data.caption_template,
                  "resolution": data.resolution, "center_crop": data.center_crop, "random_flip": data.random_flip,
-                 "repeats": data.repeats, "batch_size": data.batch_size},
+                 "repeats": data.repeats, "batch_size": data.batch_size,
+                 "buckets": buckets.record() if buckets is not None else None,
+                 "caption_dropout": data.caption_dropout or None,
+                 "shuffle_caption": data.shuffle_caption or None,
+                 "keep_tokens": data.keep_tokens if data.shuffle_caption else None},
         "method": config.method,
         "optim": optim,
         "seed": config.seed,

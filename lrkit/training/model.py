@@ -162,16 +162,23 @@ class ConceptModel(nn.Module):
         return Conditioning(states, pooled, self.time_ids(batch, len(captions)))
 
     def time_ids(self, batch: dict | None, size: int) -> torch.Tensor | None:
-        """(size, 6) SDXL time ids of the batch's samples (none given: uncropped squares at data.resolution); None
-        for a family without them."""
+        """(size, 6) SDXL time ids of the batch's samples: each one's original size and crop, and the size the batch
+        trains at (its pixels' height and width: data.resolution square, or its bucket); none given: uncropped
+        squares at data.resolution. None for a family without them."""
         if not self.family.time_conditioned:
             return None
         r = self.config.data.resolution
         if batch is None:
-            original, crop = torch.tensor([[r, r]]).expand(size, 2), torch.zeros(size, 2)
-        else:
-            original, crop = batch["original_size"], batch["crop_top_left"]
-        return self.family.training_time_ids(original, crop, r).to(self.unet.device)
+            return self.family.training_time_ids(torch.tensor([[r, r]]).expand(size, 2), torch.zeros(size, 2),
+                                                 r).to(self.unet.device)
+        original, crop = batch["original_size"], batch["crop_top_left"]
+        height, width = batch["pixel_values"].shape[-2:]  # one size per batch (`collate`)
+        if height == width:
+            ids = self.family.training_time_ids(original, crop, height)
+        else:  # `training_time_ids` takes a square target: each row as the family's `time_ids` builds it
+            ids = torch.cat([self.family.time_ids(None, height, width, original=tuple(o), crop=tuple(c))
+                             for o, c in zip(original.tolist(), crop.tolist())])
+        return ids.to(self.unet.device)
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """(batch, 77, dim) text states (both encoders' concatenated for SDXL); cached as `conditioning` is."""
@@ -180,7 +187,8 @@ class ConceptModel(nn.Module):
     def latent_params(self, batch: dict) -> torch.Tensor:
         """(batch, 2*C, h, w) mean and log-variance of the VAE posterior: cached or encoded now."""
         if self.config.cache_latents:
-            keys = list(zip(batch["source"], batch["photo_index"].tolist(), batch["flipped"].tolist()))
+            size = tuple(batch["pixel_values"].shape[-2:])  # a latent of another size (bucket) never stands in
+            keys = [(*k, *size) for k in zip(batch["source"], batch["photo_index"].tolist(), batch["flipped"].tolist())]
             missing = [k for k in keys if k not in self._latent_cache]
             if missing:
                 raise RuntimeError(f"cache_latents is on but {missing[0]} was not cached; call cache_latents() first")
@@ -191,18 +199,23 @@ class ConceptModel(nn.Module):
 
     @torch.no_grad()
     def cache_latents(self, items: list[dict], batch_size: int = 8) -> None:
-        """Encode deterministic samples once: key (source, photo_index, flipped) -> latent mean/logvar."""
+        """Encode deterministic samples once: key (source, photo_index, flipped, height, width) -> latent
+        mean/logvar; encoded in chunks of one size."""
         todo = {}
         for item in items:
-            key = (item.get("source", "instance"), int(item["photo_index"]), bool(item["flipped"]))
+            key = (item.get("source", "instance"), int(item["photo_index"]), bool(item["flipped"]),
+                   *item["pixel_values"].shape[-2:])
             if key not in self._latent_cache:
                 todo[key] = item["pixel_values"]
-        keys = list(todo)
-        for start in range(0, len(keys), batch_size):
-            chunk = keys[start:start + batch_size]
-            px = torch.stack([todo[k] for k in chunk]).to(self.vae.device, self.vae.dtype)
-            params = self.vae.encode(px).latent_dist.parameters.detach()
-            self._latent_cache.update(zip(chunk, params))
+        by_size: dict[tuple, list[tuple]] = {}  # a chunk stacks samples of one size
+        for key in todo:
+            by_size.setdefault(key[-2:], []).append(key)
+        for keys in by_size.values():
+            for start in range(0, len(keys), batch_size):
+                chunk = keys[start:start + batch_size]
+                px = torch.stack([todo[k] for k in chunk]).to(self.vae.device, self.vae.dtype)
+                params = self.vae.encode(px).latent_dist.parameters.detach()
+                self._latent_cache.update(zip(chunk, params))
 
     # ------------------------------------------------------------------ loss
 

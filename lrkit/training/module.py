@@ -28,10 +28,12 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrkit.io import atomic_save_png, atomic_write_bytes
-from lrkit.training.config import TrainConfig
 from lrkit.photos import load_images
+from lrkit.training.buckets import BucketPlan, buckets_for
+from lrkit.training.config import TrainConfig
+from lrkit.training.data import CaptionVariation
 from lrkit.training.model import ConceptModel, step_seed
-from lrkit.training.options import TrainingError
+from lrkit.training.options import ConfigError, TrainingError
 from lrkit.training.precision import autocast_for
 from lrkit.training.sharding import is_fsdp
 
@@ -44,37 +46,66 @@ logger = logging.getLogger(__name__)
 class StepSampler(Sampler[int]):
     """Sample counters as a pure function of the optimizer step, sharded over ranks.
 
-    The run reads one endless stream of samples: position p holds a sample of the p // size-th
-    shuffled pass over the data (order from seed and pass). Step s on rank r takes positions
-    (s * world_size + r) * batch_size + b. Each iteration starts at the trainer's current global
-    step, so a resumed run reads exactly the samples an uninterrupted run reads, whatever Lightning's
-    epoch bookkeeping does on a restart. Yields counters `pass * size + index`: the dataset shows
-    photo `counter % num_photos`, its augmentation seeded by the counter.
+    The samples 0..size-1 fall into groups (`groups`, e.g. `BucketPlan.groups`: one per bucket; default: one group
+    of all). Each group is one endless stream: position q of group k holds a sample of the q // len(group)-th
+    shuffled pass over the group (order from seed, pass and k). An epoch has ceil(len(group) / (batch_size *
+    world_size)) steps of each group, in an order shuffled from seed and epoch; the c-th step of group k takes its
+    positions c * batch_size * world_size + r * batch_size + b, b < batch_size, on rank r, so every step's samples
+    come from one group, on every rank. With one group, step s on rank r takes positions (s * world_size + r) *
+    batch_size + b of the one stream.
+
+    Each iteration starts at the trainer's current global step, so a resumed run reads exactly the samples an
+    uninterrupted run reads, whatever Lightning's epoch bookkeeping does on a restart. Yields counters
+    `pass * size + index`: the dataset shows photo `counter % num_photos`, its augmentation seeded by the counter.
     """
 
     def __init__(self, size: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 current_step=lambda: 0):
+                 current_step=lambda: 0, groups: list[list[int]] | None = None):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size, self.current_step = rank, world_size, current_step
-        self._orders: dict[int, list[int]] = {}
+        self.groups = [list(range(size))] if groups is None else [list(g) for g in groups]
+        if sorted(i for g in self.groups for i in g) != list(range(size)) or not all(self.groups):
+            raise ValueError(f"StepSampler: groups must be non-empty and split 0..{size - 1} between them")
+        samples_per_step = batch_size * world_size
+        self.group_steps = [math.ceil(len(g) / samples_per_step) for g in self.groups]  # per epoch
+        self._orders: dict[int, tuple[int, list[int]]] = {}  # group -> (pass, its order)
+        self._epoch: tuple[int, list[tuple[int, int]]] | None = None  # (epoch, per step: (group, its count))
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.size / (self.batch_size * self.world_size))
+        return sum(self.group_steps)
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.batch_size
 
-    def _order(self, data_pass: int) -> list[int]:
-        if data_pass not in self._orders:
-            g = torch.Generator().manual_seed(step_seed(self.seed, -1 - data_pass))
-            self._orders = {data_pass: torch.randperm(self.size, generator=g).tolist()}
-        return self._orders[data_pass]
+    def _order(self, group: int, data_pass: int) -> list[int]:
+        if self._orders.get(group, (None,))[0] != data_pass:
+            g = torch.Generator().manual_seed(step_seed(self.seed, -1 - data_pass, group))
+            members = self.groups[group]
+            self._orders[group] = (data_pass, [members[j] for j in torch.randperm(len(members), generator=g).tolist()])
+        return self._orders[group][1]
+
+    def step_group(self, step: int) -> tuple[int, int]:
+        """(group k, c): step `step` is the c-th step of group k in the run."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            labels = [k for k, n in enumerate(self.group_steps) for _ in range(n)]
+            if len(self.groups) > 1:
+                g = torch.Generator().manual_seed(step_seed(self.seed, -1 - epoch, -1))
+                labels = [labels[i] for i in torch.randperm(len(labels), generator=g).tolist()]
+            seen = [0] * len(self.groups)
+            steps = []
+            for k in labels:
+                steps.append((k, epoch * self.group_steps[k] + seen[k]))
+                seen[k] += 1
+            self._epoch = (epoch, steps)
+        return self._epoch[1][j]
 
     def counter(self, step: int, b: int) -> int:
-        position = (step * self.world_size + self.rank) * self.batch_size + b
-        data_pass, offset = divmod(position, self.size)
-        return data_pass * self.size + self._order(data_pass)[offset]
+        group, count = self.step_group(step)
+        position = (count * self.world_size + self.rank) * self.batch_size + b
+        data_pass, offset = divmod(position, len(self.groups[group]))
+        return data_pass * self.size + self._order(group, data_pass)[offset]
 
     def __iter__(self) -> Iterator[int]:
         start = self.current_step()
@@ -85,28 +116,38 @@ class StepSampler(Sampler[int]):
 
 
 class PairedDataset(Dataset):
-    """Instance photos paired with class images (prior preservation): item i -> (photo, class image)."""
+    """The run's samples by counter: item i is photo sample i (in its bucket with `buckets`, its caption varied by
+    `captions`), paired with class image sample i cropped to the same size when there are class images (prior
+    preservation): then item i -> {"instance": ..., "prior": ...}."""
 
-    def __init__(self, instance: Dataset, prior: Dataset | None):
-        self.instance, self.prior = instance, prior
+    def __init__(self, instance: Dataset, prior: Dataset | None, *, buckets: BucketPlan | None = None,
+                 captions: CaptionVariation | None = None):
+        self.instance, self.prior, self.buckets, self.captions = instance, prior, buckets, captions
 
     def __len__(self) -> int:
         return len(self.instance)
 
     def __getitem__(self, i: int) -> dict:
-        item = dict(self.instance[i], source="instance", counter=i)
+        # without buckets, the dataset's own item (a method's dataset may add to it: concept_em's concepts)
+        item = self.instance[i] if self.buckets is None else self.instance.sample(i, self.buckets.size_of(i))
+        item = dict(item, source="instance", counter=i)
+        if self.captions is not None and self.captions.active:
+            item["caption"] = self.captions.apply(item["caption"], i)
         if self.prior is None:
             return item
-        return {"instance": item, "prior": dict(self.prior[i], source="class", counter=i)}
+        return {"instance": item, "prior": dict(self.prior.sample(i, item["target_size"]), source="class", counter=i)}
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack samples; with prior preservation all instance samples come first."""
+    """Stack samples; with prior preservation all instance samples come first. All must have one size (a bucket)."""
     if "instance" in items[0]:
         samples = [it["instance"] for it in items] + [it["prior"] for it in items]
         num_instance = len(items)
     else:
         samples, num_instance = items, len(items)
+    shapes = sorted({tuple(s["pixel_values"].shape[-2:]) for s in samples})
+    if len(shapes) > 1:
+        raise ValueError(f"a batch must hold samples of one size (one bucket), got {shapes}")
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "caption": [s["caption"] for s in samples],
@@ -114,6 +155,7 @@ def collate(items: list[dict]) -> dict:
         "flipped": torch.tensor([bool(s["flipped"]) for s in samples]),
         "original_size": torch.tensor([s["original_size"] for s in samples]),  # (batch, 2): height, width
         "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples]),  # (batch, 2): top, left
+        "target_size": torch.tensor([s["target_size"] for s in samples]),  # (batch, 2): height, width trained at
         "source": [s["source"] for s in samples],
         "counter": torch.tensor([s["counter"] for s in samples]),
         "num_instance": num_instance,
@@ -125,7 +167,9 @@ class ConceptDataModule(L.LightningDataModule):
     """Photos (and class images for DreamBooth's prior preservation) as resumable epochs.
 
     The method (its own instance, built from the config) says which photos train, how they become samples,
-    and which class images go with them."""
+    and which class images go with them. `buckets` (`lrkit.training.buckets.buckets_for`) is the bucket of each
+    photo, or None for square crops; class images are cropped to the bucket of the photo they pair with.
+    `captions` varies the photos' captions (data.caption_dropout, data.shuffle_caption)."""
 
     def __init__(self, config: TrainConfig):
         super().__init__()
@@ -137,7 +181,30 @@ class ConceptDataModule(L.LightningDataModule):
                              caption_column=data.caption_column)
         self.photos = self.method.select_photos(photos)
         self.instance = self.method.instance_dataset(self.photos)
+        self.buckets = buckets_for(config, self.photos)
+        self._report_sizes()
+        self.captions = CaptionVariation(config.token, seed=config.seed, dropout=data.caption_dropout,
+                                         shuffle=data.shuffle_caption, keep_tokens=data.keep_tokens)
         self.prior = None
+
+    def _report_sizes(self) -> None:
+        """Log the buckets in use; warn once, naming them, about the photos too small for what they train at."""
+        data = self.config.data
+        if self.buckets is None:
+            small = [f"{p.name} ({p.image.width}x{p.image.height} px)" for p in self.photos
+                     if min(p.image.size) < data.resolution]
+            if small:
+                logger.warning("%d photo(s) are smaller than data.resolution=%d px on their short side and are "
+                               "upscaled (a larger photo trains better): %s", len(small), data.resolution,
+                               ", ".join(small))
+            return
+        counts = {size: self.buckets.photo_sizes.count(size) for size in self.buckets.sizes}
+        logger.info("aspect-ratio buckets (height x width: photos): %s",
+                    ", ".join(f"{h}x{w}: {n}" for (h, w), n in counts.items()))
+        if self.buckets.shrunk:
+            logger.warning("%d photo(s) would need upscaling beyond data.max_upscale=%g to fill their bucket and "
+                           "train in a smaller one (a larger photo trains better): %s",
+                           len(self.buckets.shrunk), data.max_upscale, "; ".join(self.buckets.shrunk))
 
     def prepare_data(self) -> None:
         """Write what the method's data needs (DreamBooth: missing class images); local rank 0 only."""
@@ -146,13 +213,16 @@ class ConceptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.prior is None:
             self.prior = self.method.prior_dataset()
+        if self.buckets is not None and self.trainer is not None:
+            check_bucket_sizes(self.buckets, self.trainer.lightning_module.model, self.config)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        dataset = PairedDataset(self.instance, self.prior)
+        dataset = PairedDataset(self.instance, self.prior, buckets=self.buckets, captions=self.captions)
+        groups = self.buckets.groups(len(dataset)) if self.buckets is not None else None
         sampler = StepSampler(len(dataset), batch_size=self.config.data.batch_size, seed=self.config.seed,
                               rank=trainer.global_rank, world_size=trainer.world_size,
-                              current_step=lambda: trainer.global_step)
+                              current_step=lambda: trainer.global_step, groups=groups)
         return DataLoader(dataset, batch_size=self.config.data.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.config.data.num_workers, drop_last=False,
                           persistent_workers=self.config.data.num_workers > 0)
@@ -165,14 +235,38 @@ class ConceptDataModule(L.LightningDataModule):
         return dict(batch, pixel_values=batch["pixel_values"].to(device, non_blocking=True))
 
     def cacheable_items(self) -> list[dict]:
-        """Deterministic variants (center crop, flipped or not) of every photo and class image."""
+        """Deterministic variants (center crop, flipped or not) of every photo and class image, at every size they
+        train at: a photo in its bucket, a class image in the bucket of each photo it pairs with."""
+        if self.buckets is None:
+            items = []
+            for source, dataset in (("instance", self.instance), ("class", self.prior)):
+                if dataset is None:
+                    continue
+                for i in range(len(dataset.photos)):
+                    items += [dict(v, source=source) for v in dataset.deterministic_variants(i)]
+            return items
         items = []
-        for source, dataset in (("instance", self.instance), ("class", self.prior)):
-            if dataset is None:
-                continue
-            for i in range(len(dataset.photos)):
-                items += [dict(v, source=source) for v in dataset.deterministic_variants(i)]
+        for i in range(len(self.instance.photos)):
+            items += [dict(v, source="instance")
+                      for v in self.instance.deterministic_variants(i, self.buckets.size_of(i))]
+        if self.prior is not None:
+            num_photos, num_class = len(self.instance.photos), len(self.prior.photos)
+            # counter i pairs class image i % num_class with photo i % num_photos: every pairing occurs within lcm
+            pairs = sorted({(i % num_class, self.buckets.size_of(i)) for i in range(math.lcm(num_photos, num_class))})
+            for k, size in pairs:
+                items += [dict(v, source="class") for v in self.prior.deterministic_variants(k, size)]
         return items
+
+
+def check_bucket_sizes(plan: BucketPlan, model, config: TrainConfig) -> None:
+    """Raise `ConfigError` unless every bucket's sides are multiples of what the base's VAE and UNet divide evenly."""
+    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    multiple = vae_factor * 2 ** (len(model.unet.config.down_block_types) - 1)
+    bad = [f"{h}x{w}" for h, w in plan.sizes if h % multiple or w % multiple]
+    if bad:
+        raise ConfigError(f"bucket(s) {', '.join(bad)} px do not fit base {config.base!r}, whose UNet needs sides in "
+                          f"multiples of {multiple} px; set data.bucket_step to a multiple of {multiple} (now "
+                          f"{config.data.bucket_step})")
 
 
 # ---------------------------------------------------------------------------- module
