@@ -149,6 +149,19 @@ def _not_json_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def read_at_most(path: Path, limit: int, rule: str, error: type[Exception] = ConceptError) -> bytes:
+    """The bytes of `path`, reading at most `limit` + 1 of them; `error` naming the file when it cannot be read
+    or holds more (`"<path>: over <limit> bytes; <rule>"`)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err.strerror or err})") from err
+    if len(raw) > limit:
+        raise error(f"{path}: over {limit} bytes; {rule}")
+    return raw
+
+
 def read_json(path: Path, what: str) -> object:
     """JSON from a regular file of at most `MAX_MANIFEST_BYTES`; a `ConceptError` naming it otherwise."""
     try:
@@ -160,13 +173,7 @@ def read_json(path: Path, what: str) -> object:
     if info.st_size > MAX_MANIFEST_BYTES:
         raise ConceptError(f"{path}: {info.st_size} bytes; {what} is at most {MAX_MANIFEST_BYTES} bytes (1 MiB), "
                            "so this is not a bundle lrkit wrote")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as err:
-        raise ConceptError(f"{path}: cannot be read ({err.strerror or err})") from err
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ConceptError(f"{path}: over {MAX_MANIFEST_BYTES} bytes; {what} is at most 1 MiB")
+    raw = read_at_most(path, MAX_MANIFEST_BYTES, f"{what} is at most 1 MiB")
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_not_json_constant)
     except RecursionError:
@@ -330,4 +337,4 @@ def check_model_config(folder: Path, key: str, current) -> None:
                            "model of another base); load the base model it was trained on")
 
 
-__all__ = ["CARD", "ConceptError", "MANIFEST", "boolean_field", "check_finite", "check_json_value", "check_model_config", "check_picture", "check_tree", "check_weight_file", "check_weights_entry", "inside_bundle", "integer_field", "number_field", "object_field", "path_fields", "read_json", "read_weights", "resolved", "shown_value", "string_list", "text_field", "within", "word_field"]
+__all__ = ["CARD", "ConceptError", "MANIFEST", "boolean_field", "check_finite", "check_json_value", "check_model_config", "check_picture", "check_tree", "check_weight_file", "check_weights_entry", "inside_bundle", "integer_field", "number_field", "object_field", "path_fields", "read_at_most", "read_json", "read_weights", "resolved", "shown_value", "string_list", "text_field", "within", "word_field"]

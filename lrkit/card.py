@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from lrkit.bundle_checks import CARD, MANIFEST
+from lrkit.bundle_checks import CARD, MANIFEST, read_at_most
 
 GRID = "validation_grid.png"
 """The grid of validation images a training run puts in its bundle (beside the card)."""
@@ -120,13 +120,7 @@ def read_card(path: "str | Path") -> tuple[dict, str]:
 
     file = Path(path)
     file = file / CARD if file.is_dir() else file
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(MAX_CARD_BYTES + 1)
-    except OSError as err:
-        raise CardError(f"{file}: cannot be read ({err.strerror or err})") from err
-    if len(raw) > MAX_CARD_BYTES:
-        raise CardError(f"{file}: over {MAX_CARD_BYTES} bytes; a model card is at most 1 MiB of text")
+    raw = read_at_most(file, MAX_CARD_BYTES, "a model card is at most 1 MiB of text", CardError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

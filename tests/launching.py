@@ -19,3 +19,25 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def kill_at_first_checkpoint(cmd: list[str], out: Path, max_steps: int) -> int:
+    """Start `cmd` (a training run into OUT), SIGKILL it once OUT/checkpoints/last.ckpt exists, and return the
+    checkpoint's step; asserts it was killed mid-run (a checkpoint written, no bundle yet)."""
+    import signal
+    import time
+
+    import torch
+
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "no checkpoint was written before the kill"
+    assert not (out / "concept").exists(), "the run finished before it could be killed"
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < step < max_steps
+    return step

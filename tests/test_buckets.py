@@ -5,10 +5,7 @@ against one."""
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from launching import ROOT, env, run
+from launching import ROOT, kill_at_first_checkpoint, run
 from lrkit.families import SDXL
 from lrkit.models import load_base
 from lrkit.photos import load_images
@@ -352,17 +349,7 @@ def test_bucketed_resume_after_sigkill_ends_bit_identical(tmp_path, mixed):
     log = run([sys.executable, *launch_args(straight, mixed, *steps)])
     assert "48x80: 1, 48x96: 1, 64x64: 1, 80x48: 1" in log.stdout + log.stderr
 
-    proc = subprocess.Popen([sys.executable, *launch_args(killed, mixed, *steps)], env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.exists(), "no checkpoint was written before the kill"
-    assert not (killed / "concept").exists(), "the run finished before it could be killed"
-    assert 0 < torch.load(checkpoint, weights_only=True)["global_step"] < 12
+    kill_at_first_checkpoint([sys.executable, *launch_args(killed, mixed, *steps)], killed, 12)
 
     resumed = run([sys.executable, *launch_args(killed, mixed, *steps)])
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr

@@ -6,17 +6,15 @@ These start real subprocesses (CPU, gloo); each takes 10-40 s.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from launching import BIN, ROOT, env, run
+from launching import BIN, ROOT, env, kill_at_first_checkpoint, run
 
 pytestmark = pytest.mark.slow
 
@@ -45,18 +43,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, photos):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run([sys.executable, *train_args(straight, photos, *steps)])
 
-    proc = subprocess.Popen([sys.executable, *train_args(killed, photos, *steps)], env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.exists(), "no checkpoint was written before the kill"
-    assert not (killed / "concept").exists(), "the run finished before it could be killed"
-    step_at_kill = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < step_at_kill < 12
+    kill_at_first_checkpoint([sys.executable, *train_args(killed, photos, *steps)], killed, 12)
 
     resumed = run([sys.executable, *train_args(killed, photos, *steps)])
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import os
-import socket
 import stat
 import time
 import zipfile
@@ -26,18 +25,13 @@ from gradio_client.utils import Status  # noqa: E402
 
 from lrkit.concept import Concept  # noqa: E402
 from lrkit.ui.zips import ZipLimits  # noqa: E402
+from ui_serving import serving  # noqa: E402
 
 SUBJECT = "toy_ball"
 CONCEPT = "ball"
 CLASS_WORD = "red checked ball"
 ALL_MODES = ["vanilla", "personalized", "layout", "layout-retouch", "dual-reference"]
 LIMITS = ZipLimits(max_zip_bytes=64 << 20, max_unpacked_bytes=64 << 20, max_entries=200)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def refusal(call) -> str:
@@ -60,25 +54,16 @@ def generate_args(prompt: str, modes: list[str], style: str | None = None, seeds
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from lrkit.ui.app import launch
-
     root = tmp_path_factory.mktemp("ui-root")
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(root / "tmp" / "gradio")
-    demo, url = launch(root=root, port=free_port(), prevent_thread_lock=True, zip_limits=LIMITS)
-    downloads = tmp_path_factory.mktemp("client-downloads")
-    clients = []
+    with serving(root, zip_limits=LIMITS) as (_, url):
+        downloads = tmp_path_factory.mktemp("client-downloads")
+        clients = []
 
-    def client() -> Client:
-        clients.append(Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads)))
-        return clients[-1]
+        def client() -> Client:
+            clients.append(Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads)))
+            return clients[-1]
 
-    yield {"root": Path(root), "url": url, "client": client, "downloads": downloads}
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+        yield {"root": Path(root), "url": url, "client": client, "downloads": downloads}
 
 
 @pytest.fixture(scope="module")

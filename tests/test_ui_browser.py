@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import pytest  # noqa: E402
+from ui_serving import serving  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -27,26 +27,11 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WINDOW = (1280, 900)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from lrkit.ui.app import launch
-
     root = tmp_path_factory.mktemp("ui-browser-root")
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(root / "tmp" / "gradio")
-    demo, url = launch(root=root, port=free_port(), prevent_thread_lock=True)
-    yield {"root": Path(root), "url": url}
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(root) as (_, url):
+        yield {"root": Path(root), "url": url}
 
 
 @pytest.fixture(scope="module")

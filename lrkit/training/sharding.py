@@ -52,12 +52,6 @@ def clean_name(name: str) -> str:
     return name.replace(WRAPPED_PREFIX, "")
 
 
-def clip_sharded_grad_norm(root: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the gradients of an FSDP-wrapped `root` to total norm `max_norm` (over all ranks' shards); returns the
-    total norm before clipping. Called on every rank."""
-    return root.clip_grad_norm_(max_norm)
-
-
 @contextlib.contextmanager
 def single_process_notes_dropped():
     """Without torch's FSDP notes on a one-process run (it shards nothing, and its state dicts are whole):
