@@ -225,8 +225,8 @@ def check_tree(root: Path) -> None:
                 raise ConceptError(f"{path}: {kind}; a bundle holds only files and folders")
 
 
-def check_weights_entry(root: Path, key: str, rel: str) -> None:
-    """A `files` entry is a `.safetensors` file, or a model folder (unet/, text_encoder/) holding only
+def check_weights_entry(root: Path, what: str, rel: str) -> None:
+    """A weights entry of the manifest (`what`: `files.lora`, `tokens[1].embeddings`) is a `.safetensors` file, or a model folder (unet/, text_encoder/) holding only
     safetensors weights, JSON configs and text; pickle formats are refused by name."""
     full = (root / rel).resolve()
     if full.is_dir():
@@ -243,13 +243,13 @@ def check_weights_entry(root: Path, key: str, rel: str) -> None:
         return
     suffix = Path(rel).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        raise ConceptError(f"{root / MANIFEST}: files.{key} is {rel!r}, a pickle ({suffix}), which lrkit never "
+        raise ConceptError(f"{root / MANIFEST}: {what} is {rel!r}, a pickle ({suffix}), which lrkit never "
                            "loads; convert it to .safetensors")
     if suffix != WEIGHT_SUFFIX:
-        raise ConceptError(f"{root / MANIFEST}: files.{key} is {rel!r}; weights are read only as {WEIGHT_SUFFIX} "
+        raise ConceptError(f"{root / MANIFEST}: {what} is {rel!r}; weights are read only as {WEIGHT_SUFFIX} "
                            "files (or a model folder)")
     if not full.is_file():
-        raise ConceptError(f"{root / rel}: not a regular file; files.{key} must be a {WEIGHT_SUFFIX} file")
+        raise ConceptError(f"{root / rel}: not a regular file; {what} must be a {WEIGHT_SUFFIX} file")
 
 
 def check_picture(root: Path, rel: str) -> None:

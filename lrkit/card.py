@@ -280,11 +280,16 @@ def diffusers_code(concept) -> str | None:
     lines.append(f"pipe = {pipeline}.from_pretrained({base_arg}{parts}, torch_dtype=torch.float16).to(\"cuda\")")
     if "embeddings" in files:
         embeddings = f"f\"{{concept}}/{files['embeddings']}\""
-        if family.embedding_keys:  # one token, its vectors per text encoder
-            lines.append(f"state = load_file({embeddings})")
-            for key, encoder, tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers):
-                lines.append(f"pipe.load_textual_inversion(state[\"{key}\"], token={_py(concept.token)}, "
-                             f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
+        per_token = {t.token: t.embeddings for t in concept.tokens if t.embeddings}
+        if family.embedding_keys:  # a file holds one token, its vectors per text encoder
+            calls = [f"pipe.load_textual_inversion(state[\"{key}\"], token=token, text_encoder=pipe.{encoder}, "
+                     f"tokenizer=pipe.{tokenizer})"
+                     for key, encoder, tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers)]
+            if per_token:  # several tokens: a file each
+                lines += [f"for token, file in {_py(per_token)}.items():",
+                          "    state = load_file(f\"{concept}/{file}\")", *(f"    {call}" for call in calls)]
+            else:
+                lines += [f"token, state = {_py(concept.token)}, load_file({embeddings})", *calls]
         elif concept.method == "concept_em":  # several tokens in one file: one call each
             lines += [f"for token, vectors in load_file({embeddings}).items():",
                       "    pipe.load_textual_inversion({token: vectors}, token=token)"]
@@ -329,7 +334,14 @@ def tool_lines(concept) -> list[str]:
     elif "lora" in files:
         paragraphs.append("This LoRA has no kohya-layout file (DoRA: no kohya loader keeps its magnitudes), so "
                           "ComfyUI and A1111 cannot load it; use diffusers or lrkit.")
-    if "embeddings" in files and sum(t.learned for t in concept.tokens) > 1:
+    per_token = [t.embeddings for t in concept.tokens if t.embeddings]
+    if per_token:
+        paragraphs.append(
+            f"Textual-Inversion vectors, a file per token ({', '.join(_code(f) for f in per_token)}): copy them to "
+            f"{_code('embeddings/')} (A1111) or {_code('models/embeddings/')} (ComfyUI) and write each file's name "
+            f"(A1111) or {_code('embedding:NAME')} (ComfyUI) where prompts here write its token; lrkit does not test "
+            "these two tools.")
+    elif "embeddings" in files and sum(t.learned for t in concept.tokens) > 1:
         paragraphs.append(f"{_code(files['embeddings'])} holds several tokens; A1111 and ComfyUI read one token per "
                           "embedding file, so they do not take it as it is.")
     elif "embeddings" in files:
@@ -358,7 +370,10 @@ def file_lines(concept, grid: bool) -> list[str]:
         "text_encoder_2": "the fine-tuned second text encoder (transformers folder)",
     }
     lines = [f"- {_code(MANIFEST)}: the manifest lrkit reads (tokens, base model, training config)"]
-    lines += [f"- {_code(rel)}: {described.get(key, key)}" for key, rel in concept.files.items()]
+    if any(t.embeddings for t in concept.tokens):
+        described["embeddings"] = "the learned token vectors, a file per token"
+    lines += [f"- {_code(rel + '/' if key == 'embeddings' and any(t.embeddings for t in concept.tokens) else rel)}: "
+              f"{described.get(key, key)}" for key, rel in concept.files.items()]
     lines.append(f"- {_code('refs/')}: the {len(concept.refs)} training photo(s), the references Layout-and-Retouch "
                  "reads")
     if concept.masks or any(t.masks for t in concept.tokens):

@@ -6,6 +6,7 @@ A concept is a folder::
     pytorch_lora_weights.safetensors   LoRA, diffusers layout   -> pipe.load_lora_weights(dir)
     learned_embeds.safetensors         Textual-Inversion tokens -> pipe.load_textual_inversion(file)
                                        (SDXL: one token, `clip_l` / `clip_g` vectors, one call per text encoder)
+    embeddings/<token>.safetensors     SDXL bundles of several learned tokens: one such file per token
     unet/, text_encoder/               full weights (DreamBooth), safetensors (SDXL: and text_encoder_2/)
     <name>.kohya.safetensors           the LoRA in kohya / A1111 / ComfyUI layout
     refs/                              the reference photos
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 SCHEMA = "lrkit.concept/1"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDDINGS = "learned_embeds.safetensors"
+EMBEDDINGS_FOLDER = "embeddings"
+"""`files.embeddings` of a bundle whose learned tokens have a file each (several tokens on SDXL: a vectors file holds
+one token there); each token's `embeddings` names its file."""
 METHODS = ("dreambooth", "lora", "textual_inversion", "pivotal", "concept_em", "reference")
 # "reference": photos and a class word, no weights (`lrkit.reference`); its token IS the class word.
 
@@ -130,6 +134,27 @@ class TokenSpec:
     """Multi-concept bundles: {ref path: mask path} of this token in each reference that shows it."""
     class_word: str | None = None
     """Multi-concept bundles: this token's class (default: the bundle's `class_word`)."""
+    embeddings: str | None = None
+    """Bundles whose learned tokens have a file each (`files.embeddings` is `EMBEDDINGS_FOLDER`): this token's
+    vectors, `embeddings/<token>.safetensors` in the family's one-token layout (SDXL: `clip_l` / `clip_g`)."""
+
+
+def token_file_name(token: str) -> str:
+    """`token` as part of a file name: `<red-vase>` -> `red-vase`."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+
+
+def token_embedding_files(tokens: list[str]) -> dict[str, str]:
+    """{token: `embeddings/<token>.safetensors`}, the files of a bundle whose learned tokens have a file each; a
+    name two tokens share gets the later token's position (`-2`, counting from 1)."""
+    files, taken = {}, set()
+    for i, token in enumerate(tokens, 1):
+        stem = token_file_name(token)
+        if stem.lower() in taken:  # distinct on case-insensitive file systems too
+            stem = f"{stem}-{i}"
+        taken.add(stem.lower())
+        files[token] = f"{EMBEDDINGS_FOLDER}/{stem}.safetensors"
+    return files
 
 
 @dataclass
@@ -233,7 +258,7 @@ class Concept:
             "schema": SCHEMA,
             "name": self.name,
             "method": self.method,
-            "tokens": [asdict(t) for t in self.tokens],
+            "tokens": [_token_entry(t) for t in self.tokens],
             "class_word": self.class_word,
             "base": self.base.to_dict(),
             "resolution": self.resolution,
@@ -310,13 +335,41 @@ class Concept:
         pictures = list(self.refs) + list(self.masks.values())
         pictures += [t.mask for t in self.tokens if t.mask]
         pictures += [m for t in self.tokens for m in t.masks.values()]
-        for rel in list(self.files.values()) + pictures:
+        token_files = {f"tokens[{i}].embeddings": t.embeddings for i, t in enumerate(self.tokens) if t.embeddings}
+        weights = {f"files.{key}": rel for key, rel in self.files.items()} | token_files
+        for rel in list(weights.values()) + pictures:
             inside_bundle(root, rel, self.name)
         check_tree(root)
-        for key, rel in self.files.items():
-            check_weights_entry(root, key, rel)
+        self._check_token_files(root)
+        for what, rel in weights.items():
+            check_weights_entry(root, what, rel)
         for rel in dict.fromkeys(pictures):
             check_picture(root, rel)
+
+    def _check_token_files(self, root: Path) -> None:
+        """Tokens name their own vectors file exactly when `files.embeddings` is a folder: then every learned
+        token names a file inside that folder, each its own."""
+        manifest = root / MANIFEST
+        folder = resolved(root / self.files["embeddings"]) if "embeddings" in self.files else None
+        per_token = folder is not None and folder.is_dir()
+        owners = {}
+        for i, t in enumerate(self.tokens):
+            what = f"'tokens[{i}].embeddings'"
+            if t.embeddings and not (t.learned and per_token):
+                why = "it is not a learned token" if not t.learned else "files.embeddings is not a folder"
+                raise ConceptError(f"{manifest}: {what} is set, but {why}; remove the field")
+            if not (per_token and t.learned):
+                continue
+            if not t.embeddings:
+                raise ConceptError(f"{manifest}: files.embeddings is the folder {self.files['embeddings']!r}, but "
+                                   f"learned token {t.token!r} (tokens[{i}]) names no file in it; set its 'embeddings'")
+            file = resolved(root / t.embeddings)
+            if folder not in file.parents or not file.is_file():
+                raise ConceptError(f"{manifest}: {what} {t.embeddings!r} is not a file inside files.embeddings "
+                                   f"{self.files['embeddings']!r}")
+            if owners.setdefault(file, t.token) != t.token:
+                raise ConceptError(f"{manifest}: tokens {owners[file]!r} and {t.token!r} name the same embeddings "
+                                   f"file {t.embeddings!r}; a file holds one token")
 
     # ------------------------------------------------------------------ apply
 
@@ -395,27 +448,34 @@ class Concept:
         """The learned tokens' vectors, `{token: {text encoder: (num_vectors, dim)}}`, checked against the manifest
         and `pipe`: finite, each text encoder's width, and every name diffusers registers new to each tokenizer.
 
-        One text encoder (SD): the file is `{token: vectors}`. Several (SDXL): it holds one token, its vectors per
-        encoder under the family's `embedding_keys` (`clip_l`, `clip_g`)."""
+        One text encoder (SD): the file is `{token: vectors}`. Several (SDXL): a file holds one token, its vectors
+        per encoder under the family's `embedding_keys` (`clip_l`, `clip_g`); a bundle of several learned tokens
+        has a file per token (`files.embeddings` is `EMBEDDINGS_FOLDER`, each token's `embeddings` its file)."""
         path = self.file("embeddings")
-        state = read_weights(path)
         learned = [t for t in self.tokens if t.learned]
         if not learned:
             raise ConceptError(f"{path}: concept {self.name!r} lists it, but none of its tokens is marked learned=True")
         family = family_of(pipe)
         keys = family.embedding_keys
-        if keys and len(learned) != 1:
+        if path.is_dir():
+            sources = [(spec, self.path / spec.embeddings) for spec in learned]  # each named: `_validate_paths`
+        elif keys and len(learned) != 1:
             raise ConceptError(f"{path}: a {family.label} embeddings file holds one token ({', '.join(keys)}), but "
-                               f"concept {self.name!r} lists {len(learned)} learned tokens")
+                               f"concept {self.name!r} lists {len(learned)} learned tokens; give each token its own "
+                               f"file under {EMBEDDINGS_FOLDER}/ (the token's 'embeddings' field)")
+        else:
+            sources = [(spec, path) for spec in learned]
+        states = {}
         embeddings = {}
-        for spec in learned:
+        for spec, file in sources:
+            state = states[file] = states.get(file) or read_weights(file)
             entries = [(spec.token, "text_encoder", "tokenizer")] if not keys else list(
                 zip(keys, family.text_encoders, family.tokenizers))
             per_encoder = {}
             for key, encoder, tokenizer_name in entries:
                 if key not in state:
-                    raise ConceptError(f"{path}: no entry {key!r} for token {spec.token!r} of concept {self.name!r}")
-                per_encoder[encoder] = self._checked_vectors(path, spec, key, state[key], getattr(pipe, encoder),
+                    raise ConceptError(f"{file}: no entry {key!r} for token {spec.token!r} of concept {self.name!r}")
+                per_encoder[encoder] = self._checked_vectors(file, spec, key, state[key], getattr(pipe, encoder),
                                                              getattr(pipe, tokenizer_name))
             embeddings[spec.token] = per_encoder
         return embeddings
@@ -475,6 +535,14 @@ class Concept:
 # ------------------------------------------------------------------------------------- manifest fields
 
 
+def _token_entry(spec: TokenSpec) -> dict:
+    """A token of the manifest; `embeddings` only where the token has a file of its own."""
+    entry = asdict(spec)
+    if entry["embeddings"] is None:
+        del entry["embeddings"]
+    return entry
+
+
 def _token(value, what: str, where: str) -> TokenSpec:
     data = object_field(value, what, where, TokenSpec, ("token",))
     optional_word = (lambda key: None if data.get(key) is None
@@ -487,6 +555,8 @@ def _token(value, what: str, where: str) -> TokenSpec:
         mask=None if data.get("mask") is None else text_field(data["mask"], f"{what}.mask", where),
         masks=path_fields(data.get("masks", {}), f"{what}.masks", where, mapping=True),
         class_word=optional_word("class_word"),
+        embeddings=None if data.get("embeddings") is None else text_field(data["embeddings"], f"{what}.embeddings",
+                                                                          where),
     )
 
 

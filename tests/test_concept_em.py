@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from safetensors.torch import load_file
+
 from lrkit.cli import main
 from lrkit.concept import Concept, ConceptError
 from lrkit.masks import load_mask_png, mask_iou
@@ -22,6 +24,13 @@ from lrkit.photos import DataError
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "configs" / "train" / "concept_em.yaml"
 V, P = "<red-vase>", "<black-pot>"
+BOTH = f"a photo of {V} and {P} on the beach"
+
+
+def latents(pipe, prompt: str = BOTH) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
 
 
 def em_config(**concept_em):
@@ -219,7 +228,8 @@ def batch_for(model, chosen=((0, 1),)):
     return {"pixel_values": torch.rand((len(chosen), 3, 64, 64), generator=g) * 2 - 1,
             "caption": [f"a photo of {t}" for t in tokens], "photo_index": torch.zeros(len(chosen), dtype=torch.long),
             "flipped": torch.tensor([False] * len(chosen)), "concepts": [list(c) for c in chosen],
-            "num_instance": len(chosen)}
+            "num_instance": len(chosen), "original_size": torch.tensor([[64, 64]] * len(chosen)),
+            "crop_top_left": torch.zeros(len(chosen), 2, dtype=torch.long)}
 
 
 def test_pixel_weights_of_ones_give_the_plain_loss_and_a_mask_restricts_it(em_model):
@@ -266,6 +276,33 @@ def test_attention_loss_moves_each_tokens_attention_towards_its_mask(em_model):
             rows.copy_(start)
     assert after < 0.85 * before, (before, after)
     assert attention_loss(torch.stack([masks[0].float(), masks[1].float()]) * 0.3, masks) == 0  # max-normalised
+
+
+@pytest.mark.parametrize("base", ["tiny-random", "tiny-random-xl"])
+def test_gradient_checkpointing_gives_the_same_gradients(base):
+    """The masked diffusion loss and the attention loss through gradient checkpointing (the UNet blocks run again
+    in the backward, with the recording processors still in place) give the token rows the gradients of the
+    plain backward."""
+    from lrkit.training.em import EMState
+    from lrkit.training.model import ConceptModel
+
+    grads = []
+    for checkpointing in (False, True):
+        config = em_config(attention_loss_weight=1.0)
+        config.base, config.gradient_checkpointing = base, checkpointing
+        model = ConceptModel(config)
+        assert model.unet.is_gradient_checkpointing == checkpointing
+        masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+        masks[0, :, :8], masks[1, :, 8:] = True, True
+        model.method.em = EMState(masks=[masks])
+        model.unet.train()
+        loss, logs = model.method.loss(model, batch_for(model), torch.Generator().manual_seed(0))
+        loss.backward()
+        model.method.release_hooks()
+        assert logs["loss/attention"] > 0
+        grads.append(torch.cat([encoder.get_input_embeddings().new_rows.grad for encoder in model.text_encoders], 1))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
 
 
 def test_batch_masks_pick_the_sampled_concepts_and_mirror_flipped_samples():
@@ -361,22 +398,24 @@ def test_after_convergence_must_be_stop_or_freeze():
 # ------------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, vase_photos, capture_trained_model):
-    """The shipped YAML on tiny-random: 4 photos (2 with both concepts), 2 rounds of 3 steps."""
-    out = tmp_path_factory.mktemp("em-run")
+@pytest.fixture(scope="module", params=["tiny-random", "tiny-random-xl"])
+def trained(request, tmp_path_factory, vase_photos, capture_trained_model):
+    """The shipped YAML on each family's tiny base: 4 photos (2 with both concepts), 2 rounds of 3 steps.
+    Returns (the trained model, the run folder, the base)."""
+    base = request.param
+    out = tmp_path_factory.mktemp(f"em-run-{base}")
     with capture_trained_model() as captured:
-        code = main(["train", "--config", str(YAML), "--base", "tiny-random", "--output_dir", str(out),
+        code = main(["train", "--config", str(YAML), "--base", base, "--output_dir", str(out),
                      "--data.photos", str(vase_photos(4)), "--data.resolution", "64", "--data.repeats", "1",
                      "--max_steps", "6", "--concept_em.steps_per_round", "3", "--concept_em.attention_timesteps", "4",
                      "--precision", "32", "--accelerator", "cpu", "--validation.prompts", "[]",
                      "--log_every_n_steps", "1", "--concept_em.convergence_iou", "1.0"])
     assert code == 0
-    return captured["model"], out
+    return captured["model"], out, base
 
 
 def test_em_run_writes_rounds_and_a_bundle_with_per_token_masks(trained):
-    model, out = trained
+    model, out, base = trained
     rounds = json.loads((out / "em" / "rounds.json").read_text())
     assert [r["step"] for r in rounds][:2] == [0, 3] and len(rounds) >= 2
     assert all(0.0 <= r["min_iou_change"] <= 1.0 for r in rounds[1:])
@@ -386,33 +425,101 @@ def test_em_run_writes_rounds_and_a_bundle_with_per_token_masks(trained):
     assert len(vase.masks) == 4 and len(pot.masks) == 2  # per photo that shows the token
     assert set(pot.masks) == {concept.refs[0], concept.refs[1]}
     final = model.method.em.masks
+    step = 64 // final[0].shape[-1]  # latent pixel in picture pixels
     for i, ref in enumerate(concept.refs[:2]):
         for k, spec in enumerate(concept.tokens):
             png = load_mask_png(concept.path / spec.masks[ref])
             assert png.shape == (64, 64)
-            assert torch.equal(png[::4, ::4], final[i][k])  # the exported mask is the last E-step's
+            assert torch.equal(png[::step, ::step], final[i][k])  # the exported mask is the last E-step's
         assert not (final[i][0] & final[i][1]).any()
 
 
-def test_combined_prompt_uses_both_learned_tokens(trained):
-    _, out = trained
+def test_the_token_vectors_are_in_the_familys_layout(trained):
+    """SD: one file, `{token: vectors}`. SDXL, where a file holds one token (`clip_l` / `clip_g`, as A1111 reads it):
+    a file per token under embeddings/, each token naming its own."""
+    model, out, base = trained
     concept = Concept.load(out / "concept")
-    pipe = concept.apply(load_base("tiny-random"))
-    pipe.set_progress_bar_config(disable=True)
+    widths = [encoder.get_input_embeddings().weight.shape[1] for encoder in model.text_encoders]
+    if base == "tiny-random":
+        assert concept.files == {"embeddings": "learned_embeds.safetensors"}
+        assert all(t.embeddings is None for t in concept.tokens)
+        state = load_file(concept.file("embeddings"))
+        assert {k: tuple(v.shape) for k, v in state.items()} == {V: (1, widths[0]), P: (1, widths[0])}
+        return
+    assert concept.files == {"embeddings": "embeddings"}
+    assert [t.embeddings for t in concept.tokens] == ["embeddings/red-vase.safetensors", "embeddings/black-pot.safetensors"]
+    for spec in concept.tokens:
+        state = load_file(concept.path / spec.embeddings)
+        assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (1, widths[0]), "clip_g": (1, widths[1])}
+    manifest = json.loads((out / "concept" / "concept.json").read_text())
+    assert [t["embeddings"] for t in manifest["tokens"]] == [t.embeddings for t in concept.tokens]
 
-    def run(prompt):
-        return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
 
-    both = run(f"a photo of {V} and {P} on the beach")
-    assert not torch.allclose(both, run(f"a photo of {V} and {V} on the beach"))
-    assert not torch.allclose(both, run(f"a photo of {P} and {P} on the beach"))
+def test_the_bundle_gives_the_trained_models_output_through_lrkit_and_stock_loaders(trained):
+    """`Concept.apply` and diffusers' own `load_textual_inversion` calls (per text encoder on SDXL) draw what the
+    trained model draws, for a prompt with both tokens."""
+    from stock_loading import load_stock_embeddings
+
+    model, out, base = trained
+    concept = Concept.load(out / "concept")
+    model.eval()
+    expected = latents(model.pipeline())
+    torch.testing.assert_close(latents(concept.apply(load_base(base))), expected, atol=1e-5, rtol=1e-5)
+    stock = load_base(base)
+    load_stock_embeddings(stock, concept)
+    torch.testing.assert_close(latents(stock), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cards_diffusers_code_loads_every_token(trained, tmp_path):
+    """The model card's diffusers code (a loop over the token files on SDXL) gives `Concept.apply`'s pipeline."""
+    from lrkit.card import read_card
+    from stock_loading import diffusers_block, run_card_code
+
+    _, out, base = trained
+    concept = Concept.load(out / "concept")
+    load_base(base).save_pretrained(tmp_path / "base")
+    _, body = read_card(concept.path)
+    theirs = latents(run_card_code(diffusers_block(body), concept.path, tmp_path / "base"))
+    torch.testing.assert_close(theirs, latents(concept.apply(load_base(base))), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", ["tiny-random-xl"], indirect=True)
+def test_several_tokens_in_one_sdxl_file_are_refused_naming_the_fix(trained, tmp_path):
+    """On SDXL a vectors file holds one token (`clip_l` / `clip_g`): a bundle that lists several learned tokens
+    against one file is refused, and the pipeline is left as it was."""
+    import shutil
+
+    _, out, base = trained
+    bundle = tmp_path / "bundle"
+    shutil.copytree(out / "concept", bundle)
+    shutil.copy(bundle / "embeddings" / "red-vase.safetensors", bundle / "learned_embeds.safetensors")
+    shutil.rmtree(bundle / "embeddings")
+    manifest = json.loads((bundle / "concept.json").read_text())
+    manifest["files"]["embeddings"] = "learned_embeds.safetensors"
+    for token in manifest["tokens"]:
+        del token["embeddings"]
+    (bundle / "concept.json").write_text(json.dumps(manifest))
+    pipe = load_base(base)
+    vocab = len(pipe.tokenizer)
+    with pytest.raises(ConceptError, match=r"holds one token \(clip_l, clip_g\), but concept .* lists 2 learned "
+                                           r"tokens; give each token its own file under embeddings/"):
+        Concept.load(bundle).apply(pipe)
+    assert len(pipe.tokenizer) == vocab
+
+
+def test_combined_prompt_uses_both_learned_tokens(trained):
+    _, out, base = trained
+    concept = Concept.load(out / "concept")
+    pipe = concept.apply(load_base(base))
+    both = latents(pipe)
+    assert not torch.allclose(both, latents(pipe, f"a photo of {V} and {V} on the beach"))
+    assert not torch.allclose(both, latents(pipe, f"a photo of {P} and {P} on the beach"))
 
 
 def test_one_token_view_runs_layout_retouch(trained):
     from lrkit.inference import GenerationOptions, LayoutRetouchPipeline
 
-    _, out = trained
+    _, out, base = trained
     concept = Concept.load(out / "concept")
     view = concept.for_token(P)
     assert view.token == P and view.class_word == "teapot" and view.refs == concept.refs[:2]
@@ -420,7 +527,7 @@ def test_one_token_view_runs_layout_retouch(trained):
     assert concept.for_token(V).refs == concept.refs
     with pytest.raises(ConceptError, match="has no token '<nope>'"):
         concept.for_token("<nope>")
-    pipe = LayoutRetouchPipeline.from_concept("tiny-random", view)
+    pipe = LayoutRetouchPipeline.from_concept(base, view)
     result = pipe(f"a photo of {P} on the beach", seeds=0, options=GenerationOptions.of(num_inference_steps=3, lam=0.5))
     image = np.asarray(result[0].image)
     assert image.shape == (64, 64, 3)
@@ -431,19 +538,25 @@ def test_one_token_view_runs_layout_retouch(trained):
 def test_export_from_the_checkpoint_keeps_the_masks(trained, tmp_path):
     from lrkit.training.train import export_checkpoint
 
-    _, out = trained
+    _, out, base = trained
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     saved = ckpt["callbacks"]["MaskEstimation"]["masks"]
     bundle = Concept.load(export_checkpoint(out / "checkpoints" / "last.ckpt", tmp_path / "exported"))
     assert [t.token for t in bundle.tokens] == [V, P] and len(bundle.refs) == 4
+    step = 64 // saved[0].shape[-1]
     for i, ref in enumerate(bundle.refs[:2]):
         for k, spec in enumerate(bundle.tokens):
-            assert torch.equal(load_mask_png(bundle.path / spec.masks[ref])[::4, ::4], saved[i][k])
+            assert torch.equal(load_mask_png(bundle.path / spec.masks[ref])[::step, ::step], saved[i][k])
+    trained_bundle = Concept.load(out / "concept")
+    assert bundle.files == trained_bundle.files and bundle.tokens == trained_bundle.tokens
+    for rel in [t.embeddings or bundle.files["embeddings"] for t in bundle.tokens]:
+        a, b = load_file(bundle.path / rel), load_file(trained_bundle.path / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_generate_cli_picks_one_token_of_a_multi_concept_bundle(trained, tmp_path, capsys):
-    _, out = trained
-    args = ["generate", "--base", "tiny-random", "--concept", str(out / "concept"), "--prompt", "a photo of {}",
+    _, out, base = trained
+    args = ["generate", "--base", base, "--concept", str(out / "concept"), "--prompt", "a photo of {}",
             "--seeds", "[0]", "--options.num_inference_steps", "2", "--options.mode", "personalized"]
     assert main([*args, "--token", P, "--out", str(tmp_path / "pot")]) == 0
     assert main([*args, "--token", V, "--out", str(tmp_path / "vase")]) == 0
@@ -454,16 +567,18 @@ def test_generate_cli_picks_one_token_of_a_multi_concept_bundle(trained, tmp_pat
 
 
 @pytest.mark.slow
-def test_lora_with_the_text_encoder_round_trips_through_stock_loaders(tmp_path, vase_photos, capture_trained_model):
-    """train_lora + lora.train_text_encoder: the tokens, the UNet LoRA and the text-encoder LoRA all train, and
-    the bundle gives the trained model's output through lrkit's loader and through diffusers' own."""
-    from safetensors.torch import load_file
-
-    from lrkit.models import build_tiny_random
+@pytest.mark.parametrize("base", ["tiny-random", "tiny-random-xl"])
+def test_lora_with_the_text_encoder_round_trips_through_stock_loaders(base, tmp_path, vase_photos,
+                                                                      capture_trained_model):
+    """train_lora + lora.train_text_encoder: the tokens, the UNet LoRA and the text-encoder LoRA (SDXL: both
+    encoders') all train, and the bundle gives the trained model's output through lrkit's loader and through
+    diffusers' own."""
+    from lrkit.models import build_tiny_random, build_tiny_random_xl
+    from stock_loading import load_stock_embeddings
 
     out = tmp_path / "em-lora"
     with capture_trained_model() as captured:
-        code = main(["train", "--config", str(YAML), "--base", "tiny-random", "--output_dir", str(out),
+        code = main(["train", "--config", str(YAML), "--base", base, "--output_dir", str(out),
                      "--data.photos", str(vase_photos(4)), "--data.resolution", "64", "--data.repeats", "1",
                      "--max_steps", "3", "--concept_em.steps_per_round", "3", "--concept_em.attention_timesteps", "2",
                      "--concept_em.train_lora", "true", "--lora.train_text_encoder", "true", "--lora.rank", "4",
@@ -472,23 +587,17 @@ def test_lora_with_the_text_encoder_round_trips_through_stock_loaders(tmp_path, 
     assert code == 0
     model = captured["model"]
     groups = {g["name"]: g["params"] for g in model.method.param_groups(model)}
-    assert set(groups) == {"embeddings", "unet_lora", "text_encoder_lora"} and all(groups.values())
-    assert all(p.abs().sum() > 0 for name, p in model.text_encoder.named_parameters() if "lora_B" in name)
+    encoders = {"embeddings", "unet_lora"} | {f"{name}_lora" for name in model.family.text_encoders}
+    assert set(groups) == encoders and all(groups.values())
+    for encoder in model.text_encoders:  # every encoder's LoRA moved (SDXL's first: not its unused last layer)
+        assert any(p.abs().sum() > 0 for name, p in encoder.named_parameters() if "lora_B" in name)
     concept = Concept.load(out / "concept")
     assert concept.lora.text_encoder_targets and concept.files["lora"]
 
-    prompt = f"a photo of {V} and {P} on the beach"
-
-    def latents(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
-
     model.eval()
     expected = latents(model.pipeline())
-    torch.testing.assert_close(latents(concept.apply(load_base("tiny-random"))), expected, atol=1e-5, rtol=1e-5)
-    stock = build_tiny_random(0)
-    for token, vectors in load_file(str(concept.file("embeddings"))).items():  # one key per token
-        stock.load_textual_inversion(vectors, token=token)
+    torch.testing.assert_close(latents(concept.apply(load_base(base))), expected, atol=1e-5, rtol=1e-5)
+    stock = {"tiny-random": build_tiny_random, "tiny-random-xl": build_tiny_random_xl}[base](0)
+    load_stock_embeddings(stock, concept)
     stock.load_lora_weights(str(concept.path))
     torch.testing.assert_close(latents(stock), expected, atol=1e-5, rtol=1e-5)

@@ -251,7 +251,9 @@ PROMISES: dict[str, list[Callable[[Ran], None]]] = {
     "docs/concept-bundle.md#4 import torch": [defines("pipe", _STOCK_PIPELINE)],
     "docs/concept-em.md#1 lrkit train --config":
         [writes("outputs/em-vase-pot/concept/concept.json", "outputs/em-vase-pot/concept/learned_embeds.safetensors",
-                "outputs/em-vase-pot/em/rounds.json", "outputs/em-vase-pot/em/round*/img*-*.png")],
+                "outputs/em-vase-pot/em/rounds.json", "outputs/em-vase-pot/em/round*/img*-*.png",
+                "outputs/sdxl-em-vase-pot/concept/embeddings/red-vase.safetensors",
+                "outputs/sdxl-em-vase-pot/concept/embeddings/black-pot.safetensors")],
     "docs/dual-reference.md#1 lrkit generate --concept my-concept/":
         [writes("outputs/generate/p000_s0.png", "outputs/generate/p000_s1.png")],
     "docs/dual-reference.md#2 from lrkit import LayoutRetouchPipeline": [defines("images", "builtins.list")],

@@ -24,7 +24,7 @@ from lrkit.concept import (EMBEDDINGS, LORA_WEIGHTS, MANIFEST, Concept, ConceptE
                            check_name, concept_slug, token_clash)
 from lrkit.models import fingerprint
 
-KINDS = ("ti", "lora", "db")
+KINDS = ("ti", "tis", "lora", "db")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -105,8 +105,8 @@ def poison(tensors: dict, value: float = float("nan"), key: str | None = None) -
 
 @pytest.fixture(scope="module")
 def good(tiny_pipe, tmp_path_factory) -> dict[str, Path]:
-    """One valid bundle of each kind (Textual Inversion with refs and masks, LoRA, DreamBooth UNet and text
-    encoder)."""
+    """One valid bundle of each kind (Textual Inversion with refs and masks, two learned tokens with a vectors file
+    each, LoRA, DreamBooth UNet and text encoder)."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -118,6 +118,10 @@ def good(tiny_pipe, tmp_path_factory) -> dict[str, Path]:
     concepts = {
         "ti": Concept(name="ti", method="textual_inversion", files={"embeddings": EMBEDDINGS},
                       tokens=[TokenSpec("<sks>", learned=True, num_vectors=2, initializer="vase")], **common),
+        "tis": Concept(name="tis", method="concept_em", files={"embeddings": "embeddings"},
+                       tokens=[TokenSpec("<a>", learned=True, initializer="vase", embeddings="embeddings/a.safetensors"),
+                               TokenSpec("<b>", learned=True, initializer="pot", embeddings="embeddings/b.safetensors")],
+                       **common),
         "lora": Concept(name="lora", method="lora", files={"lora": LORA_WEIGHTS}, tokens=[TokenSpec("sks")],
                         lora=LoraSpec(rank=4, alpha=4.0, unet_targets=["to_q", "to_v"]), **common),
         "db": Concept(name="db", method="dreambooth", files={"unet": "unet", "text_encoder": "text_encoder"},
@@ -132,6 +136,10 @@ def good(tiny_pipe, tmp_path_factory) -> dict[str, Path]:
         bundles[kind] = bundle
     save_file({"<sks>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
               str(bundles["ti"] / EMBEDDINGS))
+    (bundles["tis"] / "embeddings").mkdir()
+    for i, token in enumerate(("<a>", "<b>")):
+        save_file({token: torch.randn(1, 32, generator=torch.Generator().manual_seed(i))},
+                  str(bundles["tis"] / "embeddings" / f"{token[1]}.safetensors"))
     pipe = tiny_pipe(0)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
     StableDiffusionPipeline.save_lora_weights(str(bundles["lora"]),
@@ -260,6 +268,27 @@ LOAD_CASES = {
     "fifo in the bundle": ("lora", _mkfifo("refs/pipe.png"), r"refs/pipe\.png: a FIFO"),
     "fifo as the manifest": ("lora", lambda b, o: ((b / MANIFEST).unlink(), os.mkfifo(b / MANIFEST)),
                              r"concept\.json: not a regular file"),
+    # a token's own vectors file: inside the embeddings folder, one token each, safetensors
+    "token file escapes": ("tis", _token(embeddings="../outside/weights.safetensors"), "points outside"),
+    "token file links outside": ("tis", lambda b, o: link(b / "embeddings/a.safetensors", o / "weights.safetensors"),
+                                 r"'embeddings/a\.safetensors' points outside"),
+    "token file outside its folder": ("tis", _both(_add_file("x.safetensors", lambda p: save_file({}, str(p))),
+                                                   _token(embeddings="x.safetensors")),
+                                      r"'tokens\[0\]\.embeddings' 'x\.safetensors' is not a file inside "
+                                      r"files\.embeddings 'embeddings'"),
+    "token file a folder": ("tis", _both(_add_file("embeddings/sub/c.safetensors", lambda p: save_file({}, str(p))),
+                                         _token(embeddings="embeddings/sub")), "is not a file inside"),
+    "two tokens one file": ("tis", lambda b, o: edit(b, lambda d: d["tokens"][1].update(
+        embeddings="embeddings/a.safetensors")), "tokens '<a>' and '<b>' name the same embeddings file"),
+    "learned token without its file": ("tis", _token(embeddings=None),
+                                       r"learned token '<a>' \(tokens\[0\]\) names no file in it"),
+    "token file on a word not learned": ("tis", _token(learned=False),
+                                         r"'tokens\[0\]\.embeddings' is set, but it is not a learned token"),
+    "token file beside one shared file": ("ti", _token(embeddings=EMBEDDINGS),
+                                          "is set, but files.embeddings is not a folder"),
+    "token file a pickle": ("tis", _both(_add_file("embeddings/a.pt", lambda p: torch.save({}, p)),
+                                         _token(embeddings="embeddings/a.pt")), r"embeddings/a\.pt: \.pt weights are pickles"),
+    "token file a number": ("tis", _token(embeddings=5), r"'tokens\[0\]\.embeddings' must be a string"),
     # the name is a slug
     "name ../../x": ("ti", _field(name="../../x"), r"'name' '\.\./\.\./x' is not a concept name"),
     "name with a slash": ("ti", _field(name="a/b"), "'name' 'a/b' is not a concept name.*'a-b'"),
@@ -426,6 +455,10 @@ APPLY_CASES = {
     "embeddings NaN": ("ti", _weights(EMBEDDINGS, poison), r"learned_embeds\.safetensors: tensor '<sks>' holds NaN"),
     "embeddings Inf": ("ti", _weights(EMBEDDINGS, lambda t: poison(t, float("inf"))),
                        "tensor '<sks>' holds NaN or infinite"),
+    "token file NaN": ("tis", _weights("embeddings/b.safetensors", poison),
+                       r"embeddings/b\.safetensors: tensor '<b>' holds NaN"),
+    "token file without its token": ("tis", _weights("embeddings/b.safetensors", lambda t: t.update({"<c>": t.pop("<b>")})),
+                                     r"embeddings/b\.safetensors: no entry '<b>' for token '<b>'"),
     "lora NaN": ("lora", _weights(LORA_WEIGHTS, poison),
                  r"pytorch_lora_weights\.safetensors: tensor '.*lora.*' holds NaN"),
     "lora Inf in lora_B": ("lora", _weights(LORA_WEIGHTS, lambda t: poison(t, -float("inf"), _last_lora_b(t))),

@@ -15,6 +15,7 @@ from lrkit.card import GRID, CardError, card_text, hub_base_id, read_card
 from lrkit.concept import Concept, LoraSpec, TokenSpec
 from lrkit.models import BaseFingerprint, build_tiny_random, build_tiny_random_xl
 from lrkit.training import train_concept
+from stock_loading import diffusers_block, run_card_code
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = {"tiny-random": build_tiny_random, "tiny-random-xl": build_tiny_random_xl}
@@ -176,22 +177,6 @@ def base_folders(tmp_path_factory):
         return folders[base]
 
     return get
-
-
-def diffusers_block(body: str) -> str:
-    return re.search(r"### diffusers\n\n```python\n(.*?)```", body, re.S).group(1)
-
-
-def run_card_code(code: str, bundle: Path, base_folder: Path):
-    """The card's diffusers code as a user runs it, on this machine: the bundle's folder, the saved tiny base, the
-    CPU in float32, and the last line (50 steps at the base's size) left out. Returns its `pipe`."""
-    code = code.replace('concept = "path/to/this/folder"', f"concept = {str(bundle)!r}")
-    code = re.sub(r'BASE_MODEL = "\.\.\."', f"BASE_MODEL = {str(base_folder)!r}", code)
-    code = code.replace("torch.float16", "torch.float32").replace('.to("cuda")', "")
-    assert code.rstrip().splitlines()[-1].startswith("image = pipe(")
-    scope: dict = {}
-    exec("\n".join(code.rstrip().splitlines()[:-1]), scope)
-    return scope["pipe"]
 
 
 def latents(pipe, prompt: str) -> torch.Tensor:

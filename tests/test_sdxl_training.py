@@ -26,7 +26,6 @@ from lrkit.training.config import load_config
 from lrkit.training.data import PhotoDataset
 from lrkit.training.model import ConceptModel
 from lrkit.training.module import ConceptDataModule, collate
-from lrkit.training.options import ConfigError
 
 PROMPT = "a photo of <vase-p> vase on the beach"
 
@@ -111,14 +110,6 @@ def test_a_training_step_conditions_the_unet_as_the_stock_sdxl_pipeline(photos):
                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # the loss's own reduction order
     torch.testing.assert_close(loss, per_sample.mean(), atol=1e-7, rtol=1e-6)
-
-
-def test_concept_em_is_refused_on_sdxl_naming_what_trains_there():
-    config = load_config(dict(base="tiny-random-xl", method="concept_em", data=dict(photos="x", resolution=64),
-                              concept_em=dict(concepts=[dict(token="<v1>", initializer="ball")],
-                                              images=[dict(file="a.png", concepts=["<v1>"])])))
-    with pytest.raises(ConfigError, match="concept_em .* one-text-encoder .* use method textual_inversion or pivotal"):
-        ConceptModel(config)
 
 
 def test_family_option_that_contradicts_the_base_is_one_line_naming_it(photos, tmp_path, capsys):

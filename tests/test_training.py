@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lrkit.cli import main
 from lrkit.concept import Concept
@@ -18,6 +17,7 @@ from lrkit.models import build_tiny_random, build_tiny_random_xl, load_base
 from lrkit.training.config import load_config
 from lrkit.training.model import ConceptModel
 from lrkit.training.tokens import NewTokenEmbedding
+from stock_loading import load_stock_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "textual_inversion", "pivotal", "dreambooth"]
@@ -81,18 +81,6 @@ def stock_pipe(base: str):
     pipe = BUILD[base](0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_stock_embeddings(pipe, path: Path, token: str) -> None:
-    """The stock `load_textual_inversion` calls for a learned_embeds file: SD's `{token: vectors}` in one call,
-    SDXL's `clip_l` / `clip_g` once per text encoder (as diffusers documents for SDXL embeddings)."""
-    state = load_file(path)
-    if "clip_l" not in state:
-        pipe.load_textual_inversion(str(path))
-        return
-    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
-                                tokenizer=pipe.tokenizer_2)
 
 
 def _original_name(name: str) -> str:
@@ -175,7 +163,7 @@ def test_bundle_round_trip_through_stock_loaders(method, base, trained):
     if method == "dreambooth":
         stock.unet = UNet2DConditionModel.from_pretrained(str(run.bundle / "unet"), use_safetensors=True)
     if (run.bundle / "learned_embeds.safetensors").is_file():
-        load_stock_embeddings(stock, run.bundle / "learned_embeds.safetensors", concept.token)
+        load_stock_embeddings(stock, concept)
     if (run.bundle / "pytorch_lora_weights.safetensors").is_file():
         stock.load_lora_weights(str(run.bundle))
     torch.testing.assert_close(latents(stock, PROMPT[method]), expected, atol=1e-5, rtol=1e-5)
@@ -198,7 +186,7 @@ def test_kohya_file_equals_diffusers_layout(method, base, trained):
     for weight_name in (concept.files["lora"], concept.files["kohya"]):
         pipe = stock_pipe(base)
         if "embeddings" in concept.files:
-            load_stock_embeddings(pipe, concept.file("embeddings"), concept.token)
+            load_stock_embeddings(pipe, concept)
         pipe.load_lora_weights(str(run.bundle), weight_name=weight_name)
         outputs.append(latents(pipe, PROMPT[method]))
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)

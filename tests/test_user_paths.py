@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN_CONFIGS = ["configs/demo.yaml", "configs/train/concept_em.yaml", "configs/train/dreambooth.yaml",
                  "configs/train/lora.yaml", "configs/train/pivotal.yaml", "configs/train/textual_inversion.yaml",
-                 "configs/train/sdxl_dreambooth.yaml", "configs/train/sdxl_dreambooth_fsdp.yaml", "configs/train/sdxl_lora.yaml",
+                 "configs/train/sdxl_concept_em.yaml", "configs/train/sdxl_dreambooth.yaml", "configs/train/sdxl_dreambooth_fsdp.yaml", "configs/train/sdxl_lora.yaml",
                  "configs/train/sdxl_textual_inversion.yaml"]
 INFER_CONFIGS = {  # config -> (the training config of the concept it generates with, the extra arguments its
     # header comment tells the user to give)

@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from lrkit.attention import AttentionStore, AttentionStoreProcessor, cross_layers_at, processors
+from lrkit.concept import token_file_name
 from lrkit.crf import CRFParams, crf_refine
 from lrkit.io import atomic_write_json
 from lrkit.masks import mask_iou, minmax, otsu_threshold, resize_map, save_mask_png
@@ -287,9 +288,21 @@ class EMState:
         return out
 
 
-def token_file_name(token: str) -> str:
-    """`token` as part of a file name: `<red-vase>` -> `red-vase`."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+class AfterBackward(L.Callback):
+    """Calls `release()` once a step's backward is done, and when the batch ends or training stops (the
+    `concept_em` loss's recording attention processors stay in place until then)."""
+
+    def __init__(self, release: Callable[[], None]):
+        self.release = release
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.release()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.release()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.release()
 
 
 class MaskEstimation(L.Callback):
@@ -388,6 +401,7 @@ def attention_loss(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "AfterBackward",
     "ConceptImageDataset",
     "EMState",
     "MaskEstimation",
@@ -397,6 +411,5 @@ __all__ = [
     "masks_from_maps",
     "round_ious",
     "select_images",
-    "token_file_name",
     "token_positions",
 ]

@@ -9,6 +9,7 @@ image (masks/). The E-steps run in `lrkit.training.em.MaskEstimation`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,11 +17,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lrkit.concept import LoraSpec, TokenSpec
+from lrkit.concept import LoraSpec, TokenSpec, token_file_name
 from lrkit.crf import CRFParams
 from lrkit.training.methods.lora import add_lora, lora_groups_beside_tokens, lora_spec_of, write_lora_files
 from lrkit.training.methods.textual_inversion import TextualInversionMethod
-from lrkit.training.options import ConfigError, check, check_finite
+from lrkit.training.options import check, check_finite
 
 
 @dataclass
@@ -186,6 +187,7 @@ class ConceptEMMethod(TextualInversionMethod):
 
         super().__init__(config)
         self.em = EMState()
+        self._hooks = contextlib.ExitStack()  # the loss's attention processors, until its backward is done
 
     # the config -------------------------------------------------------------------------
     @classmethod
@@ -229,9 +231,6 @@ class ConceptEMMethod(TextualInversionMethod):
 
     # what trains -------------------------------------------------------------------------
     def configure(self, model) -> None:
-        if len(model.text_encoders) > 1:
-            raise ConfigError(f"method concept_em trains on one-text-encoder bases (SD 1.x/2.x) only; base "
-                              f"{self.config.base!r} is {model.family.label}: use method textual_inversion or pivotal")
         if self.options.train_lora:
             # LoRA first: peft's add_adapter freezes every non-LoRA parameter, new token rows included.
             add_lora(model, self.config.lora, text_encoder=self._te)
@@ -244,9 +243,13 @@ class ConceptEMMethod(TextualInversionMethod):
                                          self.config.optim.weight_decay, text_encoder=self._te)
 
     def callbacks(self) -> list:
-        from lrkit.training.em import MaskEstimation
+        from lrkit.training.em import AfterBackward, MaskEstimation
 
-        return [MaskEstimation(self.config, self.em)]
+        return [MaskEstimation(self.config, self.em), AfterBackward(self.release_hooks)]
+
+    def release_hooks(self) -> None:
+        """Put the UNet's attention processors back (after the backward of the last `loss`)."""
+        self._hooks.close()
 
     # the loss: masked diffusion loss + cross-attention loss -------------------------------
     def loss(self, model, batch: dict, generators):
@@ -267,8 +270,15 @@ class ConceptEMMethod(TextualInversionMethod):
             union = torch.stack([m.amax(0, keepdim=True) for m in masks])
             if self.options.loss_on_unclaimed:
                 union = torch.maximum(union, self.em.unclaimed(batch))
-        with processors(model.unet, {l.name: AttentionStoreProcessor(store) for l in layers}):
+        # The recording processors stay in place through the backward: with gradient checkpointing it runs the UNet
+        # blocks again and must see the forward's processors (`release_hooks`, called after the backward).
+        self.release_hooks()
+        self._hooks.enter_context(processors(model.unet, {l.name: AttentionStoreProcessor(store) for l in layers}))
+        try:
             loss, logs = model.diffusion_loss(batch, generators, pixel_weights=union)
+        except BaseException:
+            self.release_hooks()
+            raise
         if self.options.attention_loss_weight > 0:
             maps = store.take()  # (sum of n_chosen, h, w)
             targets = torch.cat(masks).to(maps.device)
@@ -295,8 +305,8 @@ class ConceptEMMethod(TextualInversionMethod):
     def finish_bundle(self, model, root: Path, concept) -> None:
         """masks/<ref>.<k>-<token>.png per (reference, token), at the training resolution; listed per token."""
         from lrkit.masks import save_mask_png
-        from lrkit.training.em import token_file_name
 
+        super().finish_bundle(model, root, concept)
         if self.em.masks is None:
             raise RuntimeError("concept_em: no masks to export; was the model trained (MaskEstimation callback)?")
         if len(concept.refs) != len(self.em.masks):
@@ -313,3 +323,4 @@ class ConceptEMMethod(TextualInversionMethod):
             spec.mask = next(iter(spec.masks.values()), None)
         concept.masks = dict(concept.tokens[0].masks)
         concept.class_word = concept.class_word or (concept.tokens[0].class_word or "")
+

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save
 
-from lrkit.concept import EMBEDDINGS, TokenSpec
+from lrkit.concept import EMBEDDINGS, EMBEDDINGS_FOLDER, TokenSpec, token_embedding_files
 from lrkit.io import atomic_write_bytes
 from lrkit.training.methods.base import Method
 from lrkit.training.options import check, check_finite
@@ -77,10 +77,26 @@ class TextualInversionMethod(Method):
         return [TokenSpec(token=t, learned=True, num_vectors=n, initializer=i) for t, n, i in self._token_entries()]
 
     def write_embeddings(self, model, root: Path) -> dict[str, str]:
+        """`learned_embeds.safetensors`; several tokens on a family whose file holds one token (SDXL): a file per
+        token under `embeddings/` (`token_embedding_files`; `finish_bundle` names them in the tokens)."""
         entries = [(t, n) for t, n, _ in self._token_entries()]
+        if len(entries) > 1 and model.family.embedding_keys:
+            files = token_embedding_files([t for t, _ in entries])
+            (root / EMBEDDINGS_FOLDER).mkdir(exist_ok=True)
+            for entry in entries:
+                tensors = embeddings_file(model, [entry])
+                atomic_write_bytes(root / files[entry[0]], save(tensors, metadata={"format": "pt"}))
+            return {"embeddings": EMBEDDINGS_FOLDER}
         tensors = embeddings_file(model, entries)
         atomic_write_bytes(root / EMBEDDINGS, save(tensors, metadata={"format": "pt"}))
         return {"embeddings": EMBEDDINGS}
+
+    def finish_bundle(self, model, root: Path, concept) -> None:
+        """Each learned token names its vectors file when the tokens have a file each."""
+        if concept.files.get("embeddings") == EMBEDDINGS_FOLDER:
+            files = token_embedding_files([t.token for t in concept.tokens if t.learned])
+            for spec in concept.tokens:
+                spec.embeddings = files.get(spec.token)
 
     def write_files(self, model, root: Path) -> dict[str, str]:
         return self.write_embeddings(model, root)
