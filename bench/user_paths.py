@@ -1,16 +1,19 @@
-"""Every shipped config as shipped, on an SD-1.5-sized model: steps/s and peak memory per training config,
-seconds per image and peak memory per inference config: what users run, as they run it.
+"""Every shipped config as shipped, on an SD-1.5- or SDXL-sized model: steps/s and peak memory per training
+config, seconds per image and peak memory per inference config: what users run, as they run it.
 
-The base is an SD-1.5-sized pipeline with seeded random weights (`bench/train_step.py`'s
-`build_sd15_random`), saved once as a local diffusers folder that every config's `base` then points at,
-as a user's offline copy of the model would be. Each `configs/train/*.yaml` trains `--steps` optimizer
-steps at its own resolution (512), precision, optimizer, caches, schedule and validation, through the same
-Lightning path as `lrkit train`, and writes its bundle; steps/s is timed over the steps after the first
-`--warmup`. DreamBooth's class images are cut to `--class-images` (the shipped 200 would take most of a
-device call). Each `configs/infer/*.yaml` then generates with the LoRA bundle, with its shipped seeds and
-steps. One script, one device call:
+The base is a pipeline of the model's size with seeded random weights (`bench/train_step.py`'s
+`build_sd15_random` / `build_sdxl_random`), saved once as a local diffusers folder that every config's `base`
+then points at, as a user's offline copy of the model would be. The configs of the model's family run
+(`--model sdxl`: those with `family: sdxl`, the others for SD). Each `configs/train/*.yaml` trains `--steps`
+optimizer steps at its own resolution (512 / 1024), precision, optimizer, caches, gradient checkpointing,
+schedule and validation, through the same Lightning path as `lrkit train`, and writes its bundle; steps/s is
+timed over the steps after the first `--warmup`. DreamBooth's class images are cut to `--class-images` (the
+shipped 200 would take most of a device call). Each `configs/infer/*.yaml` of the family then generates with
+the family's LoRA bundle, with its shipped seeds and steps. One script, one device call:
 
     python bench/user_paths.py --device cuda --out $OUT                 # GPU: the run RESULTS.md records
+    python bench/user_paths.py --device cuda --model sdxl --configs sdxl_lora.yaml layout_retouch_sdxl.yaml \
+        --steps 10 --warmup 3 --out $OUT                                # GPU: does the SDXL LoRA fit 24 GB?
     python bench/user_paths.py --device cpu --model tiny --steps 3 --warmup 1 --out /tmp/up   # CPU dry run
 """
 
@@ -40,28 +43,40 @@ def _memory(device: str) -> tuple[float, callable]:
     return lambda: memory_now_and_peak(device)[1]
 
 
+TINY = {"tiny": "tiny-random", "tiny-xl": "tiny-random-xl"}
+FAMILY = {"tiny": "sd", "sd15": "sd", "tiny-xl": "sdxl", "sdxl": "sdxl"}
+
+
 def build_base(model: str, folder: Path) -> str:
     """Save the base as a local diffusers folder; returns what `base:` is set to."""
-    if model == "tiny":
-        return "tiny-random"
-    from train_step import build_sd15_random
+    if model in TINY:
+        return TINY[model]
+    from train_step import build_sd15_random, build_sdxl_random
 
     if not (folder / "model_index.json").is_file():
-        build_sd15_random(0).save_pretrained(str(folder), safe_serialization=True)
+        build = build_sdxl_random if model == "sdxl" else build_sd15_random
+        build(0).save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
 
 
+def family_of_config(path: Path) -> str:
+    """The family a shipped config trains or generates on: its `family`, else SD."""
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}).get("family") or "sd"
+
+
 def train_one(path: Path, base: str, work: Path, args) -> dict:
+    """`train_concept` on the config (what `lrkit train --config` runs), timed by a callback."""
     import lightning as L
 
+    from lrkit.training import train_concept
     from lrkit.training.config import load_config
-    from lrkit.training.module import ConceptDataModule, PersonalizationModule
-    from lrkit.training.train import build_trainer, export_concept
 
     overrides = {"base": base, "output_dir": str(work / path.stem), "max_steps": args.steps, "overwrite": True,
                  "accelerator": "gpu" if args.device == "cuda" else "cpu",
                  "dreambooth": {"num_class_images": args.class_images}}
-    if args.model == "tiny":
+    if args.model in TINY:
         overrides["data"] = {"resolution": 64}
     config = load_config(path, **overrides)
     times: dict[int, float] = {}
@@ -74,12 +89,7 @@ def train_one(path: Path, base: str, work: Path, args) -> dict:
 
     peak = _memory(args.device)
     started = time.perf_counter()
-    L.seed_everything(config.seed, verbose=False)
-    datamodule = ConceptDataModule(config)
-    module = PersonalizationModule(config)
-    trainer = build_trainer(config, extra_callbacks=[*module.model.method.callbacks(), Timer()])
-    trainer.fit(module, datamodule=datamodule)
-    bundle = export_concept(module.model, config, config.bundle_dir, photos=datamodule.photos, overwrite=True)
+    bundle = train_concept(config, callbacks=[Timer()])
     timed = args.steps - args.warmup
     return {"config": f"configs/train/{path.name}", "method": config.method, "precision": config.precision,
             "optimizer": config.optim.optimizer, "resolution": config.data.resolution, "steps": args.steps,
@@ -94,8 +104,8 @@ def infer_one(path: Path, base: str, bundle: str, work: Path, args) -> dict:
 
     parser = _generation_parser("bench", "")
     extra = [f"--options.{k}={v}" for k, v in INFER_EXTRA.get(path.name, {}).items()]
-    if args.model == "tiny":
-        extra += ["--options.num_inference_steps=4"]
+    if args.model in TINY:
+        extra += ["--options.num_inference_steps=4", "--options.height=64", "--options.width=64"]
     parsed = parser.instantiate(parser.parse_args(["--config", str(path), *extra]))
     peak = _memory(args.device)
     pipeline = LayoutRetouchPipeline.from_concept(base, bundle, device=args.device,
@@ -116,7 +126,8 @@ def infer_one(path: Path, base: str, bundle: str, work: Path, args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
-    parser.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--model", choices=sorted(FAMILY), default="sd15",
+                        help="sd15 / sdxl: random weights at full size; tiny / tiny-xl: lrkit's tiny models (dry run)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--class-images", type=int, default=8)
@@ -129,10 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     machine = machine_info(args.device)
-    base = build_base(args.model, work / "sd15-random")
+    base = build_base(args.model, work / f"{args.model}-random")
+    family = FAMILY[args.model]
     rows, bundles = [], {}
     for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
-        if args.configs and path.name not in args.configs:
+        if args.configs and path.name not in args.configs or family_of_config(path) != family:
             continue
         try:
             row = train_one(path, base, work, args)
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     for path in sorted((ROOT / "configs" / "infer").glob("*.yaml")):
-        if args.configs and path.name not in args.configs or "lora" not in bundles:
+        if args.configs and path.name not in args.configs or "lora" not in bundles or family_of_config(path) != family:
             continue
         try:
             row = infer_one(path, base, bundles["lora"], work, args)
