@@ -119,14 +119,22 @@ def describe_error(parser: argparse.ArgumentParser, message: str, given: Sequenc
         keys = [a.dest for a in _all_actions(parser) if a.dest not in (argparse.SUPPRESS, "help", "config")]
         return f"unrecognized key {key}" + _did_you_mean(key, keys)
     message = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", message).replace("NoneType", "None")
+    message = re.sub(r"typing\.Literal\[([^\]]*)\]", lambda m: m[1].replace("'", ""), message)  # its values
     bad_value = _BAD_VALUE.fullmatch(message)
     if bad_value:
-        expected = bad_value["expected"] or " or ".join(bad_value["union"].split(", "))
-        if "float" in expected.split(" or ") and bad_value["value"].strip().lower().lstrip("+-") in NON_FINITE:
+        kinds = [bad_value["expected"]] if bad_value["expected"] else bad_value["union"].split(", ")
+        expected = _one_of(kinds)
+        if "float" in kinds and bad_value["value"].strip().lower().lstrip("+-") in NON_FINITE:
             return f"--{bad_value['key']} must be a finite number, got {bad_value['value']!r}"
         return f"--{bad_value['key']}: expected {expected}, got {bad_value['value']!r}"
     message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
     return " ".join(message.split())
+
+
+def _one_of(kinds: list[str]) -> str:
+    """What a value may be, in the words of a YAML file or command line: `bool` as true or false."""
+    words = [w for kind in kinds for w in (["true", "false"] if kind == "bool" else [kind])]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def suggest(given: str, choices: list[str]) -> str | None:
