@@ -125,9 +125,10 @@ class ModelFamily:
         pipeline encodes a prompt; gradients flow (training calls it)."""
         raise NotImplementedError
 
-    def training_time_ids(self, original: torch.Tensor, crop: torch.Tensor, resolution: int) -> torch.Tensor | None:
+    def training_time_ids(self, original: torch.Tensor, crop: torch.Tensor,
+                          size: tuple[int, int]) -> torch.Tensor | None:
         """(B, 6) time ids of training samples from each one's original size (B, 2: height, width) and crop top-left
-        (B, 2: top, left) at the square `resolution`; None where the family has none."""
+        (B, 2: top, left), trained at `size` (height, width: the batch's pixels); None where the family has none."""
         return None
 
     def __repr__(self) -> str:
@@ -187,9 +188,10 @@ class StableDiffusionXL(ModelFamily):
         """(1, 6): original size, crop top-left, target size, as SDXL was trained (original defaults to target)."""
         return torch.tensor([[*(original or (height, width)), *crop, height, width]], dtype=torch.float32)
 
-    def training_time_ids(self, original, crop, resolution):
-        """Per sample: original size, crop top-left, target size (`resolution` square), as SDXL was trained."""
-        target = torch.tensor([resolution, resolution], dtype=torch.float32).expand(original.shape[0], 2)
+    def training_time_ids(self, original, crop, size):
+        """Per sample: original size, crop top-left, target size (the batch's height and width), as SDXL was
+        trained; each row what `time_ids` gives for that sample."""
+        target = torch.tensor(size, dtype=torch.float32).expand(original.shape[0], 2)
         return torch.cat([original.float(), crop.float(), target], dim=1)
 
     def encode_ids(self, text_encoders, ids):

@@ -170,15 +170,9 @@ class ConceptModel(nn.Module):
         r = self.config.data.resolution
         if batch is None:
             return self.family.training_time_ids(torch.tensor([[r, r]]).expand(size, 2), torch.zeros(size, 2),
-                                                 r).to(self.unet.device)
-        original, crop = batch["original_size"], batch["crop_top_left"]
-        height, width = batch["pixel_values"].shape[-2:]  # one size per batch (`collate`)
-        if height == width:
-            ids = self.family.training_time_ids(original, crop, height)
-        else:  # `training_time_ids` takes a square target: each row as the family's `time_ids` builds it
-            ids = torch.cat([self.family.time_ids(None, height, width, original=tuple(o), crop=tuple(c))
-                             for o, c in zip(original.tolist(), crop.tolist())])
-        return ids.to(self.unet.device)
+                                                 (r, r)).to(self.unet.device)
+        pixels = tuple(batch["pixel_values"].shape[-2:])  # one size per batch (`collate`)
+        return self.family.training_time_ids(batch["original_size"], batch["crop_top_left"], pixels).to(self.unet.device)
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """(batch, 77, dim) text states (both encoders' concatenated for SDXL); cached as `conditioning` is."""
