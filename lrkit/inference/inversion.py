@@ -85,6 +85,12 @@ def encode_image(pipe, image: PIL.Image.Image, resolution: int, generator=None) 
             *image.size, resolution, resolution,
         )
         image = center_square(image, resolution)
+    return vae_encode(pipe, image, generator)
+
+
+def vae_encode(pipe, image: PIL.Image.Image, generator=None) -> torch.Tensor:
+    """An RGB image whose sides are multiples of the VAE scale factor, as (1, C, H / f, W / f) latents scaled (and
+    shifted) for the UNet: the VAE posterior's mean, or a sample drawn with `generator`."""
     vae = pipe.vae
     pixels = pipe.image_processor.preprocess(image)  # (1, 3, H, W) in [-1, 1]
     with vae_precision(pipe) as dtype:

@@ -25,7 +25,7 @@ import torch
 from lrkit.attention import AttentionStore, processors
 from lrkit.families import Conditioning
 from lrkit.inference.inversion import (TrajectoryCache, center_square, ddim_invert, encode_image, image_digest,
-                                       vae_precision)
+                                       vae_encode)
 from lrkit.inference.options import GenerationOptions, InferenceError
 from lrkit.inference.personalized import PersonalizedModel
 from lrkit.inference.processors import AttentionCache, RecordingProcessor
@@ -95,14 +95,7 @@ def encode_reference(pipe, image: PIL.Image.Image, height: int, width: int) -> t
         logger.info("reference image is %dx%d; inverted at %dx%d (its own aspect ratio, about the generation's area)",
                     *image.size, width, height)
         image = crop_to(image, width, height)
-    vae = pipe.vae
-    pixels = pipe.image_processor.preprocess(image)  # (1, 3, height, width) in [-1, 1]
-    with vae_precision(pipe) as dtype:
-        latents = vae.encode(pixels.to(device=vae.device, dtype=dtype)).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        latents = latents - shift
-    return latents * vae.config.scaling_factor
+    return vae_encode(pipe, image)
 
 
 def open_image(path: str, option: str) -> PIL.Image.Image:
