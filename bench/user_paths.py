@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,7 @@ def train_one(path: Path, base: str, work: Path, args) -> dict:
                 torch.cuda.synchronize()
             times[trainer.global_step] = time.perf_counter()
 
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # a fresh run: train_concept would resume an earlier one
     peak = _memory(args.device)
     started = time.perf_counter()
     bundle = train_concept(config, callbacks=[Timer()])

@@ -226,8 +226,9 @@ def check_tree(root: Path) -> None:
 
 
 def check_weights_entry(root: Path, what: str, rel: str) -> None:
-    """A weights entry of the manifest (`what`: `files.lora`, `tokens[1].embeddings`) is a `.safetensors` file, or a model folder (unet/, text_encoder/) holding only
-    safetensors weights, JSON configs and text; pickle formats are refused by name."""
+    """A weights entry of the manifest (`what`: `files.lora`, `tokens[1].embeddings`) is a `.safetensors` file, or
+    a model folder (unet/, text_encoder/) holding only safetensors weights, JSON configs and text; pickle formats
+    are refused by name."""
     full = (root / rel).resolve()
     if full.is_dir():
         for folder, _, files in os.walk(full, followlinks=False):

@@ -370,10 +370,11 @@ def file_lines(concept, grid: bool) -> list[str]:
         "text_encoder_2": "the fine-tuned second text encoder (transformers folder)",
     }
     lines = [f"- {_code(MANIFEST)}: the manifest lrkit reads (tokens, base model, training config)"]
-    if any(t.embeddings for t in concept.tokens):
+    shown = dict(concept.files)
+    if any(t.embeddings for t in concept.tokens):  # the folder of the tokens' files
         described["embeddings"] = "the learned token vectors, a file per token"
-    lines += [f"- {_code(rel + '/' if key == 'embeddings' and any(t.embeddings for t in concept.tokens) else rel)}: "
-              f"{described.get(key, key)}" for key, rel in concept.files.items()]
+        shown["embeddings"] += "/"
+    lines += [f"- {_code(rel)}: {described.get(key, key)}" for key, rel in shown.items()]
     lines.append(f"- {_code('refs/')}: the {len(concept.refs)} training photo(s), the references Layout-and-Retouch "
                  "reads")
     if concept.masks or any(t.masks for t in concept.tokens):

@@ -465,10 +465,11 @@ class Concept:
                                f"file under {EMBEDDINGS_FOLDER}/ (the token's 'embeddings' field)")
         else:
             sources = [(spec, path) for spec in learned]
-        states = {}
-        embeddings = {}
+        states, embeddings = {}, {}
         for spec, file in sources:
-            state = states[file] = states.get(file) or read_weights(file)
+            if file not in states:
+                states[file] = read_weights(file)
+            state = states[file]
             entries = [(spec.token, "text_encoder", "tokenizer")] if not keys else list(
                 zip(keys, family.text_encoders, family.tokenizers))
             per_encoder = {}
