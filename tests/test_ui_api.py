@@ -188,6 +188,21 @@ def test_the_preset_is_the_shipped_yaml_without_the_form_s_options(app):
     assert "max_steps:" not in text and "photos:" not in text and "initializer" not in text
 
 
+def test_an_sdxl_base_starts_from_the_sdxl_preset_where_there_is_one(tmp_path):
+    """On an SDXL base the Train tab shows configs/train/sdxl_<method>.yaml (gradient checkpointing, 8-bit AdamW:
+    what fits a 24 GB card); a method without an SDXL preset keeps its own."""
+    import yaml
+
+    from lrkit.ui.workspace import Workspace
+
+    xl, sd = Workspace(tmp_path / "xl", base="tiny-random-xl"), Workspace(tmp_path / "sd", base="tiny-random")
+    lora_xl = yaml.safe_load(xl.preset("lora")[0])
+    assert lora_xl["gradient_checkpointing"] is True and lora_xl["optim"]["optimizer"] == "adamw8bit"
+    assert lora_xl["family"] == "sdxl"
+    assert "gradient_checkpointing" not in yaml.safe_load(sd.preset("lora")[0])
+    assert xl.preset("pivotal")[0] == sd.preset("pivotal")[0]  # no sdxl_pivotal.yaml: the method's own
+
+
 # ------------------------------------------------------------------------------------ generation
 
 

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 SUBFOLDERS = ("concepts", "uploads", "outputs", "jobs", "cache", "tmp")
 TRAIN_METHODS = ("lora", "dreambooth", "textual_inversion", "pivotal")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
-"""The shipped training configs (configs/train/<method>.yaml) the Train tab starts from."""
+"""The shipped training configs the Train tab starts from: configs/train/<method>.yaml, on an SDXL base
+configs/train/sdxl_<method>.yaml (1024 px, gradient checkpointing, 8-bit AdamW) where there is one."""
 FORM_KEYS = ("base", "method", "name", "output_dir", "max_steps", "seed", "resume", "overwrite", "data.photos",
              "data.class_word", "data.token", "data.resolution", "validation.every_n_steps")
 """Training options the Train tab's form (or the app) sets; the YAML under it holds every other option."""
@@ -203,16 +204,20 @@ class Workspace:
     def preset(self, method: str) -> tuple[str, dict]:
         """(the YAML the Train tab shows for `method`, the form's defaults from the preset).
 
-        The YAML is configs/train/<method>.yaml without `FORM_KEYS` (and without an initializer naming the preset's
-        example subject); on a machine without CUDA a mixed precision becomes 32 (bf16 autocast on a CPU is many
-        times slower)."""
+        The YAML is configs/train/<method>.yaml (on an SDXL base sdxl_<method>.yaml where it exists) without
+        `FORM_KEYS` (and without an initializer naming the preset's example subject); on a machine without CUDA a
+        mixed precision becomes 32 (bf16 autocast on a CPU is many times slower)."""
         import yaml
 
         from lrkit.jobs import default_resolution
+        from lrkit.models import family_of_base
 
         if method not in TRAIN_METHODS:
             raise UIError(f"method {method!r} is not one of {list(TRAIN_METHODS)}")
         path = PRESETS_DIR / f"{method}.yaml"
+        family = family_of_base(self.base).name
+        if family != "sd" and (PRESETS_DIR / f"{family}_{method}.yaml").is_file():
+            path = PRESETS_DIR / f"{family}_{method}.yaml"
         header, data = [], {}
         if path.is_file():
             text = path.read_text(encoding="utf-8")
