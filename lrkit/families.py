@@ -95,6 +95,11 @@ class ModelFamily:
     shard_blocks: tuple[str, ...] = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
     """The classes of the blocks sharded one by one under `strategy: fsdp` (UNet and text-encoder blocks)."""
 
+    def run_training_options(self, cuda: bool) -> dict:
+        """Training options `lrkit run` sets on this family's bases (its own options and `--max_steps` win): what
+        makes its default training fit a common GPU. `cuda`: whether training runs on a CUDA device."""
+        return {}
+
     def pipeline_class(self):
         import diffusers
 
@@ -175,6 +180,11 @@ class StableDiffusionXL(ModelFamily):
 
     def pipeline_kwargs(self) -> dict:
         return {"add_watermarker": False}
+
+    def run_training_options(self, cuda: bool) -> dict:
+        """As configs/train/sdxl_*.yaml: gradient checkpointing and cached latents, and bf16-mixed on a GPU (a
+        1024 px step in float32 without them does not fit a 24 GB card)."""
+        return {"gradient_checkpointing": True, "cache_latents": True, **({"precision": "bf16-mixed"} if cuda else {})}
 
     def owns_unet(self, unet) -> bool:
         return getattr(unet.config, "addition_embed_type", None) == "text_time"

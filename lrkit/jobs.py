@@ -328,6 +328,21 @@ def training_inputs(photos: str | os.PathLike, class_word: str, *, base: str, me
                   "overrides": train_overrides or {}, "base": base, "resolution": resolution})
 
 
+def run_training_options(base: str, family: str | None = None) -> dict:
+    """The training options `lrkit run` sets for `base`'s model family (`ModelFamily.run_training_options`: on SDXL
+    gradient checkpointing, cached latents, bf16-mixed on a GPU); none on SD, or where the family cannot be told
+    (loading the base then says why)."""
+    import torch
+
+    from lrkit.models import BaseModelError, family_of_base
+
+    try:
+        chosen = family_of_base(base, family)
+    except BaseModelError:
+        return {}
+    return chosen.run_training_options(cuda=torch.cuda.is_available())
+
+
 def train_or_reuse(photos: str | os.PathLike, class_word: str, train_dir: str | os.PathLike, *, base: str,
                    method: str = "lora", resolution: int | None = None, train_overrides: dict | None = None,
                    phase: str = "", overwrite: bool = False, family: str | None = None) -> Concept:
@@ -421,6 +436,7 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
     if not given:
         base = recorded_base([Concept.load(reused.parent)]) if reused.is_file() else "tiny-random"
     resolution = resolution or default_resolution(base, family)
+    train_overrides = {**run_training_options(base, family), **(train_overrides or {})}
     concept = train_or_reuse(photos, class_word, train_dir, base=base, method=method, resolution=resolution,
                              train_overrides=train_overrides, phase="phase 1/2: ", overwrite=overwrite, family=family)
     filled = fill_prompts(prompts, concept)
@@ -443,5 +459,5 @@ def photos_to_images(photos: str | os.PathLike, class_word: str, prompts: list[s
 
 __all__ = ["GENERATION_FORMAT", "JOB_FILE", "JobInputsError", "TRAINING_FORMAT", "bundle_digest", "check_generation_folder",
            "concept_identity", "default_resolution", "fill_prompts", "generate_to_folder", "generation_inputs",
-           "incomplete_units", "inputs_digest", "photos_identity", "photos_to_images", "read_prompts", "subject_name", "train_or_reuse",
+           "incomplete_units", "inputs_digest", "photos_identity", "photos_to_images", "read_prompts", "run_training_options", "subject_name", "train_or_reuse",
            "training_inputs"]

@@ -258,6 +258,40 @@ def test_overwrite_trains_again_from_other_photos(finished, tmp_path, copy_of, c
     assert len(list((out / "vase" / "concept" / "refs").iterdir())) == 3
 
 
+@pytest.mark.parametrize("base, cuda, expected", [
+    ("tiny-random", True, {"max_steps": 1}),
+    ("tiny-random-xl", False, {"gradient_checkpointing": True, "cache_latents": True, "max_steps": 1}),
+    ("tiny-random-xl", True, {"gradient_checkpointing": True, "cache_latents": True, "precision": "bf16-mixed",
+                              "max_steps": 1}),
+])
+def test_run_trains_sdxl_with_the_memory_options_of_the_sdxl_configs(base, cuda, expected, photos, tmp_path,
+                                                                     monkeypatch):
+    """`lrkit run` on SDXL: gradient checkpointing, cached latents, bf16-mixed on a GPU (the options of
+    configs/train/sdxl_*.yaml); nothing added on SD; what the caller passes wins."""
+    import torch
+
+    import lrkit.jobs as jobs
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(*args, train_overrides=None, **kwargs):
+        seen.update(train_overrides)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(jobs, "train_or_reuse", capture)
+    with pytest.raises(Stop):
+        photos_to_images(photos, "vase", ["a {}"], base=base, out_dir=tmp_path / "run", train_overrides={"max_steps": 1})
+    assert seen == expected
+    with pytest.raises(Stop):
+        photos_to_images(photos, "vase", ["a {}"], base=base, out_dir=tmp_path / "run",
+                         train_overrides={"gradient_checkpointing": False})
+    assert seen["gradient_checkpointing"] is False
+
+
 # ------------------------------------------------------------------------------------ corrupted and killed units
 
 
