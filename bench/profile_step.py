@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/train/lora.yaml", help="the training config, as shipped")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones")
+    parser.add_argument("--class-images", type=int, default=8,
+                        help="DreamBooth's class images (the shipped 200 take most of a run to generate)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the run, the trace and the tables")
     parser.set_defaults(resolution=None)  # the config's own (tiny models: 64 px); give it to train smaller
     parser.add_argument("--markdown", type=Path, default=None, help="also write the section into this RESULTS.md "
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "sd15", "sdxl") else args.model
     overrides = {"base": base, "output_dir": str(args.out / "run"), "max_steps": args.warmup + args.steps,
                  "overwrite": True, "accelerator": "gpu" if args.device == "cuda" else "cpu",
-                 "validation": {"prompts": []}}
+                 "validation": {"prompts": []}, "dreambooth": {"num_class_images": args.class_images}}
     if args.resolution or args.model in TINY:
         overrides["data"] = {"resolution": args.resolution or 64}
     config = load_config(ROOT / args.config, **overrides)
