@@ -146,12 +146,13 @@ def token_file_name(token: str) -> str:
 
 def token_embedding_files(tokens: list[str]) -> dict[str, str]:
     """{token: `embeddings/<token>.safetensors`}, the files of a bundle whose learned tokens have a file each; a
-    name two tokens share gets the later token's position (`-2`, counting from 1)."""
+    name an earlier token took gets the later token's position (`-2`, counting from 1; the next free number on)."""
     files, taken = {}, set()
     for i, token in enumerate(tokens, 1):
-        stem = token_file_name(token)
-        if stem.lower() in taken:  # distinct on case-insensitive file systems too
-            stem = f"{stem}-{i}"
+        stem = name = token_file_name(token)
+        number = i
+        while stem.lower() in taken:  # distinct on case-insensitive file systems too
+            stem, number = f"{name}-{number}", number + 1
         taken.add(stem.lower())
         files[token] = f"{EMBEDDINGS_FOLDER}/{stem}.safetensors"
     return files

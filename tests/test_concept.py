@@ -488,3 +488,15 @@ def test_text_encoder_lora_training_is_refused_whole_with_a_too_old_peft(tiny_pi
     assert not getattr(pipe.unet, "peft_config", None)  # no UNet adapter left half-configured
     add_lora(SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder), LoraOptions(), text_encoder=False)
     assert getattr(pipe.unet, "peft_config", None)  # a UNet-only LoRA does not need the text-encoder integration
+
+
+@pytest.mark.parametrize("tokens, names", [
+    (["<red-vase>", "<black-pot>"], ["red-vase", "black-pot"]),
+    (["<A>", "<a>"], ["A", "a-2"]),  # distinct where case does not count
+    (["<a-3>", "<a>", "[a]"], ["a-3", "a", "a-4"]),  # the position's number is taken: the next free one
+    (["<>", "[]"], ["token", "token-2"]),
+])
+def test_each_learned_token_gets_a_file_name_of_its_own(tokens, names):
+    from lrkit.concept import token_embedding_files
+
+    assert token_embedding_files(tokens) == {t: f"embeddings/{n}.safetensors" for t, n in zip(tokens, names)}
