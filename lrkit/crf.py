@@ -7,9 +7,10 @@ Krähenbühl & Koltun, "Efficient Inference in Fully Connected CRFs with Gaussia
             + w_s * exp(-|p_i - p_j|^2 / (2 theta_gamma^2))                                        smoothness
 
 with p the pixel position (in grid pixels) and c the colour (image values in [0, 1]). lrkit runs it
-on small grids (the E-step's `crf_resolution`: 64 x 64 for SD 1.5 at 512 px), where the N x N kernel is computed
-exactly (no permutohedral lattice, no native extension); above `_DENSE_LIMIT` entries it is
-computed in row chunks on the fly, so memory stays bounded.
+on small grids (the E-step's `crf_resolution`: 64 x 64 for SD 1.5 at 512 px, 128 x 128 for SDXL at 1024 px), where
+the N x N kernel is computed exactly (no permutohedral lattice, no native extension), in chunks of `_DENSE_LIMIT`
+entries, once, and kept through the iterations up to `_KEPT_LIMIT` entries (1 GiB); above that its rows are
+computed again every iteration, so memory stays bounded.
 
 Used by the EM mask estimation of `concept_em` (DESIGN §6.3); re-exported from `lrkit.masks`.
 """
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-_DENSE_LIMIT = 4096 * 4096  # kernel entries kept in memory at once (64 MiB in float32)
+_DENSE_LIMIT = 4096 * 4096  # kernel entries computed at once (64 MiB in float32)
+_KEPT_LIMIT = 1 << 28  # kernel entries kept through the iterations (1 GiB in float32: a 128 x 128 grid's)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,11 @@ def dense_crf(unary: torch.Tensor, image: torch.Tensor, params: CRFParams | None
         return q.reshape(labels, h, w)
     appearance, smooth = _features(image.to(unary.device), params)
     chunk = max(1, _DENSE_LIMIT // n)
-    dense = _kernel_rows(appearance, smooth, slice(0, n), params) if chunk >= n else None  # (N, N), symmetric
+    dense = None  # (N, N), symmetric: computed once, in chunks of rows, where it is kept
+    if n * n <= _KEPT_LIMIT:
+        dense = torch.empty(n, n, device=unary.device)
+        for s in range(0, n, chunk):
+            dense[s:s + chunk] = _kernel_rows(appearance, smooth, slice(s, min(s + chunk, n)), params)
     for _ in range(params.iterations):
         if dense is not None:
             message = q @ dense  # (L, N)

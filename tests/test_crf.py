@@ -53,14 +53,19 @@ def test_zero_iterations_return_the_normalised_unary_and_q_is_a_distribution():
 
 
 def test_chunked_kernel_equals_the_dense_kernel(monkeypatch):
+    """The kernel computed at once, built in chunks of rows and kept, or recomputed in chunks every iteration (a
+    grid over `_KEPT_LIMIT`): the same posterior."""
     import lrkit.crf as crf
 
     image, truth = two_region_image(24)
     unary = torch.stack([1 - noisy_unary(truth), noisy_unary(truth)])
     dense = dense_crf(unary, image)
     monkeypatch.setattr(crf, "_DENSE_LIMIT", 24 * 24 * 7)  # forces row chunks of 7
-    chunked = dense_crf(unary, image)
-    assert torch.allclose(dense, chunked, atol=1e-5)
+    kept = dense_crf(unary, image)
+    monkeypatch.setattr(crf, "_KEPT_LIMIT", 24 * 24 * 24 * 24 - 1)  # one entry too many: recomputed
+    recomputed = dense_crf(unary, image)
+    assert torch.allclose(dense, kept, atol=1e-5) and torch.allclose(dense, recomputed, atol=1e-5)
+    assert not torch.allclose(dense, dense_crf(unary, image, crf.CRFParams(iterations=0)), atol=1e-2)
 
 
 def test_crf_bad_input_is_named():
