@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.out / "run", ignore_errors=True)  # a fresh run: train_concept would resume an earlier one
-    base = build_base(args.model, args.out / f"{args.model}-random") if args.model in TINY or args.model in (
-        "sd15", "sdxl") else args.model
+    base = build_base(args.model, args.out / f"{args.model}-random")
     overrides = {"base": base, "output_dir": str(args.out / "run"), "max_steps": args.warmup + args.steps,
                  "overwrite": True, "accelerator": "gpu" if args.device == "cuda" else "cpu",
                  "validation": {"prompts": []}, "dreambooth": {"num_class_images": args.class_images}}

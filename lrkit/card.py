@@ -280,7 +280,7 @@ def diffusers_code(concept) -> str | None:
     lines.append(f"pipe = {pipeline}.from_pretrained({base_arg}{parts}, torch_dtype=torch.float16).to(\"cuda\")")
     if "embeddings" in files:
         embeddings = f"f\"{{concept}}/{files['embeddings']}\""
-        per_token = {t.token: t.embeddings for t in concept.tokens if t.embeddings}
+        per_token = concept.token_files()
         if family.embedding_keys:  # a file holds one token, its vectors per text encoder
             calls = [f"pipe.load_textual_inversion(state[\"{key}\"], token=token, text_encoder=pipe.{encoder}, "
                      f"tokenizer=pipe.{tokenizer})"
@@ -334,13 +334,13 @@ def tool_lines(concept) -> list[str]:
     elif "lora" in files:
         paragraphs.append("This LoRA has no kohya-layout file (DoRA: no kohya loader keeps its magnitudes), so "
                           "ComfyUI and A1111 cannot load it; use diffusers or lrkit.")
-    per_token = [t.embeddings for t in concept.tokens if t.embeddings]
+    per_token = concept.token_files()
     if per_token:
         paragraphs.append(
-            f"Textual-Inversion vectors, a file per token ({', '.join(_code(f) for f in per_token)}): copy them to "
-            f"{_code('embeddings/')} (A1111) or {_code('models/embeddings/')} (ComfyUI) and write each file's name "
-            f"(A1111) or {_code('embedding:NAME')} (ComfyUI) where prompts here write its token; lrkit does not test "
-            "these two tools.")
+            f"Textual-Inversion vectors, a file per token ({', '.join(_code(f) for f in per_token.values())}): copy "
+            f"them to {_code('embeddings/')} (A1111) or {_code('models/embeddings/')} (ComfyUI) and write each file's "
+            f"name (A1111) or {_code('embedding:NAME')} (ComfyUI) where prompts here write its token; lrkit does not "
+            "test these two tools.")
     elif "embeddings" in files and sum(t.learned for t in concept.tokens) > 1:
         paragraphs.append(f"{_code(files['embeddings'])} holds several tokens; A1111 and ComfyUI read one token per "
                           "embedding file, so they do not take it as it is.")
@@ -371,7 +371,7 @@ def file_lines(concept, grid: bool) -> list[str]:
     }
     lines = [f"- {_code(MANIFEST)}: the manifest lrkit reads (tokens, base model, training config)"]
     shown = dict(concept.files)
-    if any(t.embeddings for t in concept.tokens):  # the folder of the tokens' files
+    if concept.token_files():  # the folder of the tokens' files
         described["embeddings"] = "the learned token vectors, a file per token"
         shown["embeddings"] += "/"
     lines += [f"- {_code(rel)}: {described.get(key, key)}" for key, rel in shown.items()]

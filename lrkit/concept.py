@@ -227,6 +227,10 @@ class Concept:
         return dataclasses.replace(self, tokens=tokens, class_word=spec.class_word or self.class_word,
                                    refs=refs, masks=dict(spec.masks))
 
+    def token_files(self) -> dict[str, str]:
+        """{token: its own vectors file} of the tokens that have one (several learned tokens on SDXL)."""
+        return {t.token: t.embeddings for t in self.tokens if t.embeddings}
+
     def file(self, key: str) -> Path:
         if self.path is None:
             raise ConceptError(f"concept {self.name!r} has not been written to disk yet")

@@ -304,14 +304,22 @@ def default_resolution(base: str, family: str | None = None) -> int:
     """64 px for the built-in bases (tiny-random, tiny-random-xl, toy); else the family's (SD: 512, SDXL: 1024):
     `family` or the one the base is (`family_of_base`: a folder's or hub repository's model_index.json, a
     checkpoint's tensor names). 512 where that cannot be told: loading the base then says why."""
-    from lrkit.models import BaseModelError, builtin_kind, family_of_base
+    from lrkit.models import builtin_kind
 
     if builtin_kind(base):
         return BUILTIN_RESOLUTION
+    known = _known_family(base, family)
+    return known.default_resolution if known is not None else 512
+
+
+def _known_family(base: str, family: str | None):
+    """`family` or the model family `base` is (`family_of_base`); None where that cannot be told."""
+    from lrkit.models import BaseModelError, family_of_base
+
     try:
-        return family_of_base(base, family).default_resolution
+        return family_of_base(base, family)
     except BaseModelError:
-        return 512
+        return None
 
 
 def subject_name(photos: str | os.PathLike) -> str:
@@ -334,13 +342,8 @@ def run_training_options(base: str, family: str | None = None) -> dict:
     (loading the base then says why)."""
     import torch
 
-    from lrkit.models import BaseModelError, family_of_base
-
-    try:
-        chosen = family_of_base(base, family)
-    except BaseModelError:
-        return {}
-    return chosen.run_training_options(cuda=torch.cuda.is_available())
+    known = _known_family(base, family)
+    return known.run_training_options(cuda=torch.cuda.is_available()) if known is not None else {}
 
 
 def train_or_reuse(photos: str | os.PathLike, class_word: str, train_dir: str | os.PathLike, *, base: str,
